@@ -1,0 +1,262 @@
+//! Fixtures for end-to-end tests that start the real binaries.
+//!
+//! Every process is started on 127.0.0.1 with port 0 in a temp dir, and killed by pid
+//! when its fixture is stopped or dropped. The coordinator reports its bound addresses
+//! through `--addr-file`, so tests never guess ports.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+use tempfile::TempDir;
+
+pub use workq_proto::{Client, ConnectOptions, pb};
+
+/// Path of one of the workspace's binaries (`workq-coordinator`, `workq-worker`,
+/// `queue-cli`), next to the running test executable in `target/<profile>/`.
+pub fn bin_path(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("current_exe");
+    let mut dir = exe.parent().expect("test binary has a parent dir").to_path_buf();
+    if dir.ends_with("deps") {
+        dir.pop();
+    }
+    let path = dir.join(name);
+    assert!(
+        path.exists(),
+        "{} is missing: build the binaries first (`cargo build --workspace --bins`, \
+         which `cargo test --workspace` does)",
+        path.display()
+    );
+    path
+}
+
+/// Polls `check` every 20 ms until it is true, panicking with `what` after `timeout`.
+pub fn wait_for(what: &str, timeout: Duration, mut check: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !check() {
+        if start.elapsed() > timeout {
+            panic!("timed out after {timeout:?} waiting for {what}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Async version of [`wait_for`].
+pub async fn wait_for_async<F, Fut>(what: &str, timeout: Duration, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let start = Instant::now();
+    while !check().await {
+        if start.elapsed() > timeout {
+            panic!("timed out after {timeout:?} waiting for {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Sends `signal` to `pid`, ignoring "no such process".
+pub fn signal(pid: u32, signal: Signal) {
+    let _ = kill(Pid::from_raw(pid as i32), signal);
+}
+
+/// A `workq-coordinator` process on ephemeral ports, owning its temp dir.
+pub struct Coordinator {
+    dir: TempDir,
+    child: Option<Child>,
+    extra_args: Vec<String>,
+    /// `http://127.0.0.1:PORT` of the gRPC API.
+    pub grpc_url: String,
+    /// `http://127.0.0.1:PORT` of the HTTP face.
+    pub http_url: String,
+}
+
+impl Coordinator {
+    /// Starts a coordinator with a sled data dir in a fresh temp dir.
+    pub fn start() -> Coordinator {
+        Self::start_with(&[])
+    }
+
+    /// Starts one with extra flags (e.g. `["--in-memory"]`, `["--token-file", f]`).
+    pub fn start_with(args: &[&str]) -> Coordinator {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let mut coordinator = Coordinator {
+            dir,
+            child: None,
+            extra_args: args.iter().map(|s| s.to_string()).collect(),
+            grpc_url: String::new(),
+            http_url: String::new(),
+        };
+        coordinator.spawn();
+        coordinator
+    }
+
+    /// The temp dir this coordinator owns (data dir is `dir()/data`).
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    pub fn data_dir(&self) -> PathBuf {
+        self.dir.path().join("data")
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("coordinator running").id()
+    }
+
+    fn spawn(&mut self) {
+        let addr_file = self.dir.path().join("addr.json");
+        let _ = std::fs::remove_file(&addr_file);
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join("coordinator.log"))
+            .expect("log file");
+        let mut command = Command::new(bin_path("workq-coordinator"));
+        command
+            .arg("--grpc-addr")
+            .arg("127.0.0.1:0")
+            .arg("--http-addr")
+            .arg("127.0.0.1:0")
+            .arg("--addr-file")
+            .arg(&addr_file);
+        if !self.extra_args.iter().any(|a| a == "--in-memory") {
+            command.arg("--data-dir").arg(self.data_dir());
+        }
+        command
+            .args(&self.extra_args)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("log"))
+            .stderr(log);
+        let child = command.spawn().expect("spawn workq-coordinator");
+        let pid = child.id();
+        self.child = Some(child);
+        wait_for(
+            &format!("coordinator pid {pid} to write {}", addr_file.display()),
+            Duration::from_secs(30),
+            || {
+                if let Some(status) = self.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
+                    panic!("coordinator exited early ({status}); log:\n{}", self.log());
+                }
+                std::fs::read_to_string(&addr_file)
+                    .ok()
+                    .and_then(|text| serde_json::from_str::<serde_json::Value>(&text).ok())
+                    .map(|v| {
+                        self.grpc_url = format!("http://{}", v["grpc"].as_str().unwrap_or_default());
+                        self.http_url = format!("http://{}", v["http"].as_str().unwrap_or_default());
+                    })
+                    .is_some()
+            },
+        );
+    }
+
+    /// Everything the coordinator logged so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("coordinator.log")).unwrap_or_default()
+    }
+
+    /// `kill -9`, then wait for the process to be gone.
+    pub fn kill9(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            signal(child.id(), Signal::SIGKILL);
+            let _ = child.wait();
+        }
+    }
+
+    /// SIGTERM and wait for a clean exit; returns the exit code.
+    pub fn stop(&mut self) -> Option<i32> {
+        let mut child = self.child.take()?;
+        signal(child.id(), Signal::SIGTERM);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Some(status) = child.try_wait().expect("wait") {
+                return status.code();
+            }
+            if Instant::now() > deadline {
+                signal(child.id(), Signal::SIGKILL);
+                let _ = child.wait();
+                panic!("coordinator did not stop within 20 s of SIGTERM");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Starts the coordinator again on the same data dir (new ports).
+    pub fn restart(&mut self) {
+        assert!(self.child.is_none(), "stop or kill the coordinator before restarting");
+        self.spawn();
+    }
+
+    /// A connected gRPC client.
+    pub async fn client(&self) -> Client {
+        Client::connect(ConnectOptions::new(self.grpc_url.clone()))
+            .await
+            .expect("connect to coordinator")
+    }
+
+    /// A connected gRPC client sending `token`.
+    pub async fn client_with_token(&self, token: &str) -> Client {
+        Client::connect(ConnectOptions::new(self.grpc_url.clone()).token(Some(token.into())))
+            .await
+            .expect("connect to coordinator")
+    }
+}
+
+impl Drop for Coordinator {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+/// A child process killed by pid when dropped (workers, CLI runs in the background).
+pub struct Process {
+    pub child: Child,
+}
+
+impl Process {
+    pub fn spawn(command: &mut Command) -> Process {
+        Process {
+            child: command.spawn().expect("spawn"),
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    pub fn signal(&self, sig: Signal) {
+        signal(self.child.id(), sig);
+    }
+
+    /// Waits up to `timeout` for the exit code (`None` when killed by a signal).
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<i32> {
+        let start = Instant::now();
+        loop {
+            if let Some(status) = self.child.try_wait().expect("wait") {
+                return status.code();
+            }
+            if start.elapsed() > timeout {
+                self.signal(Signal::SIGKILL);
+                let _ = self.child.wait();
+                panic!("process {} did not exit within {timeout:?}", self.child.id());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn is_running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        if self.is_running() {
+            self.signal(Signal::SIGKILL);
+            let _ = self.child.wait();
+        }
+    }
+}
