@@ -1,0 +1,200 @@
+//! `watch`: follows the coordinator's Watch stream (no polling) with a live progress
+//! bar, and exits 0 once the queue is drained (and sealed, with `--until sealed`).
+
+use std::io::IsTerminal;
+use std::time::{Duration, Instant};
+
+use anyhow::{Result, anyhow, bail};
+use clap::{Args, ValueEnum};
+use indicatif::{ProgressBar, ProgressStyle};
+use workq_proto::pb;
+
+use super::parse_duration;
+use crate::connect::Global;
+use crate::output::{Format, millis, rate, stats_json};
+
+/// Without a terminal, a plain progress line is printed at most this often.
+const PLAIN_EVERY: Duration = Duration::from_secs(10);
+
+/// Follow a queue live until it is drained: a progress bar of finished/total items
+/// with the completion rate, ETA and dead count.
+///
+/// Exits 0 once no READY, DELAYED or LEASED items remain (dead items do not keep a
+/// queue from draining); with `--until sealed`, once the queue is also sealed, so a
+/// producer that is still enqueueing is waited for. Uses the coordinator's watch
+/// stream, so updates arrive as they happen.
+#[derive(Args, Debug)]
+#[command(after_help = "\
+Examples:
+  queue-cli watch keygen
+  queue-cli watch keygen --until sealed --timeout 1h && echo 'batch finished'
+
+Without a terminal (or with --no-progress) a plain line is printed every 10s and a
+summary at the end. JSON (-o json): one line per update, each the \"stats\" object
+of `stats -o json`; the last line is the one that met --until.")]
+pub struct WatchArgs {
+    /// Queue name.
+    pub queue: String,
+
+    /// When to exit: `drained`, or `sealed` for drained and sealed.
+    #[arg(long, value_enum, default_value_t = Until::Drained)]
+    pub until: Until,
+
+    /// Give up with exit code 1 after this long.
+    #[arg(long, value_parser = parse_duration, value_name = "DURATION")]
+    pub timeout: Option<Duration>,
+
+    /// Print plain lines instead of a progress bar.
+    #[arg(long)]
+    pub no_progress: bool,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Until {
+    /// No READY, DELAYED or LEASED items remain.
+    Drained,
+    /// Drained, and sealed so no more items can come.
+    Sealed,
+}
+
+impl Until {
+    fn reached(self, stats: &pb::QueueStats) -> bool {
+        stats.drained && (self == Until::Drained || stats.sealed)
+    }
+
+    fn describe(self) -> &'static str {
+        match self {
+            Until::Drained => "drained",
+            Until::Sealed => "drained and sealed",
+        }
+    }
+}
+
+pub async fn run(global: &Global, args: WatchArgs) -> Result<()> {
+    let mut client = global.connect().await?;
+    let mut stream = client
+        .watch(pb::WatchRequest {
+            queue: args.queue.clone(),
+            min_interval_ms: 200,
+        })
+        .await?
+        .into_inner();
+    let deadline = args.timeout.map(|t| tokio::time::Instant::now() + t);
+    let bar =
+        if global.output == Format::Table && !args.no_progress && std::io::stdout().is_terminal() {
+            Some(progress_bar())
+        } else {
+            None
+        };
+    let mut last_plain: Option<Instant> = None;
+
+    loop {
+        let next = match deadline {
+            Some(deadline) => tokio::time::timeout_at(deadline, stream.message())
+                .await
+                .map_err(|_| {
+                    if let Some(bar) = &bar {
+                        bar.abandon();
+                    }
+                    anyhow!(
+                        "timed out after {} waiting for queue '{}' to be {}",
+                        workq_proto::duration::format(args.timeout.unwrap_or_default()),
+                        args.queue,
+                        args.until.describe()
+                    )
+                })?,
+            None => stream.message().await,
+        };
+        let stats = match next {
+            Ok(Some(stats)) => stats,
+            Ok(None) => bail!(
+                "the coordinator closed the watch stream before queue '{}' was {}",
+                args.queue,
+                args.until.describe()
+            ),
+            Err(status) => {
+                if let Some(bar) = &bar {
+                    bar.abandon();
+                }
+                return Err(status.into());
+            }
+        };
+        let reached = args.until.reached(&stats);
+        match (global.output, &bar) {
+            (Format::Json, _) => println!("{}", stats_json(&stats)),
+            (Format::Table, Some(bar)) => update(bar, &stats, args.until),
+            (Format::Table, None) => {
+                if !reached && last_plain.is_none_or(|t| t.elapsed() >= PLAIN_EVERY) {
+                    println!("{}", plain_line(&stats));
+                    last_plain = Some(Instant::now());
+                }
+            }
+        }
+        if reached {
+            if let Some(bar) = &bar {
+                bar.finish();
+            }
+            if global.output == Format::Table {
+                println!(
+                    "queue '{}' {}: {} done, {} dead",
+                    args.queue,
+                    args.until.describe(),
+                    stats.done,
+                    stats.dead
+                );
+            }
+            return Ok(());
+        }
+    }
+}
+
+fn progress_bar() -> ProgressBar {
+    let bar = ProgressBar::new(0).with_style(
+        ProgressStyle::with_template("{wide_bar} {pos}/{len} finished  {msg}")
+            .expect("valid template")
+            .progress_chars("=> "),
+    );
+    bar.enable_steady_tick(Duration::from_millis(250));
+    bar
+}
+
+/// Finished = done + dead; total = finished + ready + delayed + leased.
+fn counts(stats: &pb::QueueStats) -> (u64, u64) {
+    let finished = stats.done + stats.dead;
+    let total = finished + stats.ready + stats.delayed + stats.leased;
+    (finished, total)
+}
+
+fn update(bar: &ProgressBar, stats: &pb::QueueStats, until: Until) {
+    let (finished, total) = counts(stats);
+    bar.set_length(total);
+    bar.set_position(finished);
+    let mut message = format!(
+        "({} done, {} dead)  {}  ETA {}",
+        stats.done,
+        stats.dead,
+        rate(stats.rate_10s),
+        millis(stats.eta_ms)
+    );
+    if until == Until::Sealed && !stats.sealed {
+        message.push_str(if stats.drained {
+            "  waiting for seal"
+        } else {
+            "  not sealed"
+        });
+    }
+    bar.set_message(message);
+}
+
+fn plain_line(stats: &pb::QueueStats) -> String {
+    let (finished, total) = counts(stats);
+    format!(
+        "queue '{}': {finished}/{total} finished ({} done, {} dead), {}, ETA {}{}",
+        stats.queue,
+        stats.done,
+        stats.dead,
+        rate(stats.rate_10s),
+        millis(stats.eta_ms),
+        if stats.sealed { ", sealed" } else { "" }
+    )
+}

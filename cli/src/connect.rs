@@ -1,0 +1,106 @@
+//! The global flags every command shares, the connection they describe, and the one
+//! place where a failure becomes the single line the user reads on stderr.
+
+use clap::Args;
+use workq_proto::client::DEFAULT_SERVER;
+use workq_proto::{Client, ClientError, ConnectOptions};
+
+use crate::output::Format;
+
+/// Flags accepted before or after any command.
+#[derive(Args, Debug)]
+#[command(next_help_heading = "Global options")]
+pub struct Global {
+    /// Coordinator gRPC address.
+    #[arg(long, global = true, env = "WORKQ_SERVER", value_name = "URL")]
+    #[arg(default_value = DEFAULT_SERVER)]
+    pub server: String,
+
+    /// Bearer token, when the coordinator was started with --token-file.
+    #[arg(long, global = true, env = "WORKQ_TOKEN", value_name = "TOKEN")]
+    #[arg(hide_env_values = true)]
+    pub token: Option<String>,
+
+    /// Output format: aligned tables for people, or stable JSON for scripts.
+    #[arg(short = 'o', long = "output", global = true, value_enum)]
+    #[arg(default_value_t = Format::Table)]
+    pub output: Format,
+}
+
+impl Global {
+    /// Connects to the coordinator once; an unreachable server fails here.
+    pub async fn connect(&self) -> Result<Client, ClientError> {
+        Client::connect(ConnectOptions::new(self.server.clone()).token(self.token.clone())).await
+    }
+
+    /// True when a non-empty token will be sent.
+    fn has_token(&self) -> bool {
+        self.token.as_deref().is_some_and(|t| !t.is_empty())
+    }
+
+    /// One line naming what went wrong, with the context only the CLI knows (the
+    /// server address, whether a token was sent).
+    pub fn describe(&self, error: &anyhow::Error) -> String {
+        // anyhow's chain runs from the outermost context to the root cause; a
+        // coordinator status is the root of interest and gets the CLI's wording.
+        let mut parts = Vec::new();
+        for cause in error.chain() {
+            let status = cause.downcast_ref::<tonic::Status>().or_else(|| {
+                cause
+                    .downcast_ref::<ClientError>()
+                    .and_then(ClientError::status)
+            });
+            if let Some(status) = status {
+                parts.push(self.describe_status(status));
+                break;
+            }
+            parts.push(cause.to_string());
+        }
+        one_line(&parts.join(": "))
+    }
+
+    fn describe_status(&self, status: &tonic::Status) -> String {
+        let message = status.message().trim();
+        match status.code() {
+            tonic::Code::Unauthenticated if self.has_token() => format!(
+                "the coordinator at {} refused the token{}: check --token or WORKQ_TOKEN",
+                self.server,
+                suffix(message)
+            ),
+            tonic::Code::Unauthenticated => format!(
+                "the coordinator at {} wants a token{}: pass --token or set WORKQ_TOKEN",
+                self.server,
+                suffix(message)
+            ),
+            // A connection that broke mid-call (coordinator stopped or restarted).
+            tonic::Code::Unavailable | tonic::Code::Unknown | tonic::Code::Cancelled
+                if workq_proto::client::is_transient_status(status) =>
+            {
+                format!(
+                    "cannot reach coordinator at {}: {}",
+                    self.server,
+                    if message.is_empty() {
+                        "connection lost"
+                    } else {
+                        message
+                    }
+                )
+            }
+            _ => workq_proto::client::describe_status(status),
+        }
+    }
+}
+
+fn suffix(message: &str) -> String {
+    if message.is_empty() {
+        String::new()
+    } else {
+        format!(" ({message})")
+    }
+}
+
+/// Error text may carry newlines (transport errors, server messages); the contract
+/// is one line.
+fn one_line(text: &str) -> String {
+    text.split_whitespace().collect::<Vec<_>>().join(" ")
+}
