@@ -1,1 +1,158 @@
-fn main() {}
+//! `workq-coordinator`: the workq server.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::Parser;
+use tokio::net::TcpListener;
+use workq_coordinator::auth::Auth;
+use workq_coordinator::clock::Clock;
+use workq_coordinator::store::{Durability, Store};
+use workq_coordinator::{Engine, server};
+
+/// The workq coordinator: durable queues with leases, served over gRPC and HTTP.
+///
+/// Example: workq-coordinator --data-dir ./workq-data
+#[derive(Parser, Debug)]
+#[command(name = "workq-coordinator", version, about, long_about = None)]
+struct Args {
+    /// gRPC listen address (queue API, grpc.health.v1, reflection). Use 0.0.0.0:7070
+    /// in a pod so Kubernetes gRPC probes can reach it.
+    #[arg(long, default_value = "127.0.0.1:7070", env = "WORKQ_GRPC_ADDR")]
+    grpc_addr: SocketAddr,
+
+    /// HTTP listen address (kuard memq API, /metrics, /healthz, /readyz, dashboard).
+    #[arg(long, default_value = "127.0.0.1:8080", env = "WORKQ_HTTP_ADDR")]
+    http_addr: SocketAddr,
+
+    /// Directory of the sled database. Created if missing.
+    #[arg(
+        long,
+        default_value = "./workq-data",
+        env = "WORKQ_DATA_DIR",
+        conflicts_with = "in_memory"
+    )]
+    data_dir: PathBuf,
+
+    /// Keep everything in memory (kuard-like): nothing survives a restart.
+    #[arg(long)]
+    in_memory: bool,
+
+    /// strict: acknowledge a change only after it is flushed to disk (group commit).
+    /// relaxed: acknowledge at once, flush at least every 500 ms.
+    #[arg(long, value_enum, default_value = "strict")]
+    durability: Durability,
+
+    /// sled cache size in MiB (sled's own default is 1 GiB; keep it under the pod limit).
+    #[arg(long, default_value_t = 64)]
+    cache_mb: u64,
+
+    /// File holding the bearer token every API call must present.
+    #[arg(long, env = "WORKQ_TOKEN_FILE")]
+    token_file: Option<PathBuf>,
+
+    /// Write the bound addresses as JSON ({"grpc": "...", "http": "..."}) to this file
+    /// once listening (useful with port 0).
+    #[arg(long)]
+    addr_file: Option<PathBuf>,
+
+    /// Log format: text for people, json for log collectors. Level from RUST_LOG.
+    #[arg(long, value_enum, default_value = "text")]
+    log_format: LogFormat,
+}
+
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    init_logging(args.log_format);
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("workq-coordinator: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(args)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e:#}");
+            eprintln!("workq-coordinator: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(args: Args) -> anyhow::Result<()> {
+    let auth = match &args.token_file {
+        Some(path) => Auth::from_file(path)?,
+        None => Auth::disabled(),
+    };
+    let store = if args.in_memory {
+        Store::memory()
+    } else {
+        std::fs::create_dir_all(&args.data_dir)
+            .with_context(|| format!("cannot create data dir {}", args.data_dir.display()))?;
+        Store::open_sled(&args.data_dir, args.durability, args.cache_mb * 1024 * 1024)?
+    };
+    let engine = Engine::open(store, Clock::system())?;
+
+    let grpc = TcpListener::bind(args.grpc_addr)
+        .await
+        .with_context(|| format!("cannot listen on {} (--grpc-addr)", args.grpc_addr))?;
+    let http = TcpListener::bind(args.http_addr)
+        .await
+        .with_context(|| format!("cannot listen on {} (--http-addr)", args.http_addr))?;
+    let (grpc_addr, http_addr) = (grpc.local_addr()?, http.local_addr()?);
+    tracing::info!(%grpc_addr, %http_addr, store = engine.store().describe(), auth = auth.enabled(), "listening");
+    if let Some(path) = &args.addr_file {
+        let json = format!("{{\"grpc\":\"{grpc_addr}\",\"http\":\"{http_addr}\"}}\n");
+        // Write then rename, so readers never see a half-written file.
+        let tmp = path.with_extension("tmp");
+        std::fs::write(&tmp, json).with_context(|| format!("cannot write {}", tmp.display()))?;
+        std::fs::rename(&tmp, path).with_context(|| format!("cannot write {}", path.display()))?;
+    }
+    server::run(grpc, http, engine, auth, shutdown_signal()).await
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {}
+        _ = terminate => {}
+    }
+}
+
+fn init_logging(format: LogFormat) {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}

@@ -1,0 +1,669 @@
+//! The queue engine: the single writer of queue and item state.
+//!
+//! Handlers (gRPC, HTTP) never touch a [`Queue`] directly; they ask the engine for a
+//! transition. For each call the engine
+//! 1. validates the input against [`limits`],
+//! 2. locks that one queue (a sync mutex: the critical section is short, CPU-only,
+//!    and never held across an `.await`),
+//! 3. runs the transition in the pure core, turns the changed items into one atomic
+//!    storage batch and writes it (in memory for sled; cheap),
+//! 4. unlocks, then waits for [`Store::sync`] — the group-committed flush — before
+//!    answering. Only then is the change acknowledged.
+//!
+//! Different queues never share a lock. A reply waits for every earlier write, so a
+//! worker can never hold a durable lease on an item whose enqueue was not durable.
+//!
+//! Timers: the [`reaper`] task sleeps until the earliest deadline of any queue (lease
+//! expiry, delayed item due, retention) and is woken when an earlier one appears.
+//! Long-polling leases wait on a per-queue version channel that every change bumps.
+
+pub mod limits;
+pub mod queue;
+mod reaper;
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+
+use tokio::sync::{Notify, watch};
+
+use crate::clock::Clock;
+use crate::error::{Error, Result};
+use crate::store::{ItemRecord, Op, QueueRecord, Store};
+pub use limits::OptionsPatch;
+pub use queue::{
+    Enqueued, FailOutcome, Granted, Item, NewItem, Options, Queue, State, Stats, WorkerInfo,
+};
+
+/// A queue as clients see it.
+#[derive(Clone, Debug)]
+pub struct QueueView {
+    pub name: String,
+    pub options: Options,
+    pub created_ms: u64,
+    pub stats: Stats,
+}
+
+/// What a lease call got.
+#[derive(Clone, Debug, Default)]
+pub struct LeaseOutcome {
+    pub granted: Vec<Granted>,
+    pub drained: bool,
+    pub sealed: bool,
+}
+
+/// A lease request after validation.
+#[derive(Clone, Debug)]
+pub struct LeaseRequest {
+    pub worker: String,
+    pub max_items: u32,
+    /// 0 = the queue's lease timeout.
+    pub lease_timeout_ms: u64,
+    pub wait_ms: u64,
+}
+
+/// A worker row for `workers` listings.
+#[derive(Clone, Debug)]
+pub struct WorkerRow {
+    pub queue: String,
+    pub id: String,
+    pub info: WorkerInfo,
+}
+
+struct Slot {
+    queue: Mutex<Queue>,
+    /// Bumped on every change; long polls and watch streams wait on it.
+    version: watch::Sender<u64>,
+}
+
+impl Slot {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Queue> {
+        // A panic while holding the lock is a bug; the state is still consistent enough
+        // to keep serving other calls, so recover the guard rather than poison forever.
+        self.queue.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+pub struct Engine {
+    queues: RwLock<HashMap<String, Arc<Slot>>>,
+    store: Store,
+    clock: Clock,
+    /// The deadline the reaper currently sleeps toward (u64::MAX: none).
+    next_wake: AtomicU64,
+    reaper_wake: Notify,
+    shutdown: watch::Sender<bool>,
+}
+
+impl std::fmt::Debug for Engine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Engine")
+            .field("store", &self.store)
+            .finish()
+    }
+}
+
+impl Engine {
+    /// Recovers every queue and item from `store` and starts the reaper.
+    pub fn open(store: Store, clock: Clock) -> Result<Arc<Engine>> {
+        let snapshot = store.load()?;
+        let mut queues = HashMap::new();
+        for record in snapshot.queues {
+            let mut queue = Queue::new(record.name.clone(), record.options(), record.created_ms);
+            queue.sealed = record.sealed;
+            queue.counters = record.counters();
+            queues.insert(record.name.clone(), queue);
+        }
+        let (mut items, mut orphans) = (0u64, 0u64);
+        for record in snapshot.items {
+            let queue_name = record.queue.clone();
+            match (queues.get_mut(&queue_name), record.into_item()) {
+                (Some(queue), Some(item)) => {
+                    queue.restore(item);
+                    items += 1;
+                }
+                _ => orphans += 1,
+            }
+        }
+        if orphans > 0 {
+            tracing::warn!(orphans, "ignored item records without a queue");
+        }
+        tracing::info!(
+            queues = queues.len(),
+            items,
+            store = store.describe(),
+            "state recovered"
+        );
+        let (shutdown, _) = watch::channel(false);
+        let engine = Arc::new(Engine {
+            queues: RwLock::new(
+                queues
+                    .into_iter()
+                    .map(|(name, queue)| {
+                        let (version, _) = watch::channel(0);
+                        (
+                            name,
+                            Arc::new(Slot {
+                                queue: Mutex::new(queue),
+                                version,
+                            }),
+                        )
+                    })
+                    .collect(),
+            ),
+            store,
+            clock,
+            next_wake: AtomicU64::new(u64::MAX),
+            reaper_wake: Notify::new(),
+            shutdown,
+        });
+        engine.store.start();
+        reaper::spawn(engine.clone());
+        Ok(engine)
+    }
+
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    pub fn now_ms(&self) -> u64 {
+        self.clock.now_ms()
+    }
+
+    /// Stops long polls and the reaper; in-flight mutations still complete.
+    pub fn begin_shutdown(&self) {
+        self.shutdown.send_replace(true);
+        self.reaper_wake.notify_one();
+    }
+
+    pub fn is_shutting_down(&self) -> bool {
+        *self.shutdown.borrow()
+    }
+
+    /// Final flush.
+    pub async fn close(&self) -> Result<()> {
+        self.begin_shutdown();
+        self.store.close().await
+    }
+
+    // ---- queues ----------------------------------------------------------------
+
+    pub async fn create_queue(
+        &self,
+        name: &str,
+        patch: &OptionsPatch,
+        if_not_exists: bool,
+    ) -> Result<QueueView> {
+        limits::check_queue_name(name)?;
+        let options = patch.apply(&Options::default())?;
+        let created = {
+            let mut queues = self.queues.write().unwrap_or_else(|e| e.into_inner());
+            match queues.get(name) {
+                Some(_) if if_not_exists => None,
+                Some(_) => return Err(Error::QueueExists(name.to_string())),
+                None => {
+                    let queue = Queue::new(name.to_string(), options, self.clock.now_ms());
+                    let ticket = self.store.write(vec![Op::PutQueue(queue_record(&queue))])?;
+                    let (version, _) = watch::channel(0);
+                    queues.insert(
+                        name.to_string(),
+                        Arc::new(Slot {
+                            queue: Mutex::new(queue),
+                            version,
+                        }),
+                    );
+                    Some(ticket)
+                }
+            }
+        };
+        let Some(ticket) = created else {
+            self.store.sync(self.store.last_ticket()).await?;
+            return self.get_queue(name);
+        };
+        self.store.sync(ticket).await?;
+        tracing::info!(queue = name, "queue created");
+        self.get_queue(name)
+    }
+
+    pub async fn update_queue(&self, name: &str, patch: &OptionsPatch) -> Result<QueueView> {
+        self.mutate(name, |q, _now, _| {
+            q.options = patch.apply(&q.options)?;
+            Ok(())
+        })
+        .await?;
+        self.get_queue(name)
+    }
+
+    /// Deletes a queue with all its items; returns how many items went with it.
+    pub async fn delete_queue(&self, name: &str) -> Result<u64> {
+        let slot = {
+            let mut queues = self.queues.write().unwrap_or_else(|e| e.into_inner());
+            queues
+                .remove(name)
+                .ok_or_else(|| Error::QueueNotFound(name.to_string()))?
+        };
+        let (ticket, count) = {
+            let mut queue = slot.lock();
+            queue.deleted = true;
+            let ids = queue.all_ids();
+            let count = ids.len() as u64;
+            let mut ops: Vec<Op> = ids.into_iter().map(Op::DeleteItem).collect();
+            ops.push(Op::DeleteQueue(name.to_string()));
+            let _ = queue.take_journal();
+            (self.store.write(ops)?, count)
+        };
+        slot.version.send_modify(|v| *v += 1);
+        self.store.sync(ticket).await?;
+        tracing::info!(queue = name, items = count, "queue deleted");
+        Ok(count)
+    }
+
+    pub fn list_queues(&self) -> Vec<QueueView> {
+        let mut views: Vec<QueueView> = self.slots().iter().map(|s| self.view(&s.lock())).collect();
+        views.sort_by(|a, b| a.name.cmp(&b.name));
+        views
+    }
+
+    pub fn queue_names(&self) -> Vec<String> {
+        let mut names: Vec<String> = self
+            .queues
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .keys()
+            .cloned()
+            .collect();
+        names.sort();
+        names
+    }
+
+    pub fn get_queue(&self, name: &str) -> Result<QueueView> {
+        let slot = self.slot(name)?;
+        let queue = slot.lock();
+        Ok(self.view(&queue))
+    }
+
+    pub fn stats(&self, name: &str) -> Result<Stats> {
+        Ok(self.get_queue(name)?.stats)
+    }
+
+    pub async fn purge(&self, name: &str) -> Result<u64> {
+        self.mutate(name, |q, _, _| Ok(q.purge())).await
+    }
+
+    pub async fn set_sealed(&self, name: &str, sealed: bool) -> Result<QueueView> {
+        self.mutate(name, |q, _, _| {
+            q.sealed = sealed;
+            Ok(())
+        })
+        .await?;
+        tracing::info!(queue = name, sealed, "seal changed");
+        self.get_queue(name)
+    }
+
+    /// A receiver that changes whenever the queue does (watch streams).
+    pub fn subscribe(&self, name: &str) -> Result<watch::Receiver<u64>> {
+        Ok(self.slot(name)?.version.subscribe())
+    }
+
+    pub fn shutdown_signal(&self) -> watch::Receiver<bool> {
+        self.shutdown.subscribe()
+    }
+
+    // ---- items -----------------------------------------------------------------
+
+    pub async fn enqueue(
+        &self,
+        name: &str,
+        items: Vec<NewItem>,
+        seal: bool,
+    ) -> Result<Vec<Enqueued>> {
+        if items.is_empty() && !seal {
+            return Err(Error::invalid("an enqueue needs at least one item"));
+        }
+        if items.len() > limits::MAX_BATCH_ITEMS {
+            return Err(Error::invalid(format!(
+                "a batch holds at most {} items, got {} (split it)",
+                limits::MAX_BATCH_ITEMS,
+                items.len()
+            )));
+        }
+        for (i, item) in items.iter().enumerate() {
+            limits::check_delay_ms(&format!("item {i}: delay"), item.delay_ms)?;
+            if item.key.len() > limits::MAX_KEY_BYTES {
+                return Err(Error::invalid(format!(
+                    "item {i}: key is longer than {} bytes",
+                    limits::MAX_KEY_BYTES
+                )));
+            }
+        }
+        let results = self
+            .mutate(name, |q, now, store| {
+                q.enqueue(now, items, seal, || store.next_id())
+            })
+            .await?;
+        Ok(results)
+    }
+
+    /// Leases items, long-polling up to `wait_ms` until some are available or the
+    /// queue is drained.
+    pub async fn lease(&self, name: &str, request: LeaseRequest) -> Result<LeaseOutcome> {
+        limits::check_worker_id(&request.worker)?;
+        let max = match request.max_items {
+            0 => 1,
+            n if n > limits::MAX_LEASE_ITEMS => {
+                return Err(Error::invalid(format!(
+                    "max items must be at most {}, got {n}",
+                    limits::MAX_LEASE_ITEMS
+                )));
+            }
+            n => n,
+        } as usize;
+        if request.lease_timeout_ms != 0 {
+            limits::check_lease_ms("lease timeout", request.lease_timeout_ms)?;
+        }
+        if request.wait_ms > limits::MAX_WAIT_MS {
+            return Err(Error::invalid(format!(
+                "wait must be at most 60s, got {}ms",
+                request.wait_ms
+            )));
+        }
+        let slot = self.slot(name)?;
+        let mut changes = slot.version.subscribe();
+        let mut shutdown = self.shutdown.subscribe();
+        let deadline = tokio::time::Instant::now() + Duration::from_millis(request.wait_ms);
+        loop {
+            changes.borrow_and_update();
+            let outcome = self
+                .mutate_slot(&slot, name, |q, now, store| {
+                    let granted =
+                        q.lease(now, &request.worker, max, request.lease_timeout_ms, || {
+                            store.next_id()
+                        });
+                    Ok(LeaseOutcome {
+                        drained: q.drained(),
+                        sealed: q.sealed,
+                        granted,
+                    })
+                })
+                .await?;
+            if !outcome.granted.is_empty() || outcome.drained {
+                return Ok(outcome);
+            }
+            if *shutdown.borrow_and_update() {
+                return Ok(outcome);
+            }
+            tokio::select! {
+                changed = changes.changed() => {
+                    if changed.is_err() {
+                        return Err(Error::QueueNotFound(name.to_string()));
+                    }
+                }
+                _ = tokio::time::sleep_until(deadline) => return Ok(outcome),
+                _ = shutdown.changed() => return Ok(outcome),
+            }
+        }
+    }
+
+    pub async fn extend(
+        &self,
+        name: &str,
+        id: u64,
+        token: u64,
+        lease_timeout_ms: u64,
+    ) -> Result<u64> {
+        if lease_timeout_ms != 0 {
+            limits::check_lease_ms("lease timeout", lease_timeout_ms)?;
+        }
+        self.mutate(name, |q, now, _| q.extend(now, id, token, lease_timeout_ms))
+            .await
+    }
+
+    pub async fn ack(&self, name: &str, id: u64, token: u64, result: Vec<u8>) -> Result<()> {
+        if result.len() > limits::MAX_RESULT_BYTES {
+            return Err(Error::invalid(format!(
+                "result of {} bytes is over the limit of {} bytes",
+                result.len(),
+                limits::MAX_RESULT_BYTES
+            )));
+        }
+        self.mutate(name, |q, now, _| q.ack(now, id, token, result))
+            .await
+    }
+
+    pub async fn fail(
+        &self,
+        name: &str,
+        id: u64,
+        token: u64,
+        error: String,
+        permanent: bool,
+        retry_delay_ms: u64,
+    ) -> Result<FailOutcome> {
+        limits::check_delay_ms("retry delay", retry_delay_ms)?;
+        let error = limits::truncate_error(error);
+        self.mutate(name, |q, now, _| {
+            q.fail(now, id, token, error, permanent, retry_delay_ms)
+        })
+        .await
+    }
+
+    pub async fn release(&self, name: &str, id: u64, token: u64) -> Result<()> {
+        self.mutate(name, |q, now, _| q.release(now, id, token))
+            .await
+    }
+
+    pub async fn requeue(&self, name: &str, ids: &[u64], all_dead: bool) -> Result<u64> {
+        if ids.is_empty() && !all_dead {
+            return Err(Error::invalid(
+                "name the dead items to requeue, or ask for all dead items",
+            ));
+        }
+        if !ids.is_empty() && all_dead {
+            return Err(Error::invalid("give either item ids or all dead, not both"));
+        }
+        if ids.len() > limits::MAX_REQUEUE_IDS {
+            return Err(Error::invalid(format!(
+                "at most {} ids per requeue",
+                limits::MAX_REQUEUE_IDS
+            )));
+        }
+        self.mutate(name, |q, now, _| q.requeue(now, ids)).await
+    }
+
+    pub fn get_item(&self, name: &str, id: u64) -> Result<Item> {
+        let slot = self.slot(name)?;
+        let queue = slot.lock();
+        queue.item(id).cloned().ok_or_else(|| Error::ItemNotFound {
+            queue: name.to_string(),
+            id,
+        })
+    }
+
+    /// A page of items in id order; returns the items and the id to continue after.
+    pub fn list_items(
+        &self,
+        name: &str,
+        state: Option<State>,
+        after_id: u64,
+        limit: u32,
+        with_payloads: bool,
+    ) -> Result<(Vec<Item>, u64)> {
+        let limit = match limit {
+            0 => 100,
+            n if n > limits::MAX_LIST_LIMIT => {
+                return Err(Error::invalid(format!(
+                    "limit must be at most {}, got {n}",
+                    limits::MAX_LIST_LIMIT
+                )));
+            }
+            n => n,
+        } as usize;
+        let slot = self.slot(name)?;
+        let queue = slot.lock();
+        // One extra tells whether another page exists.
+        let page = queue.list(state, after_id, limit + 1);
+        let more = page.len() > limit;
+        let items: Vec<Item> = page
+            .into_iter()
+            .take(limit)
+            .map(|item| {
+                let mut item = item.clone();
+                if !with_payloads {
+                    item.payload = Vec::new();
+                    item.result = Vec::new();
+                }
+                item
+            })
+            .collect();
+        let next = if more {
+            items.last().map_or(0, |i| i.id)
+        } else {
+            0
+        };
+        Ok((items, next))
+    }
+
+    pub fn workers(&self, name: Option<&str>) -> Result<Vec<WorkerRow>> {
+        let slots: Vec<(String, Arc<Slot>)> = match name {
+            Some(name) => vec![(name.to_string(), self.slot(name)?)],
+            None => {
+                let queues = self.queues.read().unwrap_or_else(|e| e.into_inner());
+                queues.iter().map(|(n, s)| (n.clone(), s.clone())).collect()
+            }
+        };
+        let now = self.clock.now_ms();
+        let mut rows = Vec::new();
+        for (queue_name, slot) in slots {
+            for (id, info) in slot.lock().workers(now) {
+                rows.push(WorkerRow {
+                    queue: queue_name.clone(),
+                    id,
+                    info,
+                });
+            }
+        }
+        rows.sort_by(|a, b| (&a.queue, &a.id).cmp(&(&b.queue, &b.id)));
+        Ok(rows)
+    }
+
+    // ---- internals ---------------------------------------------------------------
+
+    fn slot(&self, name: &str) -> Result<Arc<Slot>> {
+        self.queues
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(name)
+            .cloned()
+            .ok_or_else(|| {
+                if limits::check_queue_name(name).is_err() {
+                    limits::check_queue_name(name).unwrap_err()
+                } else {
+                    Error::QueueNotFound(name.to_string())
+                }
+            })
+    }
+
+    fn slots(&self) -> Vec<Arc<Slot>> {
+        self.queues
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+            .cloned()
+            .collect()
+    }
+
+    fn view(&self, queue: &Queue) -> QueueView {
+        QueueView {
+            name: queue.name.clone(),
+            options: queue.options.clone(),
+            created_ms: queue.created_ms,
+            stats: queue.stats(self.clock.now_ms()),
+        }
+    }
+
+    async fn mutate<T>(
+        &self,
+        name: &str,
+        f: impl FnOnce(&mut Queue, u64, &Store) -> Result<T>,
+    ) -> Result<T> {
+        let slot = self.slot(name)?;
+        self.mutate_slot(&slot, name, f).await
+    }
+
+    /// Runs one transition under the queue's lock, persists what changed as one batch,
+    /// and waits for durability before returning.
+    async fn mutate_slot<T>(
+        &self,
+        slot: &Slot,
+        name: &str,
+        f: impl FnOnce(&mut Queue, u64, &Store) -> Result<T>,
+    ) -> Result<T> {
+        let (result, ticket) = {
+            let mut queue = slot.lock();
+            if queue.deleted {
+                return Err(Error::QueueNotFound(name.to_string()));
+            }
+            let before = (queue.counters.clone(), queue.sealed, queue.options.clone());
+            let now = self.clock.now_ms();
+            let result = f(&mut queue, now, &self.store);
+            let meta_changed =
+                before != (queue.counters.clone(), queue.sealed, queue.options.clone());
+            let ticket = self.persist(&mut queue, meta_changed)?;
+            if ticket.is_some() {
+                slot.version.send_modify(|v| *v += 1);
+                self.schedule(queue.next_deadline());
+            }
+            (result, ticket)
+        };
+        let value = result?;
+        // Even a call that changed nothing waits for earlier writes it may have seen
+        // (e.g. a retried ack answered from a completion still being flushed).
+        let ticket = ticket.unwrap_or_else(|| self.store.last_ticket());
+        self.store.sync(ticket).await?;
+        Ok(value)
+    }
+
+    /// Writes the queue's journal (and its record, when counters or options changed).
+    fn persist(
+        &self,
+        queue: &mut Queue,
+        meta_changed: bool,
+    ) -> Result<Option<crate::store::Ticket>> {
+        let journal = queue.take_journal();
+        if journal.is_empty() && !meta_changed {
+            return Ok(None);
+        }
+        let mut ops = Vec::with_capacity(journal.len() + 1);
+        for change in journal {
+            match change {
+                queue::Change::Put(id) => {
+                    if let Some(item) = queue.item(id) {
+                        ops.push(Op::PutItem(ItemRecord::from_item(&queue.name, item)));
+                    }
+                }
+                queue::Change::Delete(id) => ops.push(Op::DeleteItem(id)),
+            }
+        }
+        ops.push(Op::PutQueue(queue_record(queue)));
+        Ok(Some(self.store.write(ops)?))
+    }
+
+    /// Wakes the reaper if `deadline` is earlier than what it sleeps toward.
+    fn schedule(&self, deadline: Option<u64>) {
+        if let Some(deadline) = deadline {
+            if deadline < self.next_wake.load(Ordering::SeqCst) {
+                self.reaper_wake.notify_one();
+            }
+        }
+    }
+}
+
+fn queue_record(queue: &Queue) -> QueueRecord {
+    QueueRecord::new(
+        &queue.name,
+        &queue.options,
+        queue.sealed,
+        queue.created_ms,
+        &queue.counters,
+    )
+}

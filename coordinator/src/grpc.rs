@@ -1,0 +1,465 @@
+//! The `workq.v1.WorkQ` gRPC service: a thin adapter that converts messages, asks the
+//! engine, and maps domain errors to status codes in exactly one place ([`status`]).
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio_stream::Stream;
+use tonic::{Request, Response, Status};
+use workq_proto::pb;
+
+use crate::engine::{self, Engine, OptionsPatch, QueueView};
+use crate::error::Error;
+
+/// The one mapping from domain errors to gRPC status codes.
+pub fn status(error: Error) -> Status {
+    let message = error.to_string();
+    match error {
+        Error::InvalidArgument(_) => Status::invalid_argument(message),
+        Error::QueueNotFound(_) | Error::ItemNotFound { .. } => Status::not_found(message),
+        Error::QueueExists(_) => Status::already_exists(message),
+        Error::LeaseLost(_) | Error::Sealed(_) | Error::FailedPrecondition(_) => {
+            Status::failed_precondition(message)
+        }
+        Error::ResourceExhausted(_) => Status::resource_exhausted(message),
+        Error::ShuttingDown => Status::unavailable(message),
+        Error::Storage(_) => Status::internal(message),
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct Service {
+    engine: Arc<Engine>,
+}
+
+impl Service {
+    pub fn new(engine: Arc<Engine>) -> Service {
+        Service { engine }
+    }
+}
+
+type Reply<T> = Result<Response<T>, Status>;
+
+fn reply<T>(result: crate::Result<T>) -> Reply<T> {
+    result.map(Response::new).map_err(status)
+}
+
+pub fn options_patch(options: Option<pb::QueueOptions>, clear_max_depth: bool) -> OptionsPatch {
+    let o = options.unwrap_or_default();
+    let some = |v: u64| (v != 0).then_some(v);
+    OptionsPatch {
+        lease_timeout_ms: some(o.lease_timeout_ms),
+        max_attempts: (o.max_attempts != 0).then_some(o.max_attempts),
+        backoff_base_ms: some(o.backoff_base_ms),
+        backoff_cap_ms: some(o.backoff_cap_ms),
+        max_payload_bytes: some(o.max_payload_bytes),
+        max_depth: if clear_max_depth {
+            Some(0)
+        } else {
+            some(o.max_depth)
+        },
+        retention_ms: some(o.retention_ms),
+    }
+}
+
+pub fn options_pb(o: &engine::Options) -> pb::QueueOptions {
+    pb::QueueOptions {
+        lease_timeout_ms: o.lease_timeout_ms,
+        max_attempts: o.max_attempts,
+        backoff_base_ms: o.backoff_base_ms,
+        backoff_cap_ms: o.backoff_cap_ms,
+        max_payload_bytes: o.max_payload_bytes,
+        max_depth: o.max_depth,
+        retention_ms: o.retention_ms,
+    }
+}
+
+pub fn stats_pb(queue: &str, s: &engine::Stats, at_ms: u64) -> pb::QueueStats {
+    pb::QueueStats {
+        queue: queue.to_string(),
+        ready: s.ready,
+        delayed: s.delayed,
+        leased: s.leased,
+        done: s.done,
+        dead: s.dead,
+        sealed: s.sealed,
+        drained: s.drained,
+        total_enqueued: s.counters.enqueued,
+        total_deliveries: s.counters.deliveries,
+        total_completed: s.counters.completed,
+        total_failed: s.counters.failed,
+        total_expired: s.counters.expired,
+        total_dead: s.counters.dead,
+        total_purged: s.counters.purged,
+        total_deduplicated: s.counters.deduplicated,
+        oldest_ready_age_ms: s.oldest_ready_age_ms,
+        rate_10s: s.rate_10s,
+        rate_1m: s.rate_1m,
+        eta_ms: s.eta_ms,
+        workers: s.workers,
+        at_ms,
+    }
+}
+
+fn queue_pb(view: QueueView, now: u64) -> pb::QueueInfo {
+    pb::QueueInfo {
+        stats: Some(stats_pb(&view.name, &view.stats, now)),
+        options: Some(options_pb(&view.options)),
+        created_at_ms: view.created_ms,
+        name: view.name,
+    }
+}
+
+pub fn state_pb(state: engine::State) -> pb::ItemState {
+    match state {
+        engine::State::Ready => pb::ItemState::Ready,
+        engine::State::Delayed => pb::ItemState::Delayed,
+        engine::State::Leased => pb::ItemState::Leased,
+        engine::State::Done => pb::ItemState::Done,
+        engine::State::Dead => pb::ItemState::Dead,
+    }
+}
+
+pub fn item_pb(queue: &str, item: engine::Item) -> pb::Item {
+    let lease = item.lease.as_ref();
+    pb::Item {
+        id: item.id,
+        queue: queue.to_string(),
+        state: state_pb(item.state) as i32,
+        priority: item.priority,
+        attempts: item.attempts,
+        enqueued_at_ms: item.enqueued_ms,
+        ready_at_ms: if item.state == engine::State::Delayed {
+            item.ready_at_ms
+        } else {
+            0
+        },
+        lease_deadline_at_ms: lease.map_or(0, |l| l.deadline_ms),
+        worker_id: item.worker,
+        done_at_ms: item.done_ms,
+        payload: item.payload,
+        key: item.key,
+        result: item.result,
+        last_error: item.last_error,
+    }
+}
+
+fn state_filter(raw: i32) -> Result<Option<engine::State>, Status> {
+    match pb::ItemState::try_from(raw) {
+        Ok(pb::ItemState::Unspecified) => Ok(None),
+        Ok(pb::ItemState::Ready) => Ok(Some(engine::State::Ready)),
+        Ok(pb::ItemState::Delayed) => Ok(Some(engine::State::Delayed)),
+        Ok(pb::ItemState::Leased) => Ok(Some(engine::State::Leased)),
+        Ok(pb::ItemState::Done) => Ok(Some(engine::State::Done)),
+        Ok(pb::ItemState::Dead) => Ok(Some(engine::State::Dead)),
+        Err(_) => Err(Status::invalid_argument(format!(
+            "unknown item state {raw}"
+        ))),
+    }
+}
+
+#[tonic::async_trait]
+impl pb::work_q_server::WorkQ for Service {
+    async fn create_queue(&self, request: Request<pb::CreateQueueRequest>) -> Reply<pb::QueueInfo> {
+        let r = request.into_inner();
+        let patch = options_patch(r.options, false);
+        let now = self.engine.now_ms();
+        reply(
+            self.engine
+                .create_queue(&r.queue, &patch, r.if_not_exists)
+                .await
+                .map(|v| queue_pb(v, now)),
+        )
+    }
+
+    async fn update_queue(&self, request: Request<pb::UpdateQueueRequest>) -> Reply<pb::QueueInfo> {
+        let r = request.into_inner();
+        let patch = options_patch(r.options, r.clear_max_depth);
+        let now = self.engine.now_ms();
+        reply(
+            self.engine
+                .update_queue(&r.queue, &patch)
+                .await
+                .map(|v| queue_pb(v, now)),
+        )
+    }
+
+    async fn delete_queue(
+        &self,
+        request: Request<pb::DeleteQueueRequest>,
+    ) -> Reply<pb::DeleteQueueResponse> {
+        let r = request.into_inner();
+        reply(
+            self.engine
+                .delete_queue(&r.queue)
+                .await
+                .map(|items_deleted| pb::DeleteQueueResponse { items_deleted }),
+        )
+    }
+
+    async fn list_queues(
+        &self,
+        _: Request<pb::ListQueuesRequest>,
+    ) -> Reply<pb::ListQueuesResponse> {
+        let now = self.engine.now_ms();
+        let queues = self
+            .engine
+            .list_queues()
+            .into_iter()
+            .map(|v| queue_pb(v, now))
+            .collect();
+        Ok(Response::new(pb::ListQueuesResponse { queues }))
+    }
+
+    async fn get_queue(&self, request: Request<pb::GetQueueRequest>) -> Reply<pb::QueueInfo> {
+        let now = self.engine.now_ms();
+        reply(
+            self.engine
+                .get_queue(&request.into_inner().queue)
+                .map(|v| queue_pb(v, now)),
+        )
+    }
+
+    async fn purge_queue(
+        &self,
+        request: Request<pb::PurgeQueueRequest>,
+    ) -> Reply<pb::PurgeQueueResponse> {
+        reply(
+            self.engine
+                .purge(&request.into_inner().queue)
+                .await
+                .map(|purged| pb::PurgeQueueResponse { purged }),
+        )
+    }
+
+    async fn seal_queue(&self, request: Request<pb::SealQueueRequest>) -> Reply<pb::QueueInfo> {
+        let now = self.engine.now_ms();
+        reply(
+            self.engine
+                .set_sealed(&request.into_inner().queue, true)
+                .await
+                .map(|v| queue_pb(v, now)),
+        )
+    }
+
+    async fn unseal_queue(&self, request: Request<pb::UnsealQueueRequest>) -> Reply<pb::QueueInfo> {
+        let now = self.engine.now_ms();
+        reply(
+            self.engine
+                .set_sealed(&request.into_inner().queue, false)
+                .await
+                .map(|v| queue_pb(v, now)),
+        )
+    }
+
+    async fn enqueue(&self, request: Request<pb::EnqueueRequest>) -> Reply<pb::EnqueueResponse> {
+        let r = request.into_inner();
+        let items = r
+            .items
+            .into_iter()
+            .map(|i| engine::NewItem {
+                payload: i.payload,
+                priority: i.priority,
+                delay_ms: i.delay_ms,
+                key: i.key,
+            })
+            .collect();
+        reply(
+            self.engine
+                .enqueue(&r.queue, items, r.seal)
+                .await
+                .map(|results| pb::EnqueueResponse {
+                    results: results
+                        .into_iter()
+                        .map(|e| pb::EnqueueResult {
+                            id: e.id,
+                            deduplicated: e.deduplicated,
+                            created_at_ms: e.enqueued_ms,
+                        })
+                        .collect(),
+                }),
+        )
+    }
+
+    async fn lease(&self, request: Request<pb::LeaseRequest>) -> Reply<pb::LeaseResponse> {
+        let r = request.into_inner();
+        let lease = engine::LeaseRequest {
+            worker: r.worker_id,
+            max_items: r.max_items,
+            lease_timeout_ms: r.lease_timeout_ms,
+            wait_ms: r.wait_ms,
+        };
+        reply(self.engine.lease(&r.queue, lease).await.map(|outcome| {
+            pb::LeaseResponse {
+                drained: outcome.drained,
+                sealed: outcome.sealed,
+                leases: outcome
+                    .granted
+                    .into_iter()
+                    .map(|g| pb::Lease {
+                        id: g.id,
+                        token: g.token,
+                        attempt: g.attempt,
+                        payload: g.payload,
+                        priority: g.priority,
+                        deadline_at_ms: g.deadline_ms,
+                        key: g.key,
+                        enqueued_at_ms: g.enqueued_ms,
+                    })
+                    .collect(),
+            }
+        }))
+    }
+
+    async fn extend(&self, request: Request<pb::ExtendRequest>) -> Reply<pb::ExtendResponse> {
+        let r = request.into_inner();
+        reply(
+            self.engine
+                .extend(&r.queue, r.id, r.token, r.lease_timeout_ms)
+                .await
+                .map(|deadline_at_ms| pb::ExtendResponse { deadline_at_ms }),
+        )
+    }
+
+    async fn ack(&self, request: Request<pb::AckRequest>) -> Reply<pb::AckResponse> {
+        let r = request.into_inner();
+        reply(
+            self.engine
+                .ack(&r.queue, r.id, r.token, r.result)
+                .await
+                .map(|_| pb::AckResponse {}),
+        )
+    }
+
+    async fn fail(&self, request: Request<pb::FailRequest>) -> Reply<pb::FailResponse> {
+        let r = request.into_inner();
+        reply(
+            self.engine
+                .fail(
+                    &r.queue,
+                    r.id,
+                    r.token,
+                    r.error,
+                    r.permanent,
+                    r.retry_delay_ms,
+                )
+                .await
+                .map(|outcome| match outcome {
+                    engine::FailOutcome::Dead => pb::FailResponse {
+                        state: pb::ItemState::Dead as i32,
+                        retry_at_ms: 0,
+                    },
+                    engine::FailOutcome::Retry { at_ms } => pb::FailResponse {
+                        state: pb::ItemState::Delayed as i32,
+                        retry_at_ms: at_ms,
+                    },
+                }),
+        )
+    }
+
+    async fn release(&self, request: Request<pb::ReleaseRequest>) -> Reply<pb::ReleaseResponse> {
+        let r = request.into_inner();
+        reply(
+            self.engine
+                .release(&r.queue, r.id, r.token)
+                .await
+                .map(|_| pb::ReleaseResponse {}),
+        )
+    }
+
+    async fn get_item(&self, request: Request<pb::GetItemRequest>) -> Reply<pb::Item> {
+        let r = request.into_inner();
+        reply(
+            self.engine
+                .get_item(&r.queue, r.id)
+                .map(|item| item_pb(&r.queue, item)),
+        )
+    }
+
+    async fn list_items(
+        &self,
+        request: Request<pb::ListItemsRequest>,
+    ) -> Reply<pb::ListItemsResponse> {
+        let r = request.into_inner();
+        let state = state_filter(r.state)?;
+        reply(
+            self.engine
+                .list_items(&r.queue, state, r.after_id, r.limit, !r.omit_payloads)
+                .map(|(items, next_after_id)| pb::ListItemsResponse {
+                    items: items.into_iter().map(|i| item_pb(&r.queue, i)).collect(),
+                    next_after_id,
+                }),
+        )
+    }
+
+    async fn requeue(&self, request: Request<pb::RequeueRequest>) -> Reply<pb::RequeueResponse> {
+        let r = request.into_inner();
+        reply(
+            self.engine
+                .requeue(&r.queue, &r.ids, r.all_dead)
+                .await
+                .map(|requeued| pb::RequeueResponse { requeued }),
+        )
+    }
+
+    async fn list_workers(
+        &self,
+        request: Request<pb::ListWorkersRequest>,
+    ) -> Reply<pb::ListWorkersResponse> {
+        let r = request.into_inner();
+        let name = (!r.queue.is_empty()).then_some(r.queue.as_str());
+        reply(self.engine.workers(name).map(|rows| {
+            pb::ListWorkersResponse {
+                workers: rows
+                    .into_iter()
+                    .map(|row| pb::Worker {
+                        id: row.id,
+                        queue: row.queue,
+                        last_seen_at_ms: row.info.last_seen_ms,
+                        in_flight: row.info.in_flight,
+                        completed: row.info.completed,
+                    })
+                    .collect(),
+            }
+        }))
+    }
+
+    type WatchStream = Pin<Box<dyn Stream<Item = Result<pb::QueueStats, Status>> + Send>>;
+
+    async fn watch(&self, request: Request<pb::WatchRequest>) -> Reply<Self::WatchStream> {
+        let r = request.into_inner();
+        let min_interval = Duration::from_millis(match r.min_interval_ms {
+            0 => 200,
+            n => n.clamp(10, 60_000),
+        });
+        let mut changes = self.engine.subscribe(&r.queue).map_err(status)?;
+        let mut shutdown = self.engine.shutdown_signal();
+        let engine = self.engine.clone();
+        let (tx, rx) = tokio::sync::mpsc::channel(4);
+        tokio::spawn(async move {
+            loop {
+                changes.borrow_and_update();
+                let message = match engine.get_queue(&r.queue) {
+                    Ok(view) => Ok(stats_pb(&view.name, &view.stats, engine.now_ms())),
+                    Err(e) => Err(status(e)),
+                };
+                let ended = message.is_err();
+                if tx.send(message).await.is_err() || ended {
+                    return;
+                }
+                // Rate-limit, then wait for a change, or a second for fresh rates/ETA.
+                tokio::time::sleep(min_interval).await;
+                tokio::select! {
+                    _ = changes.changed() => {}
+                    _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                    _ = shutdown.changed() => return,
+                    _ = tx.closed() => return,
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+        )))
+    }
+}

@@ -1,0 +1,205 @@
+//! On-disk records, encoded with prost so fields can be added without a migration.
+//! These types are private to the coordinator; clients never see them.
+
+use crate::engine::queue::{Counters, Item, LeaseInfo, Options, State};
+
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct QueueRecord {
+    #[prost(string, tag = "1")]
+    pub name: String,
+    #[prost(uint64, tag = "2")]
+    pub lease_timeout_ms: u64,
+    #[prost(uint32, tag = "3")]
+    pub max_attempts: u32,
+    #[prost(uint64, tag = "4")]
+    pub backoff_base_ms: u64,
+    #[prost(uint64, tag = "5")]
+    pub backoff_cap_ms: u64,
+    #[prost(uint64, tag = "6")]
+    pub max_payload_bytes: u64,
+    #[prost(uint64, tag = "7")]
+    pub max_depth: u64,
+    #[prost(uint64, tag = "8")]
+    pub retention_ms: u64,
+    #[prost(bool, tag = "9")]
+    pub sealed: bool,
+    #[prost(uint64, tag = "10")]
+    pub created_ms: u64,
+    #[prost(uint64, tag = "11")]
+    pub enqueued: u64,
+    #[prost(uint64, tag = "12")]
+    pub deliveries: u64,
+    #[prost(uint64, tag = "13")]
+    pub completed: u64,
+    #[prost(uint64, tag = "14")]
+    pub failed: u64,
+    #[prost(uint64, tag = "15")]
+    pub expired: u64,
+    #[prost(uint64, tag = "16")]
+    pub dead: u64,
+    #[prost(uint64, tag = "17")]
+    pub purged: u64,
+    #[prost(uint64, tag = "18")]
+    pub deduplicated: u64,
+}
+
+impl QueueRecord {
+    pub fn new(name: &str, options: &Options, sealed: bool, created_ms: u64, c: &Counters) -> Self {
+        QueueRecord {
+            name: name.to_string(),
+            lease_timeout_ms: options.lease_timeout_ms,
+            max_attempts: options.max_attempts,
+            backoff_base_ms: options.backoff_base_ms,
+            backoff_cap_ms: options.backoff_cap_ms,
+            max_payload_bytes: options.max_payload_bytes,
+            max_depth: options.max_depth,
+            retention_ms: options.retention_ms,
+            sealed,
+            created_ms,
+            enqueued: c.enqueued,
+            deliveries: c.deliveries,
+            completed: c.completed,
+            failed: c.failed,
+            expired: c.expired,
+            dead: c.dead,
+            purged: c.purged,
+            deduplicated: c.deduplicated,
+        }
+    }
+
+    pub fn options(&self) -> Options {
+        Options {
+            lease_timeout_ms: self.lease_timeout_ms,
+            max_attempts: self.max_attempts,
+            backoff_base_ms: self.backoff_base_ms,
+            backoff_cap_ms: self.backoff_cap_ms,
+            max_payload_bytes: self.max_payload_bytes,
+            max_depth: self.max_depth,
+            retention_ms: self.retention_ms,
+        }
+    }
+
+    pub fn counters(&self) -> Counters {
+        Counters {
+            enqueued: self.enqueued,
+            deliveries: self.deliveries,
+            completed: self.completed,
+            failed: self.failed,
+            expired: self.expired,
+            dead: self.dead,
+            purged: self.purged,
+            deduplicated: self.deduplicated,
+        }
+    }
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct ItemRecord {
+    #[prost(string, tag = "1")]
+    pub queue: String,
+    #[prost(uint64, tag = "2")]
+    pub id: u64,
+    /// 1 ready, 2 delayed, 3 leased, 4 done, 5 dead (as in workq.proto).
+    #[prost(uint32, tag = "3")]
+    pub state: u32,
+    #[prost(bytes = "vec", tag = "4")]
+    pub payload: Vec<u8>,
+    #[prost(int32, tag = "5")]
+    pub priority: i32,
+    #[prost(string, tag = "6")]
+    pub key: String,
+    #[prost(uint32, tag = "7")]
+    pub attempts: u32,
+    #[prost(uint64, tag = "8")]
+    pub enqueued_ms: u64,
+    #[prost(uint64, tag = "9")]
+    pub ready_at_ms: u64,
+    #[prost(uint64, tag = "10")]
+    pub lease_token: u64,
+    #[prost(uint64, tag = "11")]
+    pub lease_deadline_ms: u64,
+    #[prost(uint64, tag = "12")]
+    pub lease_timeout_ms: u64,
+    #[prost(string, tag = "13")]
+    pub lease_worker: String,
+    #[prost(uint64, tag = "14")]
+    pub done_token: u64,
+    #[prost(uint64, tag = "15")]
+    pub done_ms: u64,
+    #[prost(bytes = "vec", tag = "16")]
+    pub result: Vec<u8>,
+    #[prost(string, tag = "17")]
+    pub last_error: String,
+    #[prost(string, tag = "18")]
+    pub worker: String,
+}
+
+impl ItemRecord {
+    pub fn from_item(queue: &str, item: &Item) -> Self {
+        let lease = item.lease.as_ref();
+        ItemRecord {
+            queue: queue.to_string(),
+            id: item.id,
+            state: state_code(item.state),
+            payload: item.payload.clone(),
+            priority: item.priority,
+            key: item.key.clone(),
+            attempts: item.attempts,
+            enqueued_ms: item.enqueued_ms,
+            ready_at_ms: item.ready_at_ms,
+            lease_token: lease.map_or(0, |l| l.token),
+            lease_deadline_ms: lease.map_or(0, |l| l.deadline_ms),
+            lease_timeout_ms: lease.map_or(0, |l| l.timeout_ms),
+            lease_worker: lease.map_or_else(String::new, |l| l.worker.clone()),
+            done_token: item.done_token,
+            done_ms: item.done_ms,
+            result: item.result.clone(),
+            last_error: item.last_error.clone(),
+            worker: item.worker.clone(),
+        }
+    }
+
+    /// Back to an engine item; `None` for a record with an unknown state.
+    pub fn into_item(self) -> Option<Item> {
+        let state = match self.state {
+            1 => State::Ready,
+            2 => State::Delayed,
+            3 => State::Leased,
+            4 => State::Done,
+            5 => State::Dead,
+            _ => return None,
+        };
+        let lease = (state == State::Leased).then(|| LeaseInfo {
+            token: self.lease_token,
+            deadline_ms: self.lease_deadline_ms,
+            timeout_ms: self.lease_timeout_ms,
+            worker: self.lease_worker,
+        });
+        Some(Item {
+            id: self.id,
+            state,
+            payload: self.payload,
+            priority: self.priority,
+            key: self.key,
+            attempts: self.attempts,
+            enqueued_ms: self.enqueued_ms,
+            ready_at_ms: self.ready_at_ms,
+            lease,
+            done_token: self.done_token,
+            done_ms: self.done_ms,
+            result: self.result,
+            last_error: self.last_error,
+            worker: self.worker,
+        })
+    }
+}
+
+pub fn state_code(state: State) -> u32 {
+    match state {
+        State::Ready => 1,
+        State::Delayed => 2,
+        State::Leased => 3,
+        State::Done => 4,
+        State::Dead => 5,
+    }
+}
