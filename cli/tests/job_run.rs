@@ -1,0 +1,462 @@
+//! `queue-cli job run`: the Job controller's semantics with short shell commands as
+//! pods. Pods record what they see (HOSTNAME, JOB_COMPLETION_INDEX, their pids) in
+//! files of the test's temp dir; the tests read those files and the summary.
+
+use std::collections::{BTreeSet, HashSet};
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use nix::sys::signal::Signal;
+use tempfile::TempDir;
+use workq_tests::{Process, bin_path, wait_for};
+
+/// Upper bound for a whole Job run in these tests; they take well under a second or
+/// two when things work.
+const RUN_TIMEOUT: Duration = Duration::from_secs(60);
+
+struct Run {
+    code: Option<i32>,
+    stdout: String,
+    stderr: String,
+}
+
+/// A temp dir for one test: pods write into it, and it holds the runner's output.
+struct Scratch {
+    dir: TempDir,
+}
+
+impl Scratch {
+    fn new() -> Scratch {
+        Scratch {
+            dir: tempfile::tempdir().expect("temp dir"),
+        }
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    /// The shell-quoted path, for use inside `sh -c` scripts.
+    fn sh(&self, name: &str) -> String {
+        format!("'{}'", self.path(name).display())
+    }
+
+    fn lines(&self, name: &str) -> Vec<String> {
+        std::fs::read_to_string(self.path(name))
+            .unwrap_or_default()
+            .lines()
+            .map(str::to_string)
+            .collect()
+    }
+
+    /// Starts `queue-cli job run ARGS` in the background, output to files.
+    fn spawn_job(&self, args: &[&str]) -> Process {
+        let stdout = std::fs::File::create(self.path("runner.stdout")).unwrap();
+        let stderr = std::fs::File::create(self.path("runner.stderr")).unwrap();
+        Process::spawn(
+            Command::new(bin_path("queue-cli"))
+                .args(["job", "run"])
+                .args(args)
+                .current_dir(self.dir.path())
+                .stdin(Stdio::null())
+                .stdout(stdout)
+                .stderr(stderr),
+        )
+    }
+
+    /// Runs `queue-cli job run ARGS` to its end.
+    fn run_job(&self, args: &[&str]) -> Run {
+        let mut process = self.spawn_job(args);
+        let code = process.wait_exit(RUN_TIMEOUT);
+        self.finished(code)
+    }
+
+    fn finished(&self, code: Option<i32>) -> Run {
+        let run = Run {
+            code,
+            stdout: std::fs::read_to_string(self.path("runner.stdout")).unwrap(),
+            stderr: std::fs::read_to_string(self.path("runner.stderr")).unwrap(),
+        };
+        eprintln!("--- stdout\n{}--- stderr\n{}", run.stdout, run.stderr);
+        run
+    }
+}
+
+/// The summary row for `name`: its STATUS and COMPLETIONS columns.
+fn summary_row(run: &Run, name: &str) -> (String, String) {
+    let header = run.stdout.lines().find(|l| l.starts_with("NAME "));
+    let columns: Vec<&str> = header
+        .map(|h| h.split_whitespace().collect())
+        .unwrap_or_default();
+    assert_eq!(
+        columns,
+        ["NAME", "STATUS", "COMPLETIONS", "DURATION"],
+        "summary header in:\n{}",
+        run.stdout
+    );
+    let row = run
+        .stdout
+        .lines()
+        .find(|line| line.split_whitespace().next() == Some(name))
+        .unwrap_or_else(|| panic!("no summary row for {name} in:\n{}", run.stdout));
+    let cells: Vec<&str> = row
+        .split("   ")
+        .map(str::trim)
+        .filter(|c| !c.is_empty())
+        .collect();
+    (cells[1].to_string(), cells[2].to_string())
+}
+
+/// True while `pid` is a live process (a zombie waiting for its reaper is dead).
+fn alive(pid: i32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => stat
+            .rsplit_once(") ")
+            .is_some_and(|(_, rest)| !rest.starts_with('Z')),
+        Err(_) => false,
+    }
+}
+
+fn pids(scratch: &Scratch, name: &str) -> Vec<i32> {
+    scratch
+        .lines(name)
+        .iter()
+        .map(|line| line.trim().parse().expect("a pid per line"))
+        .collect()
+}
+
+#[test]
+fn fixed_completions_never_exceed_parallelism_and_reach_exactly_the_completions() {
+    let s = Scratch::new();
+    let script = format!(
+        "echo start $HOSTNAME >> {events}; sleep 0.2; echo end $HOSTNAME >> {events}",
+        events = s.sh("events")
+    );
+    let run = s.run_job(&[
+        "keys",
+        "--completions",
+        "7",
+        "--parallelism",
+        "3",
+        "--",
+        "sh",
+        "-c",
+        &script,
+    ]);
+
+    assert_eq!(run.code, Some(0));
+    assert_eq!(summary_row(&run, "keys"), ("Complete".into(), "7/7".into()));
+    let events = s.lines("events");
+    let mut running = HashSet::new();
+    let mut max_overlap = 0;
+    for event in &events {
+        match event.split_once(' ') {
+            Some(("start", pod)) => assert!(running.insert(pod), "{pod} started twice"),
+            Some(("end", pod)) => assert!(running.remove(pod), "{pod} ended unstarted"),
+            _ => panic!("bad event line {event:?}"),
+        }
+        max_overlap = max_overlap.max(running.len());
+    }
+    assert!(
+        max_overlap <= 3,
+        "{max_overlap} pods ran at once with parallelism 3"
+    );
+    let starts: BTreeSet<&str> = events
+        .iter()
+        .filter_map(|e| e.strip_prefix("start "))
+        .collect();
+    assert_eq!(
+        starts.len(),
+        7,
+        "exactly 7 pods, each with its own name: {starts:?}"
+    );
+    for pod in starts {
+        assert!(
+            pod.len() == "keys-".len() + 5 && pod.starts_with("keys-"),
+            "pod name {pod} is <job>-<5 random>"
+        );
+    }
+}
+
+#[test]
+fn pod_output_is_prefixed_with_the_pod_name_and_kept_per_pod() {
+    let s = Scratch::new();
+    let run = s.run_job(&[
+        "hello",
+        "--logs-dir",
+        "logs",
+        "--",
+        "sh",
+        "-c",
+        "echo out $JOB_NAME; echo err >&2",
+    ]);
+
+    assert_eq!(run.code, Some(0));
+    let line = run
+        .stdout
+        .lines()
+        .find(|l| l.ends_with("] out hello"))
+        .expect("the pod's stdout line, with JOB_NAME");
+    let pod = line
+        .strip_prefix('[')
+        .and_then(|l| l.split_once(']'))
+        .map(|(pod, _)| pod)
+        .expect("[pod-name] prefix");
+    assert!(run.stderr.contains(&format!("[{pod}] err")));
+    let log = std::fs::read_to_string(s.path("logs").join(format!("{pod}.log"))).unwrap();
+    assert!(
+        log.contains("out hello\n") && log.contains("err\n"),
+        "{log:?}"
+    );
+}
+
+#[test]
+fn failing_command_with_backoff_limit_1_fails_the_job_after_two_failures() {
+    let s = Scratch::new();
+    let script = format!("echo $HOSTNAME >> {}; exit 3", s.sh("attempts"));
+    let run = s.run_job(&[
+        "doomed",
+        "--backoff-limit",
+        "1",
+        "--backoff-base",
+        "100ms",
+        "--",
+        "sh",
+        "-c",
+        &script,
+    ]);
+
+    assert_eq!(run.code, Some(1));
+    assert_eq!(summary_row(&run, "doomed"), ("Failed".into(), "0/1".into()));
+    assert!(run.stdout.contains("reason: BackoffLimitExceeded"));
+    let attempts = s.lines("attempts");
+    assert_eq!(attempts.len(), 2, "limit 1 fails on the second failure");
+    assert_ne!(attempts[0], attempts[1], "Never: each retry is a new pod");
+}
+
+/// A command that fails on its first run and succeeds on the next; each run records
+/// its HOSTNAME.
+fn fail_once(s: &Scratch) -> String {
+    format!(
+        "echo $HOSTNAME >> {hosts}; if [ -e {ok} ]; then exit 0; fi; touch {ok}; exit 1",
+        hosts = s.sh("hosts"),
+        ok = s.sh("ok")
+    )
+}
+
+#[test]
+fn on_failure_restarts_the_same_pod_in_place() {
+    let s = Scratch::new();
+    let script = fail_once(&s);
+    let run = s.run_job(&[
+        "inplace",
+        "--restart-policy",
+        "OnFailure",
+        "--backoff-base",
+        "100ms",
+        "--logs-dir",
+        "logs",
+        "--",
+        "sh",
+        "-c",
+        &script,
+    ]);
+
+    assert_eq!(run.code, Some(0));
+    assert_eq!(
+        summary_row(&run, "inplace"),
+        ("Complete".into(), "1/1".into())
+    );
+    let hosts = s.lines("hosts");
+    assert_eq!(hosts.len(), 2);
+    assert_eq!(hosts[0], hosts[1], "same pod name after the restart");
+    let logs = s.path("logs");
+    assert!(logs.join(format!("{}.log", hosts[0])).exists());
+    assert!(logs.join(format!("{}.restart-1.log", hosts[0])).exists());
+}
+
+#[test]
+fn never_replaces_the_failed_pod_with_a_new_one() {
+    let s = Scratch::new();
+    let script = fail_once(&s);
+    let run = s.run_job(&[
+        "renew",
+        "--restart-policy",
+        "Never",
+        "--backoff-base",
+        "100ms",
+        "--",
+        "sh",
+        "-c",
+        &script,
+    ]);
+
+    assert_eq!(run.code, Some(0));
+    assert_eq!(
+        summary_row(&run, "renew"),
+        ("Complete".into(), "1/1".into())
+    );
+    let hosts = s.lines("hosts");
+    assert_eq!(hosts.len(), 2);
+    assert_ne!(hosts[0], hosts[1], "a new pod, with a new name");
+    assert!(run.stdout.contains("2 created, 1 succeeded, 1 failed"));
+}
+
+#[test]
+fn active_deadline_stops_a_long_job_and_leaves_no_process_behind() {
+    let s = Scratch::new();
+    // The pods ignore SIGTERM, so only the SIGKILL after the grace period stops them;
+    // each records its shell's pid and its background sleep's pid.
+    let script = format!(
+        "trap '' TERM; sleep 300 & echo $$ >> {pids}; echo $! >> {pids}; wait",
+        pids = s.sh("pids")
+    );
+    let run = s.run_job(&[
+        "slow",
+        "--parallelism",
+        "2",
+        "--completions",
+        "2",
+        "--active-deadline",
+        "1s",
+        "--grace",
+        "300ms",
+        "--",
+        "sh",
+        "-c",
+        &script,
+    ]);
+
+    assert_eq!(run.code, Some(1));
+    assert_eq!(summary_row(&run, "slow"), ("Failed".into(), "0/2".into()));
+    assert!(run.stdout.contains("reason: DeadlineExceeded"));
+    let pids = pids(&s, "pids");
+    assert_eq!(pids.len(), 4, "both pods ran");
+    wait_for(
+        "every pod process to be gone",
+        Duration::from_secs(10),
+        || pids.iter().all(|pid| !alive(*pid)),
+    );
+}
+
+#[test]
+fn indexed_mode_runs_each_index_once_and_exports_it() {
+    let s = Scratch::new();
+    let script = format!(
+        "echo $JOB_COMPLETION_INDEX $HOSTNAME >> {}",
+        s.sh("indexes")
+    );
+    let run = s.run_job(&[
+        "shard",
+        "--completions",
+        "5",
+        "--parallelism",
+        "2",
+        "--completion-mode",
+        "Indexed",
+        "--",
+        "sh",
+        "-c",
+        &script,
+    ]);
+
+    assert_eq!(run.code, Some(0));
+    assert_eq!(
+        summary_row(&run, "shard"),
+        ("Complete".into(), "5/5".into())
+    );
+    assert!(run.stdout.contains("completed indexes: 0-4"));
+    let mut seen: Vec<u32> = Vec::new();
+    for line in s.lines("indexes") {
+        let (index, host) = line.split_once(' ').expect("index and host");
+        assert!(
+            host.starts_with(&format!("shard-{index}-")),
+            "pod {host} is named <job>-<index>-<random>"
+        );
+        seen.push(index.parse().unwrap());
+    }
+    seen.sort();
+    assert_eq!(seen, vec![0, 1, 2, 3, 4], "each index exactly once");
+}
+
+#[test]
+fn work_queue_mode_creates_no_pods_after_the_first_success() {
+    let s = Scratch::new();
+    // One pod wins the mkdir and succeeds; the others wait for it to be done, then
+    // fail. After the first success no pod is created, not even to replace failures.
+    // The back-off base is long so that a replacement could only come from a bug.
+    let script = format!(
+        "echo $HOSTNAME >> {starts}; \
+         if mkdir {lock} 2>/dev/null; then touch {done}; exit 0; fi; \
+         while [ ! -e {done} ]; do sleep 0.05; done; sleep 0.3; exit 1",
+        starts = s.sh("starts"),
+        lock = s.sh("lock"),
+        done = s.sh("done")
+    );
+    let run = s.run_job(&[
+        "consumers",
+        "--parallelism",
+        "3",
+        "--backoff-base",
+        "5s",
+        "--",
+        "sh",
+        "-c",
+        &script,
+    ]);
+
+    assert_eq!(run.code, Some(0));
+    assert_eq!(
+        summary_row(&run, "consumers"),
+        ("Complete".into(), "1/1 of 3".into())
+    );
+    assert_eq!(s.lines("starts").len(), 3, "only the first 3 pods ever ran");
+    assert!(run.stdout.contains("3 created, 1 succeeded, 2 failed"));
+}
+
+#[test]
+fn ctrl_c_stops_every_pod_and_leaves_no_process_behind() {
+    let s = Scratch::new();
+    let script = format!(
+        "sleep 300 & echo $$ >> {pids}; echo $! >> {pids}; wait",
+        pids = s.sh("pids")
+    );
+    let mut job = s.spawn_job(&["forever", "--parallelism", "3", "--", "sh", "-c", &script]);
+    wait_for("3 pods to record their pids", RUN_TIMEOUT, || {
+        s.lines("pids").len() == 6
+    });
+    let pids = pids(&s, "pids");
+    assert!(pids.iter().all(|pid| alive(*pid)));
+
+    job.signal(Signal::SIGINT);
+    let code = job.wait_exit(RUN_TIMEOUT);
+    let run = s.finished(code);
+
+    assert_eq!(run.code, Some(130));
+    assert!(run.stdout.contains("Interrupted"), "summary says why");
+    wait_for(
+        "every pod process to be gone",
+        Duration::from_secs(10),
+        || pids.iter().all(|pid| !alive(*pid)),
+    );
+}
+
+#[test]
+fn bad_flags_are_usage_errors() {
+    let s = Scratch::new();
+    let run = s.run_job(&["Bad_Name", "--", "true"]);
+    assert_eq!(run.code, Some(2));
+    assert!(run.stderr.contains("invalid Job name"));
+    let run = s.run_job(&[
+        "idx",
+        "--completion-mode",
+        "Indexed",
+        "--parallelism",
+        "2",
+        "--",
+        "true",
+    ]);
+    assert_eq!(run.code, Some(2));
+    assert!(run.stderr.contains("needs --completions"));
+}
