@@ -76,6 +76,7 @@ pub struct AckArgs {
     /// Item id.
     pub id: u64,
     /// The token `lease` printed.
+    #[arg(id = "lease_token", value_name = "TOKEN")]
     pub token: u64,
 
     /// Result text kept with the item (see `results`).
@@ -99,6 +100,7 @@ pub struct FailArgs {
     /// Item id.
     pub id: u64,
     /// The token `lease` printed.
+    #[arg(id = "lease_token", value_name = "TOKEN")]
     pub token: u64,
 
     /// Go straight to DEAD, without further attempts.
@@ -127,6 +129,7 @@ pub struct ExtendArgs {
     /// Item id.
     pub id: u64,
     /// The token `lease` printed.
+    #[arg(id = "lease_token", value_name = "TOKEN")]
     pub token: u64,
 
     /// New lease length from now [default: the lease's own timeout].
@@ -147,6 +150,7 @@ pub struct ReleaseArgs {
     /// Item id.
     pub id: u64,
     /// The token `lease` printed.
+    #[arg(id = "lease_token", value_name = "TOKEN")]
     pub token: u64,
 }
 

@@ -1,0 +1,214 @@
+//! Failures a user meets, each with its own one-line message on stderr and a
+//! non-zero exit: unknown queue, unreachable server, bad duration, stale token,
+//! sealed queue, missing or wrong token, bad usage.
+
+mod cli_support;
+
+use assert_cmd::Command;
+use cli_support::{Env, RUN_TIMEOUT, fails_with};
+use predicates::prelude::*;
+use workq_tests::bin_path;
+
+#[test]
+fn unknown_queue_is_named() {
+    let env = Env::start();
+    for args in [
+        &["stats", "nope"][..],
+        &["enqueue", "nope", "x"],
+        &["lease", "nope", "--wait", "1s"],
+        &["watch", "nope"],
+        &["items", "nope"],
+        &["seal", "nope"],
+        &["delete", "nope"],
+    ] {
+        let error = env.fails(args, 1);
+        assert!(
+            error.starts_with("error: queue 'nope' not found"),
+            "{args:?}: {error}"
+        );
+    }
+}
+
+#[test]
+fn unreachable_server_says_where_it_looked() {
+    // A port that was just free: nothing listens there.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("bind")
+        .port();
+    let url = format!("http://127.0.0.1:{port}");
+    let mut command = Command::new(bin_path("queue-cli"));
+    command
+        .args(["--server", &url, "list"])
+        .timeout(RUN_TIMEOUT);
+    let error = fails_with(&mut command, 1, &["list"]);
+    assert!(
+        error.starts_with(&format!("error: cannot reach coordinator at {url}")),
+        "{error}"
+    );
+
+    // The environment variable works the same way.
+    Command::new(bin_path("queue-cli"))
+        .env("WORKQ_SERVER", &url)
+        .args(["stats", "q"])
+        .timeout(RUN_TIMEOUT)
+        .assert()
+        .code(1)
+        .stderr(predicate::str::contains("cannot reach coordinator at"));
+
+    let mut bad = Command::new(bin_path("queue-cli"));
+    bad.args(["--server", "127.0.0.1:7070", "list"])
+        .timeout(RUN_TIMEOUT);
+    let error = fails_with(&mut bad, 1, &["list"]);
+    assert!(error.contains("must start with http://"), "{error}");
+}
+
+#[test]
+fn bad_durations_are_usage_errors() {
+    for args in [
+        &["create", "q", "--lease-timeout", "5x"][..],
+        &["enqueue", "q", "a", "--delay", "soon"],
+        &["lease", "q", "--wait=-1s"],
+        &["watch", "q", "--timeout", "1 hour"],
+    ] {
+        Command::new(bin_path("queue-cli"))
+            .args(args)
+            .timeout(RUN_TIMEOUT)
+            .assert()
+            .code(2)
+            .stderr(predicate::str::contains("invalid value"))
+            .stderr(predicate::str::contains("duration"));
+    }
+}
+
+#[test]
+fn usage_errors_exit_2_with_help() {
+    for args in [
+        &["enqueue", "q"][..],
+        &["enqueue", "q", "a", "--stdin"],
+        &["requeue", "q"],
+        &["requeue", "q", "1", "--dead"],
+        &["ack", "q", "1", "not-a-token"],
+        &["items", "q", "--state", "sleeping"],
+        &["-o", "yaml", "list"],
+        &["lease", "q", "--max", "0"],
+    ] {
+        Command::new(bin_path("queue-cli"))
+            .args(args)
+            .timeout(RUN_TIMEOUT)
+            .assert()
+            .code(2)
+            .stderr(predicate::str::starts_with("error: "));
+    }
+}
+
+#[test]
+fn every_command_has_help_with_an_example() {
+    for command in [
+        "create", "delete", "list", "stats", "purge", "seal", "unseal", "enqueue", "watch",
+        "items", "item", "requeue", "results", "workers", "lease", "ack", "fail", "extend",
+        "release",
+    ] {
+        Command::new(bin_path("queue-cli"))
+            .args([command, "--help"])
+            .timeout(RUN_TIMEOUT)
+            .assert()
+            .success()
+            .stdout(predicate::str::contains(format!("queue-cli {command}")))
+            .stdout(predicate::str::contains("Example"))
+            .stdout(predicate::str::contains("JSON (-o json)"));
+    }
+}
+
+#[test]
+fn stale_token_says_lease_lost() {
+    let env = Env::start();
+    env.ok(&["create", "q", "--lease-timeout", "1s"]);
+    env.ok(&["enqueue", "q", "x"]);
+    let first = env.lease_one("q");
+    // The lease expires on the server's timer; the next lease gets a new token.
+    let second = env.json(&["lease", "q", "--wait", "30s"]);
+    let second = &second["leases"][0];
+    assert_eq!(second["id"], first["id"]);
+    assert_eq!(second["attempt"], 2);
+
+    let id = first["id"].to_string();
+    let stale = first["token"].as_str().expect("token");
+    let error = env.fails(&["ack", "q", &id, stale], 1);
+    assert!(error.starts_with("error: lease lost"), "{error}");
+    let fresh = second["token"].as_str().expect("token");
+    env.ok(&["ack", "q", &id, fresh]);
+    assert_eq!(
+        env.stats("q")["total_completed"],
+        1,
+        "completed exactly once"
+    );
+}
+
+#[test]
+fn sealed_queue_refuses_enqueue() {
+    let env = Env::start();
+    env.ok(&["create", "q"]);
+    env.ok(&["seal", "q"]);
+    let error = env.fails(&["enqueue", "q", "--count", "3", "--payload", "x{i}"], 1);
+    assert!(error.contains("sealed"), "{error}");
+    assert!(
+        !error.contains("not found") && !error.contains("lease lost"),
+        "{error}"
+    );
+    assert_eq!(env.stats("q")["ready"], 0, "nothing was added");
+}
+
+#[test]
+fn enqueue_failing_midway_says_how_far_it_got() {
+    let env = Env::start();
+    env.ok(&["create", "q", "--max-depth", "1500"]);
+    let error = env.fails(
+        &[
+            "enqueue",
+            "q",
+            "--count",
+            "3000",
+            "--payload",
+            "x{i}",
+            "--batch-size",
+            "1000",
+        ],
+        1,
+    );
+    assert!(
+        error.starts_with(
+            "error: stopped after 1000 items were accepted (1000 enqueued, 0 deduplicated): "
+        ),
+        "{error}"
+    );
+    assert_eq!(env.stats("q")["ready"], 1000);
+}
+
+#[test]
+fn missing_or_wrong_token_is_explained() {
+    let env = Env::start_with_token("s3cret-token");
+
+    let error = env.fails(&["list"], 1);
+    assert!(
+        error.contains("wants a token") && error.contains("--token or set WORKQ_TOKEN"),
+        "{error}"
+    );
+    let error = env.fails(&["--token", "wrong", "list"], 1);
+    assert!(error.contains("refused the token"), "{error}");
+
+    env.ok(&["--token", "s3cret-token", "create", "q"]);
+    let listed = env
+        .cli()
+        .env("WORKQ_TOKEN", "s3cret-token")
+        .args(["-o", "json", "list"])
+        .output()
+        .expect("run");
+    assert!(
+        listed.status.success(),
+        "{}",
+        String::from_utf8_lossy(&listed.stderr)
+    );
+    let listed: serde_json::Value = serde_json::from_slice(&listed.stdout).expect("json");
+    assert_eq!(listed["queues"][0]["name"], "q");
+}
