@@ -168,15 +168,13 @@ fn progress_bar(global: &Global, args: &EnqueueArgs) -> ProgressBar {
     match total {
         Some(total) if total <= args.batch_size as u64 => ProgressBar::hidden(),
         Some(total) => ProgressBar::new(total).with_style(
-            ProgressStyle::with_template(
-                "{wide_bar} {human_pos}/{human_len} items  {per_sec:.0}  ETA {eta}",
-            )
-            .expect("valid template")
-            .progress_chars("=> "),
+            ProgressStyle::with_template("{wide_bar} {human_pos}/{human_len} items  ETA {eta}")
+                .expect("valid template")
+                .progress_chars("=> "),
         ),
         None => {
             let bar = ProgressBar::new_spinner().with_style(
-                ProgressStyle::with_template("{spinner} {human_pos} items enqueued  {per_sec:.0}")
+                ProgressStyle::with_template("{spinner} {human_pos} items enqueued  {elapsed}")
                     .expect("valid template"),
             );
             bar.enable_steady_tick(Duration::from_millis(120));
