@@ -363,3 +363,31 @@ fn items_and_item_show_state_priority_and_payload() {
     );
     assert!(detail.contains("Lease expires:"), "{detail}");
 }
+
+#[test]
+fn binary_payloads_come_back_as_base64_in_json() {
+    let env = Env::start();
+    env.ok(&["create", "bin"]);
+    let output = env
+        .cli()
+        .args(["enqueue", "bin", "--stdin"])
+        .write_stdin(&b"\xff\xfe\x00raw\ntext\n"[..])
+        .output()
+        .expect("run");
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+
+    let items = env.json(&["items", "bin"]);
+    let binary = &items["items"][0];
+    assert_eq!(binary["payload"], Value::Null);
+    assert_eq!(binary["payload_base64"], "//4AcmF3");
+    assert_eq!(items["items"][1]["payload"], "text");
+    assert!(items["items"][1].get("payload_base64").is_none());
+
+    // Tables escape what a terminal would mangle.
+    let rows = parse_table(&env.ok(&["items", "bin"]));
+    assert_eq!(rows[1][7], "\u{fffd}\u{fffd}\\u{0}raw");
+}

@@ -198,6 +198,8 @@ fn missing_or_wrong_token_is_explained() {
     assert!(error.contains("refused the token"), "{error}");
 
     env.ok(&["--token", "s3cret-token", "create", "q"]);
+    // Global flags work after the command too.
+    env.ok(&["seal", "q", "--token", "s3cret-token"]);
     let listed = env
         .cli()
         .env("WORKQ_TOKEN", "s3cret-token")
