@@ -19,6 +19,8 @@
 
 pub mod limits;
 pub mod queue;
+#[cfg(test)]
+mod queue_tests;
 mod reaper;
 
 use std::collections::HashMap;
@@ -91,7 +93,7 @@ pub struct Engine {
     clock: Clock,
     /// The deadline the reaper currently sleeps toward (u64::MAX: none).
     next_wake: AtomicU64,
-    reaper_wake: Notify,
+    reaper_wake: Arc<Notify>,
     shutdown: watch::Sender<bool>,
 }
 
@@ -154,7 +156,7 @@ impl Engine {
             store,
             clock,
             next_wake: AtomicU64::new(u64::MAX),
-            reaper_wake: Notify::new(),
+            reaper_wake: Arc::new(Notify::new()),
             shutdown,
         });
         engine.store.start();

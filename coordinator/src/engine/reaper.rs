@@ -13,31 +13,36 @@ use std::sync::atomic::Ordering;
 use super::Engine;
 
 pub(super) fn spawn(engine: Arc<Engine>) {
+    // Hold the engine only during a pass, so dropping the engine ends the task.
     let weak = Arc::downgrade(&engine);
+    let wake = engine.reaper_wake.clone();
+    let clock = engine.clock;
     let mut shutdown = engine.shutdown.subscribe();
     drop(engine);
     tokio::spawn(async move {
         loop {
-            let Some(engine) = weak.upgrade() else { break };
-            if *shutdown.borrow_and_update() {
-                break;
-            }
-            // While scanning, any new deadline must wake us: publish "none yet" first,
-            // so a mutation that lands behind the scan sees MAX and notifies.
-            engine.next_wake.store(u64::MAX, Ordering::SeqCst);
-            let next = pass(&engine);
-            engine.next_wake.store(next, Ordering::SeqCst);
-            let sleep_until = (next != u64::MAX).then(|| engine.clock.instant_at(next));
-            let engine_ref = engine.clone();
-            drop(engine);
+            let next = {
+                let Some(engine) = weak.upgrade() else { break };
+                if *shutdown.borrow_and_update() {
+                    break;
+                }
+                // While scanning, any new deadline must wake us: publish "none yet"
+                // first, so a mutation that lands behind the scan sees MAX and notifies.
+                engine.next_wake.store(u64::MAX, Ordering::SeqCst);
+                let next = pass(&engine);
+                engine.next_wake.store(next, Ordering::SeqCst);
+                next
+            };
+            let sleep = async {
+                if next == u64::MAX {
+                    std::future::pending::<()>().await;
+                } else {
+                    tokio::time::sleep_until(clock.instant_at(next)).await;
+                }
+            };
             tokio::select! {
-                _ = engine_ref.reaper_wake.notified() => {}
-                _ = async {
-                    match sleep_until {
-                        Some(at) => tokio::time::sleep_until(at).await,
-                        None => std::future::pending().await,
-                    }
-                } => {}
+                _ = wake.notified() => {}
+                _ = sleep => {}
                 _ = shutdown.changed() => {}
             }
         }

@@ -47,7 +47,7 @@ struct Inner {
     written: AtomicU64,
     /// Highest ticket known to be flushed.
     durable: watch::Sender<u64>,
-    kick: Notify,
+    kick: Arc<Notify>,
     healthy: AtomicBool,
     started: AtomicBool,
     stats: FlushStats,
@@ -73,7 +73,7 @@ impl SledStore {
                 durability,
                 written: AtomicU64::new(0),
                 durable,
-                kick: Notify::new(),
+                kick: Arc::new(Notify::new()),
                 healthy: AtomicBool::new(true),
                 started: AtomicBool::new(false),
                 stats: FlushStats::default(),
@@ -189,16 +189,17 @@ impl SledStore {
         if self.inner.started.swap(true, Ordering::SeqCst) {
             return;
         }
-        let inner = self.inner.clone();
+        // The task holds the store weakly, so dropping the store closes the database.
+        let weak = Arc::downgrade(&self.inner);
+        let kick = self.inner.kick.clone();
+        let durability = self.inner.durability;
         tokio::spawn(async move {
             loop {
-                match inner.durability {
-                    Durability::Strict => inner.kick.notified().await,
+                match durability {
+                    Durability::Strict => kick.notified().await,
                     Durability::Relaxed => tokio::time::sleep(RELAXED_FLUSH_EVERY).await,
                 }
-                if Arc::strong_count(&inner) == 1 {
-                    break; // the store is gone
-                }
+                let Some(inner) = weak.upgrade() else { break };
                 if let Err(e) = flush_once(&inner).await {
                     tracing::error!(error = %e, "flush failed: acknowledged writes may not be durable");
                 }
@@ -266,4 +267,11 @@ fn item_key(id: u64) -> [u8; 9] {
     key[0] = b'i';
     key[1..].copy_from_slice(&id.to_be_bytes());
     key
+}
+
+impl Drop for SledStore {
+    fn drop(&mut self) {
+        // Let the flusher notice the store is gone and end.
+        self.inner.kick.notify_one();
+    }
 }

@@ -1,0 +1,578 @@
+//! The item lifecycle of PRODUCT.md, exercised on the pure core with explicit time.
+
+use super::queue::*;
+use crate::error::Error;
+
+const T0: u64 = 1_000_000;
+
+struct Fixture {
+    q: Queue,
+    next_id: u64,
+}
+
+impl Fixture {
+    fn new() -> Fixture {
+        Self::with(Options {
+            lease_timeout_ms: 1_000,
+            max_attempts: 3,
+            backoff_base_ms: 100,
+            backoff_cap_ms: 1_000,
+            ..Options::default()
+        })
+    }
+
+    fn with(options: Options) -> Fixture {
+        Fixture {
+            q: Queue::new("q".into(), options, T0),
+            next_id: 1,
+        }
+    }
+
+    fn enqueue(&mut self, now: u64, payload: &str) -> u64 {
+        self.enqueue_item(
+            now,
+            NewItem {
+                payload: payload.into(),
+                ..NewItem::default()
+            },
+        )
+        .id
+    }
+
+    fn enqueue_item(&mut self, now: u64, item: NewItem) -> Enqueued {
+        let mut next = self.next_id;
+        let out = self
+            .q
+            .enqueue(now, vec![item], false, || {
+                next += 1;
+                next
+            })
+            .unwrap();
+        self.next_id = next;
+        self.q.check_invariants();
+        out.into_iter().next().unwrap()
+    }
+
+    fn lease(&mut self, now: u64) -> Option<Granted> {
+        self.lease_n(now, 1).into_iter().next()
+    }
+
+    fn lease_n(&mut self, now: u64, n: usize) -> Vec<Granted> {
+        let mut next = self.next_id;
+        let out = self.q.lease(now, "w1", n, 0, || {
+            next += 1;
+            next
+        });
+        self.next_id = next;
+        self.q.check_invariants();
+        out
+    }
+
+    fn state(&self, id: u64) -> State {
+        self.q.item(id).expect("item exists").state
+    }
+
+    fn stats(&self, now: u64) -> Stats {
+        self.q.stats(now)
+    }
+}
+
+fn payload(g: &Granted) -> String {
+    String::from_utf8(g.payload.clone()).unwrap()
+}
+
+#[test]
+fn lease_then_ack_completes_once() {
+    let mut f = Fixture::new();
+    let id = f.enqueue(T0, "a");
+    let lease = f.lease(T0).unwrap();
+    assert_eq!((lease.id, lease.attempt), (id, 1));
+    assert_eq!(lease.deadline_ms, T0 + 1_000);
+    f.q.ack(T0 + 10, id, lease.token, b"ok".to_vec()).unwrap();
+    assert_eq!(f.state(id), State::Done);
+    assert_eq!(f.q.item(id).unwrap().result, b"ok");
+    // A retried ack of the same lease is answered OK and not counted again.
+    f.q.ack(T0 + 20, id, lease.token, b"ok".to_vec()).unwrap();
+    let s = f.stats(T0 + 20);
+    assert_eq!(
+        (s.done, s.counters.completed, s.counters.deliveries),
+        (1, 1, 1)
+    );
+    assert!(s.drained);
+}
+
+#[test]
+fn expired_lease_is_re_leased_and_counts_an_attempt() {
+    let mut f = Fixture::new();
+    let id = f.enqueue(T0, "a");
+    let first = f.lease(T0).unwrap();
+    assert_eq!(f.q.next_deadline(), Some(T0 + 1_000));
+    assert!(!f.q.tick(T0 + 999), "not expired before its deadline");
+    assert_eq!(f.state(id), State::Leased);
+    assert!(f.q.tick(T0 + 1_000));
+    f.q.check_invariants();
+    assert_eq!(f.state(id), State::Ready);
+    assert_eq!(f.stats(T0 + 1_000).counters.expired, 1);
+    let second = f.lease(T0 + 1_001).unwrap();
+    assert_eq!((second.id, second.attempt), (id, 2));
+    assert_ne!(second.token, first.token);
+}
+
+#[test]
+fn attempts_exhausted_by_expiry_go_dead() {
+    let mut f = Fixture::new(); // max_attempts 3
+    let id = f.enqueue(T0, "a");
+    let mut now = T0;
+    for attempt in 1..=3 {
+        let lease = f.lease(now).unwrap();
+        assert_eq!(lease.attempt, attempt);
+        now = lease.deadline_ms;
+        f.q.tick(now);
+    }
+    assert_eq!(f.state(id), State::Dead);
+    let s = f.stats(now);
+    assert_eq!((s.dead, s.counters.dead, s.counters.expired), (1, 1, 3));
+    assert!(s.drained, "DEAD does not count against drained");
+    assert!(f.lease(now).is_none());
+}
+
+#[test]
+fn failures_back_off_then_go_dead() {
+    let mut f = Fixture::new(); // base 100 ms, cap 1 s, 3 attempts
+    let id = f.enqueue(T0, "a");
+    let l1 = f.lease(T0).unwrap();
+    let out = f.q.fail(T0, id, l1.token, "boom".into(), false, 0).unwrap();
+    assert_eq!(out, FailOutcome::Retry { at_ms: T0 + 100 });
+    assert_eq!(f.state(id), State::Delayed);
+    assert!(f.lease(T0 + 99).is_none(), "still backing off");
+    let l2 = f.lease(T0 + 100).unwrap();
+    assert_eq!(l2.attempt, 2);
+    let out =
+        f.q.fail(T0 + 100, id, l2.token, "boom".into(), false, 0)
+            .unwrap();
+    assert_eq!(out, FailOutcome::Retry { at_ms: T0 + 300 }, "doubles");
+    let l3 = f.lease(T0 + 300).unwrap();
+    let out =
+        f.q.fail(T0 + 300, id, l3.token, "boom 3".into(), false, 0)
+            .unwrap();
+    assert_eq!(out, FailOutcome::Dead);
+    assert_eq!(f.state(id), State::Dead);
+    assert_eq!(f.q.item(id).unwrap().last_error, "boom 3");
+    assert_eq!(f.stats(T0 + 300).counters.failed, 3);
+}
+
+#[test]
+fn backoff_is_capped() {
+    let o = Options {
+        backoff_base_ms: 1_000,
+        backoff_cap_ms: 300_000,
+        ..Options::default()
+    };
+    assert_eq!(backoff(&o, 1), 1_000);
+    assert_eq!(backoff(&o, 2), 2_000);
+    assert_eq!(backoff(&o, 9), 256_000);
+    assert_eq!(backoff(&o, 10), 300_000);
+    assert_eq!(backoff(&o, 500), 300_000);
+}
+
+#[test]
+fn permanent_failure_and_explicit_retry_delay() {
+    let mut f = Fixture::new();
+    let a = f.enqueue(T0, "a");
+    let b = f.enqueue(T0, "b");
+    let la = f.lease(T0).unwrap();
+    let lb = f.lease(T0).unwrap();
+    assert_eq!(
+        f.q.fail(T0, a, la.token, "bad input".into(), true, 0)
+            .unwrap(),
+        FailOutcome::Dead
+    );
+    assert_eq!(
+        f.q.fail(T0, b, lb.token, "later".into(), false, 5_000)
+            .unwrap(),
+        FailOutcome::Retry { at_ms: T0 + 5_000 }
+    );
+    assert_eq!(f.state(a), State::Dead);
+    assert_eq!(f.state(b), State::Delayed);
+}
+
+#[test]
+fn release_does_not_count_an_attempt() {
+    let mut f = Fixture::new();
+    let id = f.enqueue(T0, "a");
+    let l1 = f.lease(T0).unwrap();
+    f.q.release(T0 + 1, id, l1.token).unwrap();
+    assert_eq!(f.state(id), State::Ready);
+    assert_eq!(f.q.item(id).unwrap().attempts, 0);
+    let l2 = f.lease(T0 + 2).unwrap();
+    assert_eq!(l2.attempt, 1, "the released delivery did not count");
+    assert_eq!(f.stats(T0 + 2).counters.deliveries, 2);
+}
+
+#[test]
+fn stale_tokens_are_rejected_and_change_nothing() {
+    let mut f = Fixture::new();
+    let id = f.enqueue(T0, "a");
+    let old = f.lease(T0).unwrap();
+    f.q.tick(old.deadline_ms); // expires
+    let new = f.lease(old.deadline_ms).unwrap();
+    let now = old.deadline_ms + 1;
+    let before = f.q.item(id).unwrap().clone();
+    let stats_before = f.stats(now);
+
+    let results = [
+        f.q.ack(now, id, old.token, vec![]).unwrap_err(),
+        f.q.fail(now, id, old.token, "x".into(), true, 0)
+            .unwrap_err(),
+        f.q.extend(now, id, old.token, 0).unwrap_err(),
+        f.q.release(now, id, old.token).unwrap_err(),
+        f.q.ack(now, id, 0, vec![]).unwrap_err(),
+        f.q.ack(now, id, new.token + 1000, vec![]).unwrap_err(),
+    ];
+    for err in results {
+        assert!(matches!(err, Error::LeaseLost(_)), "{err:?}");
+        assert!(err.to_string().starts_with("lease lost"), "{err}");
+    }
+    assert_eq!(f.q.item(id).unwrap(), &before, "item unchanged");
+    assert_eq!(f.stats(now), stats_before, "stats unchanged");
+    assert!(f.q.take_journal().iter().all(|c| *c != Change::Delete(id)));
+
+    // The current holder still completes it, exactly once.
+    f.q.ack(now, id, new.token, vec![]).unwrap();
+    let err = f.q.ack(now, id, old.token, vec![]).unwrap_err();
+    assert!(err.to_string().contains("already completed"), "{err}");
+    assert_eq!(f.stats(now).counters.completed, 1);
+}
+
+#[test]
+fn unknown_items_are_not_found() {
+    let mut f = Fixture::new();
+    let err = f.q.ack(T0, 999, 1, vec![]).unwrap_err();
+    assert!(
+        matches!(err, Error::ItemNotFound { id: 999, .. }),
+        "{err:?}"
+    );
+}
+
+#[test]
+fn extend_pushes_the_deadline_out() {
+    let mut f = Fixture::new();
+    let id = f.enqueue(T0, "a");
+    let lease = f.lease(T0).unwrap();
+    let deadline = f.q.extend(T0 + 900, id, lease.token, 0).unwrap();
+    assert_eq!(deadline, T0 + 1_900, "extended by the lease's own timeout");
+    assert!(
+        !f.q.tick(T0 + 1_500),
+        "old deadline passed, lease still held"
+    );
+    assert_eq!(f.state(id), State::Leased);
+    let deadline = f.q.extend(T0 + 1_500, id, lease.token, 5_000).unwrap();
+    assert_eq!(deadline, T0 + 6_500);
+    f.q.check_invariants();
+    f.q.ack(T0 + 6_000, id, lease.token, vec![]).unwrap();
+}
+
+#[test]
+fn higher_priority_first_then_fifo() {
+    let mut f = Fixture::new();
+    for (payload, priority) in [
+        ("low-1", 0),
+        ("high-1", 5),
+        ("low-2", 0),
+        ("high-2", 5),
+        ("neg", -3),
+    ] {
+        f.enqueue_item(
+            T0,
+            NewItem {
+                payload: payload.into(),
+                priority,
+                ..NewItem::default()
+            },
+        );
+    }
+    let order: Vec<String> = f.lease_n(T0, 10).iter().map(payload).collect();
+    assert_eq!(order, ["high-1", "high-2", "low-1", "low-2", "neg"]);
+}
+
+#[test]
+fn delayed_items_become_ready_when_due() {
+    let mut f = Fixture::new();
+    let id = f
+        .enqueue_item(
+            T0,
+            NewItem {
+                payload: b"later".to_vec(),
+                delay_ms: 500,
+                ..NewItem::default()
+            },
+        )
+        .id;
+    assert_eq!(f.state(id), State::Delayed);
+    assert!(!f.stats(T0).drained, "DELAYED counts against drained");
+    assert_eq!(f.q.next_deadline(), Some(T0 + 500));
+    assert!(f.lease(T0 + 499).is_none());
+    assert!(f.q.tick(T0 + 500));
+    assert_eq!(f.state(id), State::Ready);
+    assert_eq!(f.lease(T0 + 500).unwrap().id, id);
+}
+
+#[test]
+fn dedup_returns_the_existing_item_until_retention_removes_it() {
+    let mut f = Fixture::with(Options {
+        retention_ms: 10_000,
+        ..Options::default()
+    });
+    let keyed = |p: &str| NewItem {
+        payload: p.into(),
+        key: "k".into(),
+        ..NewItem::default()
+    };
+    let first = f.enqueue_item(T0, keyed("a"));
+    let again = f.enqueue_item(T0 + 1, keyed("b"));
+    assert!(!first.deduplicated);
+    assert_eq!((again.id, again.deduplicated), (first.id, true));
+    // Still deduplicated while leased and after completion (until retention).
+    let lease = f.lease(T0 + 2).unwrap();
+    f.q.ack(T0 + 3, first.id, lease.token, vec![]).unwrap();
+    assert!(f.enqueue_item(T0 + 4, keyed("c")).deduplicated);
+    let s = f.stats(T0 + 4);
+    assert_eq!((s.counters.enqueued, s.counters.deduplicated), (1, 2));
+    // Retention deletes the DONE item and frees the key.
+    f.q.tick(T0 + 3 + 10_000);
+    assert!(f.q.item(first.id).is_none());
+    let fresh = f.enqueue_item(T0 + 20_000, keyed("d"));
+    assert!(!fresh.deduplicated);
+    assert_ne!(fresh.id, first.id);
+}
+
+#[test]
+fn dedup_inside_one_batch() {
+    let mut f = Fixture::new();
+    let item = |key: &str| NewItem {
+        payload: b"x".to_vec(),
+        key: key.into(),
+        ..NewItem::default()
+    };
+    let mut ids = 100;
+    let out =
+        f.q.enqueue(T0, vec![item("a"), item("a"), item("b")], false, || {
+            ids += 1;
+            ids
+        })
+        .unwrap();
+    assert_eq!(out[1].id, out[0].id);
+    assert!(out[1].deduplicated);
+    assert_eq!(f.stats(T0).ready, 2);
+}
+
+#[test]
+fn sealed_queue_refuses_enqueue_and_unseal_reopens() {
+    let mut f = Fixture::new();
+    let mut ids = 0;
+    f.q.enqueue(T0, vec![NewItem::default()], true, || {
+        ids += 1;
+        ids
+    })
+    .unwrap();
+    assert!(f.q.sealed);
+    let err =
+        f.q.enqueue(T0, vec![NewItem::default()], false, || 99)
+            .unwrap_err();
+    assert!(matches!(err, Error::Sealed(_)), "{err:?}");
+    assert_eq!(
+        f.stats(T0).counters.enqueued,
+        1,
+        "refused enqueue changed nothing"
+    );
+    f.q.sealed = false;
+    f.enqueue(T0, "again");
+}
+
+#[test]
+fn drained_only_when_nothing_ready_delayed_or_leased() {
+    let mut f = Fixture::new();
+    assert!(f.stats(T0).drained, "an empty queue is drained");
+    let a = f.enqueue(T0, "a");
+    assert!(!f.stats(T0).drained, "READY");
+    let lease = f.lease(T0).unwrap();
+    assert!(!f.stats(T0).drained, "LEASED");
+    f.q.fail(T0, a, lease.token, "retry".into(), false, 0)
+        .unwrap();
+    assert!(!f.stats(T0).drained, "DELAYED (retrying)");
+    f.q.tick(T0 + 100);
+    let lease = f.lease(T0 + 100).unwrap();
+    f.q.fail(T0 + 100, a, lease.token, "dead".into(), true, 0)
+        .unwrap();
+    assert!(f.stats(T0 + 100).drained, "only DEAD left");
+    f.enqueue(T0, "b");
+    let lease = f.lease(T0 + 100).unwrap();
+    f.q.ack(T0 + 100, lease.id, lease.token, vec![]).unwrap();
+    assert!(f.stats(T0 + 100).drained, "DONE and DEAD do not count");
+}
+
+#[test]
+fn requeue_dead_items_resets_attempts() {
+    let mut f = Fixture::new();
+    let a = f.enqueue(T0, "a");
+    let b = f.enqueue(T0, "b");
+    for id in [a, b] {
+        let lease = f.lease(T0).unwrap();
+        assert_eq!(lease.id, id);
+        f.q.fail(T0, id, lease.token, "x".into(), true, 0).unwrap();
+    }
+    // Naming a non-dead item refuses the whole call.
+    let c = f.enqueue(T0, "c");
+    let err = f.q.requeue(T0, &[a, c]).unwrap_err();
+    assert!(err.to_string().contains("not dead"), "{err}");
+    assert_eq!(f.state(a), State::Dead);
+    assert_eq!(f.q.requeue(T0, &[a]).unwrap(), 1);
+    assert_eq!(f.state(a), State::Ready);
+    assert_eq!(f.q.item(a).unwrap().attempts, 0);
+    assert_eq!(f.q.requeue(T0, &[]).unwrap(), 1, "all dead");
+    assert_eq!(f.state(b), State::Ready);
+    f.q.check_invariants();
+}
+
+#[test]
+fn purge_discards_ready_and_delayed_only() {
+    let mut f = Fixture::new();
+    f.enqueue(T0, "ready");
+    f.enqueue_item(
+        T0,
+        NewItem {
+            payload: b"delayed".to_vec(),
+            delay_ms: 1_000,
+            key: "dk".into(),
+            ..NewItem::default()
+        },
+    );
+    let leased = f.enqueue(T0, "leased");
+    let lease = f.lease_n(T0, 2);
+    assert_eq!(lease.len(), 2);
+    let kept = lease
+        .iter()
+        .find(|g| g.id == leased)
+        .or(lease.first())
+        .unwrap()
+        .clone();
+    // put one back so one READY remains besides the delayed one
+    let other = lease.iter().find(|g| g.id != kept.id).unwrap();
+    f.q.release(T0, other.id, other.token).unwrap();
+    assert_eq!(f.q.purge(), 2);
+    f.q.check_invariants();
+    let s = f.stats(T0);
+    assert_eq!(
+        (s.ready, s.delayed, s.leased, s.counters.purged),
+        (0, 0, 1, 2)
+    );
+    // The purged key is free again.
+    assert!(
+        !f.enqueue_item(
+            T0,
+            NewItem {
+                key: "dk".into(),
+                ..NewItem::default()
+            }
+        )
+        .deduplicated
+    );
+}
+
+#[test]
+fn limits_refuse_the_whole_batch() {
+    let mut f = Fixture::with(Options {
+        max_payload_bytes: 4,
+        max_depth: 2,
+        ..Options::default()
+    });
+    let item = |p: &str| NewItem {
+        payload: p.into(),
+        ..NewItem::default()
+    };
+    let err =
+        f.q.enqueue(T0, vec![item("ok"), item("too long")], false, || 1)
+            .unwrap_err();
+    assert!(matches!(err, Error::InvalidArgument(_)), "{err:?}");
+    assert!(err.to_string().contains("max payload"), "{err}");
+    let err =
+        f.q.enqueue(T0, vec![item("a"), item("b"), item("c")], false, || 1)
+            .unwrap_err();
+    assert!(matches!(err, Error::ResourceExhausted(_)), "{err:?}");
+    assert_eq!(f.q.item_count(), 0, "nothing was added");
+    f.enqueue(T0, "a");
+    f.enqueue(T0, "b");
+    // Completing one frees room.
+    let lease = f.lease(T0).unwrap();
+    f.q.ack(T0, lease.id, lease.token, vec![]).unwrap();
+    f.enqueue(T0, "c");
+}
+
+#[test]
+fn retention_deletes_done_items() {
+    let mut f = Fixture::with(Options {
+        retention_ms: 1_000,
+        ..Options::default()
+    });
+    let id = f.enqueue(T0, "a");
+    let lease = f.lease(T0).unwrap();
+    f.q.ack(T0 + 10, id, lease.token, b"r".to_vec()).unwrap();
+    f.q.take_journal();
+    assert_eq!(f.q.next_deadline(), Some(T0 + 1_010));
+    f.q.tick(T0 + 1_009);
+    assert!(f.q.item(id).is_some());
+    f.q.tick(T0 + 1_010);
+    assert!(f.q.item(id).is_none());
+    assert_eq!(f.q.take_journal(), vec![Change::Delete(id)]);
+    assert_eq!(f.stats(T0 + 1_010).counters.completed, 1, "totals stay");
+}
+
+#[test]
+fn stats_report_rates_oldest_age_and_eta() {
+    let mut f = Fixture::new();
+    for i in 0..20 {
+        f.enqueue(T0, &format!("{i}"));
+    }
+    for t in 0..10u64 {
+        let lease = f.lease(T0 + t * 1_000).unwrap();
+        f.q.ack(T0 + t * 1_000, lease.id, lease.token, vec![])
+            .unwrap();
+    }
+    let now = T0 + 9_500;
+    let s = f.stats(now);
+    assert_eq!(s.rate_10s, 1.0);
+    assert_eq!(s.oldest_ready_age_ms, 9_500);
+    assert_eq!(s.eta_ms, 10_000, "10 left at 1/s");
+    assert_eq!(s.workers, 1);
+}
+
+#[test]
+fn every_change_is_journaled() {
+    let mut f = Fixture::new();
+    let id = f.enqueue(T0, "a");
+    assert_eq!(f.q.take_journal(), vec![Change::Put(id)]);
+    let lease = f.lease(T0).unwrap();
+    assert_eq!(f.q.take_journal(), vec![Change::Put(id)]);
+    f.q.ack(T0, id, lease.token, vec![]).unwrap();
+    assert_eq!(f.q.take_journal(), vec![Change::Put(id)]);
+    assert!(f.q.ack(T0, id, 12345, vec![]).is_err());
+    assert!(
+        f.q.take_journal().is_empty(),
+        "a refused call journals nothing"
+    );
+}
+
+#[test]
+fn worker_bookkeeping_follows_leases() {
+    let mut f = Fixture::new();
+    f.enqueue(T0, "a");
+    f.enqueue(T0, "b");
+    let leases = f.lease_n(T0, 2);
+    let workers = f.q.workers(T0);
+    assert_eq!(workers.len(), 1);
+    assert_eq!(workers[0].1.in_flight, 2);
+    f.q.ack(T0, leases[0].id, leases[0].token, vec![]).unwrap();
+    f.q.tick(leases[1].deadline_ms);
+    let w = &f.q.workers(T0)[0].1;
+    assert_eq!((w.in_flight, w.completed), (0, 1));
+}

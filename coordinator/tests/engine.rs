@@ -1,0 +1,222 @@
+//! The engine with its timers, on tokio's paused clock: the reaper expires leases by
+//! itself, long-polling leases wake on enqueue and on drain, and every change survives
+//! a reopen of the store.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use workq_coordinator::Engine;
+use workq_coordinator::clock::Clock;
+use workq_coordinator::engine::{LeaseRequest, NewItem, OptionsPatch, State};
+use workq_coordinator::store::{Durability, Store};
+
+fn open_memory() -> Arc<Engine> {
+    Engine::open(Store::memory(), Clock::system()).unwrap()
+}
+
+async fn create(engine: &Engine, name: &str, lease_ms: u64) {
+    let patch = OptionsPatch {
+        lease_timeout_ms: Some(lease_ms),
+        max_attempts: Some(2),
+        ..OptionsPatch::default()
+    };
+    engine.create_queue(name, &patch, false).await.unwrap();
+}
+
+async fn enqueue(engine: &Engine, queue: &str, payload: &str) -> u64 {
+    let item = NewItem {
+        payload: payload.into(),
+        ..NewItem::default()
+    };
+    engine.enqueue(queue, vec![item], false).await.unwrap()[0].id
+}
+
+fn lease_req(worker: &str, wait_ms: u64) -> LeaseRequest {
+    LeaseRequest {
+        worker: worker.into(),
+        max_items: 1,
+        lease_timeout_ms: 0,
+        wait_ms,
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn reaper_expires_leases_on_its_own_timer() {
+    let engine = open_memory();
+    create(&engine, "q", 1_000).await;
+    let id = enqueue(&engine, "q", "a").await;
+    let first = engine.lease("q", lease_req("w1", 0)).await.unwrap();
+    assert_eq!(first.granted[0].id, id);
+
+    // Nobody polls; time passes the deadline; the server moves the item back.
+    tokio::time::sleep(Duration::from_millis(1_050)).await;
+    let item = engine.get_item("q", id).unwrap();
+    assert_eq!(item.state, State::Ready, "expired by the reaper");
+    assert_eq!(engine.stats("q").unwrap().counters.expired, 1);
+
+    // Second expiry exhausts max_attempts (2) → DEAD, again without any poll.
+    let second = engine.lease("q", lease_req("w2", 0)).await.unwrap();
+    assert_eq!(second.granted[0].attempt, 2);
+    tokio::time::sleep(Duration::from_millis(1_050)).await;
+    assert_eq!(engine.get_item("q", id).unwrap().state, State::Dead);
+    engine.close().await.unwrap();
+}
+
+#[tokio::test(start_paused = true)]
+async fn long_poll_wakes_on_enqueue() {
+    let engine = open_memory();
+    create(&engine, "q", 30_000).await;
+    // Keep the queue from being drained so the poll has to wait: a delayed item.
+    engine
+        .enqueue(
+            "q",
+            vec![NewItem {
+                payload: b"later".to_vec(),
+                delay_ms: 600_000,
+                ..NewItem::default()
+            }],
+            false,
+        )
+        .await
+        .unwrap();
+    let poller = {
+        let engine = engine.clone();
+        tokio::spawn(async move { engine.lease("q", lease_req("w", 30_000)).await })
+    };
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert!(!poller.is_finished(), "nothing to lease yet");
+    let started = tokio::time::Instant::now();
+    let id = enqueue(&engine, "q", "now").await;
+    let outcome = poller.await.unwrap().unwrap();
+    assert_eq!(outcome.granted[0].id, id);
+    assert!(
+        started.elapsed() < Duration::from_secs(1),
+        "woken, not timed out"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn long_poll_answers_drained_when_the_last_lease_completes() {
+    let engine = open_memory();
+    create(&engine, "q", 30_000).await;
+    let id = enqueue(&engine, "q", "only").await;
+    let held = engine
+        .lease("q", lease_req("w1", 0))
+        .await
+        .unwrap()
+        .granted
+        .remove(0);
+    // A second worker waits: the queue is empty but not drained (w1 holds a lease).
+    let waiter = {
+        let engine = engine.clone();
+        tokio::spawn(async move { engine.lease("q", lease_req("w2", 60_000)).await })
+    };
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(
+        !waiter.is_finished(),
+        "must not report drained while a lease is out"
+    );
+    engine.ack("q", id, held.token, vec![]).await.unwrap();
+    let outcome = waiter.await.unwrap().unwrap();
+    assert!(outcome.granted.is_empty());
+    assert!(outcome.drained);
+}
+
+#[tokio::test(start_paused = true)]
+async fn long_poll_gets_an_expired_lease_from_a_dead_worker() {
+    let engine = open_memory();
+    create(&engine, "q", 2_000).await;
+    let id = enqueue(&engine, "q", "a").await;
+    engine
+        .lease("q", lease_req("dead-worker", 0))
+        .await
+        .unwrap();
+    let outcome = engine
+        .lease("q", lease_req("survivor", 10_000))
+        .await
+        .unwrap();
+    assert_eq!(outcome.granted[0].id, id);
+    assert_eq!(outcome.granted[0].attempt, 2);
+}
+
+#[tokio::test(start_paused = true)]
+async fn long_poll_times_out_empty() {
+    let engine = open_memory();
+    create(&engine, "q", 30_000).await;
+    enqueue(&engine, "q", "a").await;
+    engine.lease("q", lease_req("w1", 0)).await.unwrap();
+    let outcome = engine.lease("q", lease_req("w2", 2_000)).await.unwrap();
+    assert!(outcome.granted.is_empty());
+    assert!(!outcome.drained);
+}
+
+#[tokio::test]
+async fn sled_store_restores_queues_items_and_live_leases() {
+    let dir = tempfile::tempdir().unwrap();
+    let open_store = || Store::open_sled(dir.path(), Durability::Strict, 8 << 20);
+    let (lease, done_id, dead_id) = {
+        let engine = Engine::open(open_store().unwrap(), Clock::system()).unwrap();
+        create(&engine, "q", 60_000).await;
+        let a = enqueue(&engine, "q", "a").await;
+        let b = enqueue(&engine, "q", "b").await;
+        let c = enqueue(&engine, "q", "c").await;
+        let la = engine
+            .lease("q", lease_req("w", 0))
+            .await
+            .unwrap()
+            .granted
+            .remove(0);
+        engine
+            .ack("q", a, la.token, b"result".to_vec())
+            .await
+            .unwrap();
+        let lb = engine
+            .lease("q", lease_req("w", 0))
+            .await
+            .unwrap()
+            .granted
+            .remove(0);
+        engine
+            .fail("q", b, lb.token, "bad".into(), true, 0)
+            .await
+            .unwrap();
+        let lc = engine
+            .lease("q", lease_req("w", 0))
+            .await
+            .unwrap()
+            .granted
+            .remove(0);
+        assert_eq!(lc.id, c);
+        engine.close().await.unwrap();
+        (lc, a, b)
+    };
+    // sled holds a file lock until its background threads let go of the old handle.
+    let mut tries = 0;
+    let store = loop {
+        match open_store() {
+            Ok(store) => break store,
+            Err(_) if tries < 250 => {
+                tries += 1;
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            Err(e) => panic!("reopen: {e}"),
+        }
+    };
+    let engine = Engine::open(store, Clock::system()).unwrap();
+    let stats = engine.stats("q").unwrap();
+    assert_eq!((stats.done, stats.dead, stats.leased), (1, 1, 1));
+    assert_eq!(stats.counters.enqueued, 3);
+    assert_eq!(stats.counters.deliveries, 3);
+    assert_eq!(engine.get_item("q", done_id).unwrap().result, b"result");
+    assert_eq!(engine.get_item("q", dead_id).unwrap().last_error, "bad");
+    // The lease granted before the restart is still valid with its token.
+    engine
+        .ack("q", lease.id, lease.token, vec![])
+        .await
+        .unwrap();
+    let next = enqueue(&engine, "q", "d").await;
+    assert!(
+        next > lease.token,
+        "ids and tokens keep increasing across restarts"
+    );
+}
