@@ -92,6 +92,7 @@ fn usage_errors_exit_2_with_help() {
         &["items", "q", "--state", "sleeping"],
         &["-o", "yaml", "list"],
         &["lease", "q", "--max", "0"],
+        &["lease", "q", "--wait", "2m"],
     ] {
         Command::new(bin_path("queue-cli"))
             .args(args)

@@ -50,8 +50,8 @@ pub struct LeaseArgs {
           value_parser = clap::value_parser!(u32).range(1..=1000))]
     pub max: u32,
 
-    /// Wait up to this long for an item (at most 60s).
-    #[arg(long, default_value = "10s", value_parser = parse_duration, value_name = "DURATION")]
+    /// Wait up to this long for an item (0s to 60s; 0s returns at once).
+    #[arg(long, default_value = "10s", value_parser = parse_wait, value_name = "DURATION")]
     pub wait: Duration,
 
     /// Lease length instead of the queue's lease timeout.
@@ -152,6 +152,16 @@ pub struct ReleaseArgs {
     /// The token `lease` printed.
     #[arg(id = "lease_token", value_name = "TOKEN")]
     pub token: u64,
+}
+
+/// The coordinator long-polls for at most a minute; saying so here makes a longer
+/// `--wait` a usage error instead of a round trip.
+fn parse_wait(text: &str) -> Result<Duration, String> {
+    let wait = parse_duration(text)?;
+    if wait > Duration::from_secs(60) {
+        return Err("the longest wait is 60s".into());
+    }
+    Ok(wait)
 }
 
 /// The pod name in Kubernetes (`HOSTNAME`), else the kernel's host name.
