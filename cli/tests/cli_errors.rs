@@ -86,6 +86,8 @@ fn usage_errors_exit_2_with_help() {
     for args in [
         &["enqueue", "q"][..],
         &["enqueue", "q", "a", "--stdin"],
+        &["enqueue", "q", "a", "--count", "5"],
+        &["enqueue", "q", "--stdin", "--count", "5"],
         &["requeue", "q"],
         &["requeue", "q", "1", "--dead"],
         &["ack", "q", "1", "not-a-token"],

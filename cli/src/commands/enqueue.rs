@@ -71,9 +71,10 @@ pub struct EnqueueArgs {
     #[arg(long, value_name = "TEMPLATE")]
     pub payload: Option<String>,
 
-    /// How many items to make from --payload.
-    #[arg(long, value_name = "N", requires = "payload", default_value_t = 1)]
-    pub count: u64,
+    /// How many items to make from --payload [default: 1].
+    #[arg(long, value_name = "N", requires = "payload")]
+    #[arg(conflicts_with_all = ["payloads", "file", "stdin"])]
+    pub count: Option<u64>,
 
     /// Priority of every item: higher is leased first.
     #[arg(long, default_value_t = 0, allow_negative_numbers = true)]
@@ -127,7 +128,7 @@ pub async fn run(global: &Global, args: EnqueueArgs) -> Result<()> {
             .await
             .context_after(&sender)?;
     } else if let Some(template) = &args.payload {
-        for i in 0..args.count {
+        for i in 0..args.count.unwrap_or(1) {
             let payload = template.replace("{i}", &i.to_string()).into_bytes();
             sender
                 .push(&mut client, payload)
@@ -159,7 +160,7 @@ fn progress_bar(global: &Global, args: &EnqueueArgs) -> ProgressBar {
         return ProgressBar::hidden();
     }
     let total = if args.payload.is_some() {
-        Some(args.count)
+        Some(args.count.unwrap_or(1))
     } else if !args.payloads.is_empty() {
         Some(args.payloads.len() as u64)
     } else {
