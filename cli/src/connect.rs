@@ -67,10 +67,10 @@ impl Global {
                 self.server,
                 suffix(message)
             ),
+            // The coordinator's own message ("missing token") adds nothing here.
             tonic::Code::Unauthenticated => format!(
-                "the coordinator at {} wants a token{}: pass --token or set WORKQ_TOKEN",
-                self.server,
-                suffix(message)
+                "the coordinator at {} wants a token: pass --token or set WORKQ_TOKEN",
+                self.server
             ),
             // A connection that broke mid-call (coordinator stopped or restarted).
             tonic::Code::Unavailable | tonic::Code::Unknown | tonic::Code::Cancelled
