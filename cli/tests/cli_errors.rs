@@ -217,3 +217,15 @@ fn missing_or_wrong_token_is_explained() {
     let listed: serde_json::Value = serde_json::from_slice(&listed.stdout).expect("json");
     assert_eq!(listed["queues"][0]["name"], "q");
 }
+
+#[test]
+fn missing_input_file_is_named() {
+    let env = Env::start();
+    env.ok(&["create", "q"]);
+    let error = env.fails(&["enqueue", "q", "--file", "/nonexistent/items.txt"], 1);
+    assert!(
+        error.starts_with("error: cannot read /nonexistent/items.txt: "),
+        "{error}"
+    );
+    assert_eq!(env.stats("q")["total_enqueued"], 0);
+}

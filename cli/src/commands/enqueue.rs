@@ -110,6 +110,15 @@ fn parse_batch_size(text: &str) -> Result<usize, String> {
 }
 
 pub async fn run(global: &Global, args: EnqueueArgs) -> Result<()> {
+    // Open the input before connecting, so a wrong path fails without a round trip.
+    let file = match &args.file {
+        Some(path) => Some(
+            tokio::fs::File::open(path)
+                .await
+                .with_context(|| format!("cannot read {}", path.display()))?,
+        ),
+        None => None,
+    };
     let mut client = global.connect().await?;
     let mut sender = Sender::new(&args, progress_bar(global, &args));
 
@@ -119,10 +128,7 @@ pub async fn run(global: &Global, args: EnqueueArgs) -> Result<()> {
             .send_lines(&mut client, stdin)
             .await
             .context_after(&sender)?;
-    } else if let Some(path) = &args.file {
-        let file = tokio::fs::File::open(path)
-            .await
-            .with_context(|| format!("cannot read {}", path.display()))?;
+    } else if let Some(file) = file {
         sender
             .send_lines(&mut client, BufReader::new(file))
             .await
