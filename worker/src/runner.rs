@@ -61,6 +61,17 @@ pub enum ExitOn {
     Never,
 }
 
+impl ExitOn {
+    /// The flag value (`drained`, `sealed`, `never`).
+    pub fn name(self) -> &'static str {
+        match self {
+            ExitOn::Drained => "drained",
+            ExitOn::Sealed => "sealed",
+            ExitOn::Never => "never",
+        }
+    }
+}
+
 /// What the lease loop needs to know.
 #[derive(Clone, Debug)]
 pub struct Config {
@@ -107,12 +118,12 @@ pub async fn run(
         return Ok(signalled(&shutdown));
     };
     info!(
-        "leasing from queue '{}' at {} as '{}' (concurrency {}, exit on {:?}, lease timeout {})",
+        "leasing from queue '{}' at {} as '{}' (concurrency {}, exit on {}, lease timeout {})",
         config.queue,
         options.url,
         config.worker_id,
         config.concurrency,
-        config.exit_on,
+        config.exit_on.name(),
         human(lease_timeout)
     );
     let slots = Arc::new(Semaphore::new(config.concurrency as usize));
@@ -132,6 +143,13 @@ pub async fn run(
             note_task(done, &mut fatal, &shared.shutdown);
         }
         if fatal.is_some() || shared.shutdown.phase() != Phase::Running {
+            if fatal.is_none() && !tasks.is_empty() {
+                info!(
+                    "not leasing any more; waiting for {} running item(s), releasing them if \
+                     grace runs out",
+                    tasks.len()
+                );
+            }
             break false;
         }
         let free = slots.available_permits();

@@ -67,7 +67,7 @@ impl Shutdown {
             };
             let name = if first.0 == 143 { "SIGTERM" } else { "SIGINT" };
             tracing::info!(
-                "{name}: not leasing any more; running items get {} to finish",
+                "{name} received: stopping; anything still running after {} is cancelled",
                 workq_proto::duration::format(grace)
             );
             tx.send_modify(|s| {
@@ -82,7 +82,7 @@ impl Shutdown {
                 _ = int.recv() => "second signal",
             };
             if tx.borrow().phase != Phase::Stopping {
-                tracing::info!("{reason}: cancelling running items and releasing their leases");
+                tracing::info!("{reason}: cancelling what still runs");
             }
             tx.send_modify(|s| s.phase = Phase::Stopping);
         });
