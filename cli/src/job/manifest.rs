@@ -16,7 +16,8 @@ use std::path::Path;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use clap::Args;
+use clap::parser::ValueSource;
+use clap::{Arg, ArgAction, ArgMatches, Args, FromArgMatches};
 
 use super::spec::{JobArgs, RestartPolicy, Spec};
 
@@ -43,10 +44,8 @@ pub struct ManifestArgs {
     #[arg(long, value_name = "IMAGE")]
     pub image: String,
 
-    /// Coordinator URL passed to the pods as WORKQ_SERVER [default for worker Jobs:
-    /// http://workq:7070, the examples' Service].
-    #[arg(long, value_name = "URL")]
-    pub server: Option<String>,
+    #[command(flatten)]
+    pub server: ServerFlag,
 
     /// Secret whose key `token` is passed to the pods as WORKQ_TOKEN (worker Jobs, or
     /// with --server).
@@ -64,6 +63,53 @@ pub struct ManifestArgs {
     /// Memory request of each pod, e.g. 64Mi.
     #[arg(long, value_name = "QUANTITY")]
     pub memory_request: Option<String>,
+}
+
+/// `--server URL`: the coordinator URL passed to the pods as WORKQ_SERVER.
+///
+/// queue-cli also has a global `--server` (with env WORKQ_SERVER and a localhost
+/// default) for talking to a coordinator from here. Only a URL typed on the command
+/// line belongs in a manifest: a local WORKQ_SERVER (say, a port-forward) or the
+/// localhost default means nothing inside the cluster. Hence this hand-written flag,
+/// which looks at where the value came from.
+#[derive(Debug, Clone, Default)]
+pub struct ServerFlag(pub Option<String>);
+
+const SERVER_ID: &str = "server";
+
+impl FromArgMatches for ServerFlag {
+    fn from_arg_matches(matches: &ArgMatches) -> Result<Self, clap::Error> {
+        let typed = matches.value_source(SERVER_ID) == Some(ValueSource::CommandLine);
+        Ok(ServerFlag(
+            typed
+                .then(|| matches.get_one::<String>(SERVER_ID).cloned())
+                .flatten(),
+        ))
+    }
+
+    fn update_from_arg_matches(&mut self, matches: &ArgMatches) -> Result<(), clap::Error> {
+        *self = Self::from_arg_matches(matches)?;
+        Ok(())
+    }
+}
+
+impl clap::Args for ServerFlag {
+    fn augment_args(command: clap::Command) -> clap::Command {
+        command.arg(
+            Arg::new(SERVER_ID)
+                .long("server")
+                .value_name("URL")
+                .action(ArgAction::Set)
+                .help(
+                    "Coordinator URL passed to the pods as WORKQ_SERVER [default for \
+                     worker Jobs: http://workq:7070, the examples' Service]",
+                ),
+        )
+    }
+
+    fn augment_args_for_update(command: clap::Command) -> clap::Command {
+        Self::augment_args(command)
+    }
 }
 
 pub fn run(args: ManifestArgs) -> ExitCode {
@@ -106,10 +152,14 @@ pub fn render(args: &ManifestArgs, invocation: &str) -> Result<String, String> {
     } else {
         spec.name.replace('.', "-")
     };
+    // A worker leasing from a queue talks to the coordinator; `keygen --count N`
+    // without --queue does not, and needs neither the URL nor the token.
+    let leases = worker && worker_flag(&spec.command[1..], "--queue").is_some();
     let server = args
         .server
+        .0
         .clone()
-        .or_else(|| worker.then(|| DEFAULT_SERVER.to_string()));
+        .or_else(|| leases.then(|| DEFAULT_SERVER.to_string()));
     let grace = if worker {
         let worker_grace = worker_grace(&spec.command[1..])?;
         spec.grace.max(worker_grace + GRACE_MARGIN)
@@ -152,6 +202,8 @@ pub fn render(args: &ManifestArgs, invocation: &str) -> Result<String, String> {
         let _ = writeln!(w, "      - action: Ignore");
         let _ = writeln!(w, "        onPodConditions:");
         let _ = writeln!(w, "          - type: DisruptionTarget");
+        // Newer API versions default it to "True"; older schemas (1.31) require it.
+        let _ = writeln!(w, "            status: \"True\"");
         let _ = writeln!(
             w,
             "      # Exit 1 (fatal) and 2 (usage) cannot be fixed by a retry."
@@ -232,22 +284,32 @@ fn labels(worker: bool) -> Vec<(&'static str, &'static str)> {
     }
 }
 
-/// The worker's `--grace` among its arguments (before any `--`), or its default.
+/// The worker's `--grace` among its arguments, or its default.
 fn worker_grace(args: &[String]) -> Result<Duration, String> {
-    let mut iter = args.iter().take_while(|a| a.as_str() != "--");
-    while let Some(arg) = iter.next() {
-        let value = if arg == "--grace" {
-            iter.next().map(String::as_str)
-        } else {
-            arg.strip_prefix("--grace=")
-        };
-        if arg == "--grace" || arg.starts_with("--grace=") {
-            let value = value.ok_or("the worker's --grace needs a value")?;
-            return workq_proto::duration::parse(value)
-                .map_err(|e| format!("the worker's --grace: {e}"));
+    match worker_flag(args, "--grace") {
+        None => Ok(WORKER_DEFAULT_GRACE),
+        Some(None) => Err("the worker's --grace needs a value".into()),
+        Some(Some(value)) => {
+            workq_proto::duration::parse(value).map_err(|e| format!("the worker's --grace: {e}"))
         }
     }
-    Ok(WORKER_DEFAULT_GRACE)
+}
+
+/// A worker flag among its arguments, as `--flag VALUE` or `--flag=VALUE`: `None` when
+/// absent, `Some(None)` when given without a value. The worker's flags are global, so
+/// they may come before or after the handler; everything after `--` belongs to the
+/// command an `exec` handler runs.
+fn worker_flag<'a>(args: &'a [String], flag: &str) -> Option<Option<&'a str>> {
+    let mut iter = args.iter().take_while(|a| a.as_str() != "--");
+    while let Some(arg) = iter.next() {
+        if arg == flag {
+            return Some(iter.next().map(String::as_str));
+        }
+        if let Some(value) = arg.strip_prefix(flag).and_then(|v| v.strip_prefix('=')) {
+            return Some(Some(value));
+        }
+    }
+    None
 }
 
 /// Whole seconds, rounded up (a 1.5 s deadline must not become 1 s).
