@@ -1,7 +1,7 @@
 //! Shared fixtures for the worker's end-to-end tests: start `workq-worker` processes
 //! with their output in a log file, and talk to the coordinator in the domain's words.
 
-#![allow(dead_code)]
+#![allow(dead_code, unused_imports)]
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
