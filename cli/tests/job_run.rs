@@ -459,4 +459,33 @@ fn bad_flags_are_usage_errors() {
     ]);
     assert_eq!(run.code, Some(2));
     assert!(run.stderr.contains("needs --completions"));
+    let run = s.run_job(&["typo", "--", "no-such-command-here"]);
+    assert_eq!(run.code, Some(2));
+    assert!(run.stderr.contains("'no-such-command-here' not found"));
+}
+
+#[test]
+fn sigterm_stops_every_pod_and_exits_143() {
+    let s = Scratch::new();
+    let script = format!("echo $$ >> {pids}; exec sleep 300", pids = s.sh("pids"));
+    let mut job = s.spawn_job(&["stopme", "--parallelism", "2", "--", "sh", "-c", &script]);
+    wait_for("2 pods to record their pids", RUN_TIMEOUT, || {
+        s.lines("pids").len() == 2
+    });
+    let pids = pids(&s, "pids");
+
+    job.signal(Signal::SIGTERM);
+    let code = job.wait_exit(RUN_TIMEOUT);
+    let run = s.finished(code);
+
+    assert_eq!(run.code, Some(143));
+    assert!(
+        run.stdout
+            .contains("reason: Interrupted: stopped by SIGTERM")
+    );
+    wait_for(
+        "every pod process to be gone",
+        Duration::from_secs(10),
+        || pids.iter().all(|pid| !alive(*pid)),
+    );
 }

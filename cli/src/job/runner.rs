@@ -5,7 +5,8 @@
 //! process groups. Pod tasks only report exits over a channel, so there is no lock.
 
 use std::collections::HashMap;
-use std::path::PathBuf;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
 
@@ -52,6 +53,9 @@ pub async fn run(args: RunArgs) -> ExitCode {
         return usage_error(
             "--parallelism 0 pauses a Job; run locally it would never start a pod (use 1 or more)",
         );
+    }
+    if let Err(message) = check_command(&spec.command[0]) {
+        return usage_error(&message);
     }
     if args.backoff_base.is_zero() {
         return usage_error("--backoff-base must be positive");
@@ -352,6 +356,28 @@ fn table(rows: &[[String; 4]]) -> String {
         text.push('\n');
     }
     text
+}
+
+/// Refuses a command that cannot start. On a cluster that pod would fail and be
+/// retried with back-off up to the backoff limit, minutes later; here we can tell
+/// before the first pod.
+fn check_command(program: &str) -> Result<(), String> {
+    let executable = |path: &Path| {
+        path.metadata()
+            .is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+    };
+    let found = if program.contains('/') {
+        executable(Path::new(program))
+    } else {
+        std::env::var_os("PATH").is_some_and(|path| {
+            std::env::split_paths(&path).any(|dir| executable(&dir.join(program)))
+        })
+    };
+    if found {
+        Ok(())
+    } else {
+        Err(format!("command '{program}' not found or not executable"))
+    }
 }
 
 fn usage_error(message: &str) -> ExitCode {
