@@ -145,6 +145,91 @@ pub fn item_pb(queue: &str, item: engine::Item) -> pb::Item {
     }
 }
 
+pub fn new_item(i: pb::NewItem) -> engine::NewItem {
+    engine::NewItem {
+        payload: i.payload,
+        priority: i.priority,
+        delay_ms: i.delay_ms,
+        key: i.key,
+    }
+}
+
+pub fn enqueue_response(results: Vec<engine::Enqueued>) -> pb::EnqueueResponse {
+    pb::EnqueueResponse {
+        results: results
+            .into_iter()
+            .map(|e| pb::EnqueueResult {
+                id: e.id,
+                deduplicated: e.deduplicated,
+                created_at_ms: e.enqueued_ms,
+            })
+            .collect(),
+    }
+}
+
+pub fn lease_pb(g: engine::Granted) -> pb::Lease {
+    pb::Lease {
+        id: g.id,
+        token: g.token,
+        attempt: g.attempt,
+        payload: g.payload,
+        priority: g.priority,
+        deadline_at_ms: g.deadline_ms,
+        key: g.key,
+        enqueued_at_ms: g.enqueued_ms,
+    }
+}
+
+pub fn settlement_from_pb(s: pb::Settlement) -> engine::Settlement {
+    let action = match pb::SettleAction::try_from(s.action).unwrap_or(pb::SettleAction::Unspecified)
+    {
+        pb::SettleAction::Ack => engine::SettleAction::Ack { result: s.result },
+        pb::SettleAction::Fail => engine::SettleAction::Fail {
+            error: s.error,
+            permanent: false,
+            delay_ms: s.delay_ms,
+        },
+        pb::SettleAction::FailPermanent => engine::SettleAction::Fail {
+            error: s.error,
+            permanent: true,
+            delay_ms: s.delay_ms,
+        },
+        pb::SettleAction::Release => engine::SettleAction::Release,
+        pb::SettleAction::Extend => engine::SettleAction::Extend {
+            lease_timeout_ms: s.lease_timeout_ms,
+        },
+        // Refused for this item alone: an unknown action must not ack anything.
+        pb::SettleAction::Unspecified => engine::SettleAction::Invalid,
+    };
+    engine::Settlement {
+        id: s.id,
+        token: s.token,
+        action,
+    }
+}
+
+pub fn settled_pb(s: engine::Settled) -> pb::SettleResult {
+    match s.outcome {
+        Ok(at_ms) => pb::SettleResult {
+            id: s.id,
+            token: s.token,
+            code: 0,
+            message: String::new(),
+            at_ms,
+        },
+        Err(e) => {
+            let st = status(e);
+            pb::SettleResult {
+                id: s.id,
+                token: s.token,
+                code: st.code() as i32,
+                message: st.message().to_string(),
+                at_ms: 0,
+            }
+        }
+    }
+}
+
 fn state_filter(raw: i32) -> Result<Option<engine::State>, Status> {
     match pb::ItemState::try_from(raw) {
         Ok(pb::ItemState::Unspecified) => Ok(None),
@@ -255,30 +340,12 @@ impl pb::work_q_server::WorkQ for Service {
 
     async fn enqueue(&self, request: Request<pb::EnqueueRequest>) -> Reply<pb::EnqueueResponse> {
         let r = request.into_inner();
-        let items = r
-            .items
-            .into_iter()
-            .map(|i| engine::NewItem {
-                payload: i.payload,
-                priority: i.priority,
-                delay_ms: i.delay_ms,
-                key: i.key,
-            })
-            .collect();
+        let items = r.items.into_iter().map(new_item).collect();
         reply(
             self.engine
                 .enqueue(&r.queue, items, r.seal)
                 .await
-                .map(|results| pb::EnqueueResponse {
-                    results: results
-                        .into_iter()
-                        .map(|e| pb::EnqueueResult {
-                            id: e.id,
-                            deduplicated: e.deduplicated,
-                            created_at_ms: e.enqueued_ms,
-                        })
-                        .collect(),
-                }),
+                .map(enqueue_response),
         )
     }
 
@@ -290,26 +357,16 @@ impl pb::work_q_server::WorkQ for Service {
             lease_timeout_ms: r.lease_timeout_ms,
             wait_ms: r.wait_ms,
         };
-        reply(self.engine.lease(&r.queue, lease).await.map(|outcome| {
-            pb::LeaseResponse {
-                drained: outcome.drained,
-                sealed: outcome.sealed,
-                leases: outcome
-                    .granted
-                    .into_iter()
-                    .map(|g| pb::Lease {
-                        id: g.id,
-                        token: g.token,
-                        attempt: g.attempt,
-                        payload: g.payload,
-                        priority: g.priority,
-                        deadline_at_ms: g.deadline_ms,
-                        key: g.key,
-                        enqueued_at_ms: g.enqueued_ms,
-                    })
-                    .collect(),
-            }
-        }))
+        reply(
+            self.engine
+                .lease(&r.queue, lease)
+                .await
+                .map(|outcome| pb::LeaseResponse {
+                    drained: outcome.drained,
+                    sealed: outcome.sealed,
+                    leases: outcome.granted.into_iter().map(lease_pb).collect(),
+                }),
+        )
     }
 
     async fn extend(&self, request: Request<pb::ExtendRequest>) -> Reply<pb::ExtendResponse> {
@@ -423,6 +480,54 @@ impl pb::work_q_server::WorkQ for Service {
                     .collect(),
             }
         }))
+    }
+
+    async fn settle(&self, request: Request<pb::SettleRequest>) -> Reply<pb::SettleResponse> {
+        let r = request.into_inner();
+        let settlements = r.settlements.into_iter().map(settlement_from_pb).collect();
+        reply(
+            self.engine
+                .settle(&r.queue, settlements)
+                .await
+                .map(|settled| pb::SettleResponse {
+                    results: settled.into_iter().map(settled_pb).collect(),
+                }),
+        )
+    }
+
+    type EnqueueStreamStream =
+        Pin<Box<dyn Stream<Item = Result<pb::EnqueueResponse, Status>> + Send>>;
+
+    async fn enqueue_stream(
+        &self,
+        request: Request<tonic::Streaming<pb::EnqueueRequest>>,
+    ) -> Reply<Self::EnqueueStreamStream> {
+        let (tx, rx) = tokio::sync::mpsc::channel(64);
+        tokio::spawn(crate::stream::enqueue_stream(
+            self.engine.clone(),
+            request.into_inner(),
+            tx,
+        ));
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+        )))
+    }
+
+    type WorkStream = Pin<Box<dyn Stream<Item = Result<pb::WorkResponse, Status>> + Send>>;
+
+    async fn work(
+        &self,
+        request: Request<tonic::Streaming<pb::WorkRequest>>,
+    ) -> Reply<Self::WorkStream> {
+        let (tx, rx) = tokio::sync::mpsc::channel(16);
+        tokio::spawn(crate::stream::work_session(
+            self.engine.clone(),
+            request.into_inner(),
+            tx,
+        ));
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+        )))
     }
 
     type WatchStream = Pin<Box<dyn Stream<Item = Result<pb::QueueStats, Status>> + Send>>;

@@ -15,6 +15,7 @@ pub mod grpc;
 pub mod http;
 pub mod server;
 pub mod store;
+pub mod stream;
 
 pub use engine::Engine;
 pub use error::{Error, Result};

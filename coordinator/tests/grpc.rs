@@ -1,57 +1,14 @@
 //! The gRPC API against a real server on 127.0.0.1:0, in-process: the worker protocol
 //! end to end, status codes for bad input, auth, health and the watch stream.
 
-use std::sync::Arc;
+mod support;
+
 use std::time::Duration;
 
-use tokio::net::TcpListener;
-use tokio::sync::oneshot;
+use support::Server;
 use tonic::Code;
 use workq_coordinator::auth::Auth;
-use workq_coordinator::clock::Clock;
-use workq_coordinator::store::Store;
-use workq_coordinator::{Engine, server};
-use workq_proto::{Client, ConnectOptions, pb};
-
-/// A coordinator on ephemeral ports; `stop()` shuts it down and awaits it.
-struct Server {
-    url: String,
-    stop: Option<oneshot::Sender<()>>,
-    task: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
-}
-
-impl Server {
-    async fn start(auth: Auth) -> Server {
-        let grpc = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let http = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let url = format!("http://{}", grpc.local_addr().unwrap());
-        let engine: Arc<Engine> = Engine::open(Store::memory(), Clock::system()).unwrap();
-        let (stop, stopped) = oneshot::channel::<()>();
-        let task = tokio::spawn(server::run(grpc, http, engine, auth, async {
-            let _ = stopped.await;
-        }));
-        Server {
-            url,
-            stop: Some(stop),
-            task: Some(task),
-        }
-    }
-
-    async fn client(&self) -> Client {
-        self.client_with(None).await
-    }
-
-    async fn client_with(&self, token: Option<&str>) -> Client {
-        Client::connect(ConnectOptions::new(self.url.clone()).token(token.map(String::from)))
-            .await
-            .unwrap()
-    }
-
-    async fn stop(mut self) {
-        let _ = self.stop.take().unwrap().send(());
-        self.task.take().unwrap().await.unwrap().unwrap();
-    }
-}
+use workq_proto::{Client, pb};
 
 async fn create(c: &mut Client, queue: &str, lease_ms: u64) {
     c.create_queue(pb::CreateQueueRequest {

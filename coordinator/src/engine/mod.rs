@@ -65,6 +65,41 @@ pub struct LeaseRequest {
     pub wait_ms: u64,
 }
 
+/// One settlement in a batch: what to do with one leased item.
+#[derive(Clone, Debug)]
+pub enum SettleAction {
+    Ack {
+        result: Vec<u8>,
+    },
+    Fail {
+        error: String,
+        permanent: bool,
+        delay_ms: u64,
+    },
+    Release,
+    Extend {
+        lease_timeout_ms: u64,
+    },
+    /// An action the client left unspecified; refused for that item alone.
+    Invalid,
+}
+
+#[derive(Clone, Debug)]
+pub struct Settlement {
+    pub id: u64,
+    pub token: u64,
+    pub action: SettleAction,
+}
+
+/// The outcome of one settlement: for EXTEND the new deadline, for FAIL the retry
+/// time (0 = dead), otherwise 0.
+#[derive(Clone, Debug)]
+pub struct Settled {
+    pub id: u64,
+    pub token: u64,
+    pub outcome: Result<u64>,
+}
+
 /// A worker row for `workers` listings.
 #[derive(Clone, Debug)]
 pub struct WorkerRow {
@@ -454,6 +489,37 @@ impl Engine {
             .await
     }
 
+    /// Settles many leases under one lock, one storage batch and one flush. Each
+    /// settlement succeeds or fails on its own (a stale token fails only that one).
+    pub async fn settle(&self, name: &str, settlements: Vec<Settlement>) -> Result<Vec<Settled>> {
+        if settlements.is_empty() {
+            return Err(Error::invalid(
+                "a settle call needs at least one settlement",
+            ));
+        }
+        if settlements.len() > limits::MAX_BATCH_ITEMS {
+            return Err(Error::invalid(format!(
+                "at most {} settlements per call, got {}",
+                limits::MAX_BATCH_ITEMS,
+                settlements.len()
+            )));
+        }
+        self.mutate(name, |q, now, _| {
+            Ok(settlements
+                .into_iter()
+                .map(|s| {
+                    let outcome = settle_one(q, now, s.id, s.token, s.action);
+                    Settled {
+                        id: s.id,
+                        token: s.token,
+                        outcome,
+                    }
+                })
+                .collect())
+        })
+        .await
+    }
+
     pub async fn requeue(&self, name: &str, ids: &[u64], all_dead: bool) -> Result<u64> {
         if ids.is_empty() && !all_dead {
             return Err(Error::invalid(
@@ -635,6 +701,10 @@ impl Engine {
         if journal.is_empty() && !meta_changed {
             return Ok(None);
         }
+        if !self.store.is_persistent() {
+            // Nothing to write: skip encoding records (the in-memory hot path).
+            return Ok(Some(self.store.last_ticket()));
+        }
         let mut ops = Vec::with_capacity(journal.len() + 1);
         for change in journal {
             match change {
@@ -656,6 +726,49 @@ impl Engine {
             if deadline < self.next_wake.load(Ordering::SeqCst) {
                 self.reaper_wake.notify_one();
             }
+        }
+    }
+}
+
+fn settle_one(q: &mut Queue, now: u64, id: u64, token: u64, action: SettleAction) -> Result<u64> {
+    match action {
+        SettleAction::Ack { result } => {
+            if result.len() > limits::MAX_RESULT_BYTES {
+                return Err(Error::invalid(format!(
+                    "result of {} bytes is over the limit of {} bytes",
+                    result.len(),
+                    limits::MAX_RESULT_BYTES
+                )));
+            }
+            q.ack(now, id, token, result).map(|_| 0)
+        }
+        SettleAction::Fail {
+            error,
+            permanent,
+            delay_ms,
+        } => {
+            limits::check_delay_ms("retry delay", delay_ms)?;
+            match q.fail(
+                now,
+                id,
+                token,
+                limits::truncate_error(error),
+                permanent,
+                delay_ms,
+            )? {
+                FailOutcome::Dead => Ok(0),
+                FailOutcome::Retry { at_ms } => Ok(at_ms),
+            }
+        }
+        SettleAction::Release => q.release(now, id, token).map(|_| 0),
+        SettleAction::Invalid => Err(Error::invalid(format!(
+            "item {id}: settlement action is missing (ack, fail, fail_permanent, release or extend)"
+        ))),
+        SettleAction::Extend { lease_timeout_ms } => {
+            if lease_timeout_ms != 0 {
+                limits::check_lease_ms("lease timeout", lease_timeout_ms)?;
+            }
+            q.extend(now, id, token, lease_timeout_ms)
         }
     }
 }

@@ -1,0 +1,193 @@
+//! The streaming half of the gRPC API: pipelined enqueue and the worker session.
+//!
+//! Both keep one HTTP/2 stream open so each item costs a message, not a call.
+//!
+//! Work session ownership: one task per stream owns the session state (credit, the
+//! pending lease poll). It asks the engine for leases and settlements like any other
+//! handler, so the engine stays the single writer of item state. The pending lease
+//! poll is kept alive across loop iterations rather than dropped when a request
+//! arrives: dropping it after the engine granted leases would strand those items
+//! until their leases expired.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+
+use futures_util::stream::FuturesOrdered;
+use tokio::sync::mpsc;
+use tokio_stream::StreamExt;
+use tonic::{Status, Streaming};
+use workq_proto::pb;
+
+use crate::engine::{self, Engine, LeaseOutcome, LeaseRequest};
+use crate::grpc::{lease_pb, settled_pb, settlement_from_pb, status};
+
+/// How long one lease poll of a session waits before polling again.
+const SESSION_POLL_MS: u64 = 30_000;
+/// Enqueue requests of one stream processed concurrently (they share flushes).
+const ENQUEUE_PIPELINE: usize = 64;
+
+type Outbox<T> = mpsc::Sender<Result<T, Status>>;
+
+/// Answers each enqueue request in order, running up to `ENQUEUE_PIPELINE` at once so
+/// a pipelining producer shares group commits. The first refused request ends the
+/// stream with its status (nothing of that request was added).
+pub async fn enqueue_stream(
+    engine: Arc<Engine>,
+    mut requests: Streaming<pb::EnqueueRequest>,
+    out: Outbox<pb::EnqueueResponse>,
+) {
+    let mut pending = futures_ordered();
+    let mut input_open = true;
+    loop {
+        tokio::select! {
+            request = requests.next(), if input_open && pending.len() < ENQUEUE_PIPELINE => {
+                match request {
+                    Some(Ok(r)) => {
+                        let engine = engine.clone();
+                        pending.push_back(Box::pin(async move {
+                            let items = r.items.into_iter().map(crate::grpc::new_item).collect();
+                            engine.enqueue(&r.queue, items, r.seal).await
+                        }));
+                    }
+                    Some(Err(_)) | None => input_open = false,
+                }
+            }
+            Some(done) = pending.next(), if !pending.is_empty() => {
+                let message = done.map(crate::grpc::enqueue_response).map_err(status);
+                let failed = message.is_err();
+                if out.send(message).await.is_err() || failed {
+                    return;
+                }
+            }
+            else => return,
+        }
+    }
+}
+
+type BoxedEnqueue = Pin<Box<dyn Future<Output = crate::Result<Vec<engine::Enqueued>>> + Send>>;
+
+fn futures_ordered() -> FuturesOrdered<BoxedEnqueue> {
+    FuturesOrdered::new()
+}
+
+type LeasePoll = Pin<Box<dyn Future<Output = crate::Result<LeaseOutcome>> + Send>>;
+
+/// Runs one worker session until the worker closes its side or an error ends it.
+pub async fn work_session(
+    engine: Arc<Engine>,
+    mut requests: Streaming<pb::WorkRequest>,
+    out: Outbox<pb::WorkResponse>,
+) {
+    let first = match requests.next().await {
+        Some(Ok(first)) => first,
+        _ => return,
+    };
+    if first.queue.is_empty() || first.worker_id.is_empty() {
+        let _ = out
+            .send(Err(Status::invalid_argument(
+                "the first message of a work session names the queue and the worker id",
+            )))
+            .await;
+        return;
+    }
+    let queue = first.queue.clone();
+    let worker = first.worker_id.clone();
+    let lease_timeout_ms = first.lease_timeout_ms;
+    let mut changes = match engine.subscribe(&queue) {
+        Ok(rx) => rx,
+        Err(e) => {
+            let _ = out.send(Err(status(e))).await;
+            return;
+        }
+    };
+    let mut credit: u64 = 0;
+    let mut poll: Option<LeasePoll> = None;
+    // After answering "drained", wait for a change before polling again.
+    let mut quiet = false;
+    let mut input_open = true;
+    let mut next_request = Some(first);
+
+    loop {
+        if let Some(request) = next_request.take() {
+            credit = credit.saturating_add(request.credit as u64);
+            if !request.settlements.is_empty() {
+                quiet = false;
+                let settlements = request
+                    .settlements
+                    .into_iter()
+                    .map(settlement_from_pb)
+                    .collect();
+                let reply = match engine.settle(&queue, settlements).await {
+                    Ok(settled) => Ok(pb::WorkResponse {
+                        settled: settled.into_iter().map(settled_pb).collect(),
+                        ..Default::default()
+                    }),
+                    Err(e) => Err(status(e)),
+                };
+                let failed = reply.is_err();
+                if out.send(reply).await.is_err() || failed {
+                    return;
+                }
+            }
+        }
+        if poll.is_none() && credit > 0 && !quiet && !engine.is_shutting_down() {
+            let engine = engine.clone();
+            let queue = queue.clone();
+            let request = LeaseRequest {
+                worker: worker.clone(),
+                max_items: credit.min(engine::limits::MAX_LEASE_ITEMS as u64) as u32,
+                lease_timeout_ms,
+                wait_ms: SESSION_POLL_MS,
+            };
+            changes.borrow_and_update();
+            poll = Some(Box::pin(async move { engine.lease(&queue, request).await }));
+        }
+        if !input_open && poll.is_none() {
+            return;
+        }
+        tokio::select! {
+            request = requests.next(), if input_open => match request {
+                Some(Ok(r)) => next_request = Some(r),
+                // The worker closed its side: finish the pending poll's delivery, then end.
+                Some(Err(_)) | None => input_open = false,
+            },
+            outcome = async { poll.as_mut().expect("guarded").await }, if poll.is_some() => {
+                poll = None;
+                match outcome {
+                    Ok(outcome) => {
+                        credit -= outcome.granted.len() as u64;
+                        let drained = outcome.drained && outcome.granted.is_empty();
+                        quiet = drained;
+                        if outcome.granted.is_empty() && !drained {
+                            if engine.is_shutting_down() {
+                                return;
+                            }
+                            continue; // the poll timed out: poll again
+                        }
+                        let reply = pb::WorkResponse {
+                            leases: outcome.granted.into_iter().map(lease_pb).collect(),
+                            settled: Vec::new(),
+                            drained,
+                            sealed: outcome.sealed,
+                        };
+                        if out.send(Ok(reply)).await.is_err() {
+                            return;
+                        }
+                    }
+                    Err(e) => {
+                        let _ = out.send(Err(status(e))).await;
+                        return;
+                    }
+                }
+            },
+            changed = changes.changed(), if quiet => {
+                if changed.is_err() {
+                    let _ = out.send(Err(status(crate::Error::QueueNotFound(queue.clone())))).await;
+                    return;
+                }
+                quiet = false;
+            }
+        }
+    }
+}

@@ -1,0 +1,281 @@
+//! Batch settlement, pipelined enqueue and the worker session stream.
+
+mod support;
+
+use std::time::Duration;
+
+use support::Server;
+use tokio_stream::StreamExt;
+use workq_coordinator::auth::Auth;
+use workq_proto::{Client, pb};
+
+async fn setup(server: &Server, lease_ms: u64, payloads: usize) -> Client {
+    let mut c = server.client().await;
+    c.create_queue(pb::CreateQueueRequest {
+        queue: "q".into(),
+        options: Some(pb::QueueOptions {
+            lease_timeout_ms: lease_ms,
+            ..Default::default()
+        }),
+        if_not_exists: false,
+    })
+    .await
+    .unwrap();
+    if payloads > 0 {
+        c.enqueue(pb::EnqueueRequest {
+            queue: "q".into(),
+            items: (0..payloads)
+                .map(|i| pb::NewItem {
+                    payload: format!("item-{i}").into_bytes(),
+                    ..Default::default()
+                })
+                .collect(),
+            seal: false,
+        })
+        .await
+        .unwrap();
+    }
+    c
+}
+
+async fn stats(c: &mut Client) -> pb::QueueStats {
+    c.get_queue(pb::GetQueueRequest { queue: "q".into() })
+        .await
+        .unwrap()
+        .into_inner()
+        .stats
+        .unwrap()
+}
+
+fn settle(id: u64, token: u64, action: pb::SettleAction) -> pb::Settlement {
+    pb::Settlement {
+        id,
+        token,
+        action: action as i32,
+        ..Default::default()
+    }
+}
+
+#[tokio::test]
+async fn settle_acks_many_and_fails_only_the_stale_ones() {
+    let server = Server::start(Auth::disabled()).await;
+    let mut c = setup(&server, 30_000, 5).await;
+    let leases = c
+        .lease(pb::LeaseRequest {
+            queue: "q".into(),
+            worker_id: "w".into(),
+            max_items: 5,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .leases;
+    assert_eq!(leases.len(), 5);
+    let mut batch: Vec<pb::Settlement> = leases[..3]
+        .iter()
+        .map(|l| settle(l.id, l.token, pb::SettleAction::Ack))
+        .collect();
+    batch.push(settle(
+        leases[3].id,
+        leases[3].token + 999,
+        pb::SettleAction::Ack,
+    ));
+    batch.push(settle(
+        leases[4].id,
+        leases[4].token,
+        pb::SettleAction::Release,
+    ));
+    batch.push(settle(
+        leases[0].id,
+        leases[0].token,
+        pb::SettleAction::Unspecified,
+    ));
+    let results = c
+        .settle(pb::SettleRequest {
+            queue: "q".into(),
+            settlements: batch,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .results;
+    let codes: Vec<i32> = results.iter().map(|r| r.code).collect();
+    assert_eq!(
+        codes,
+        [
+            0,
+            0,
+            0,
+            tonic::Code::FailedPrecondition as i32,
+            0,
+            tonic::Code::InvalidArgument as i32
+        ]
+    );
+    assert!(results[3].message.starts_with("lease lost"));
+    let s = stats(&mut c).await;
+    assert_eq!((s.done, s.leased, s.ready), (3, 1, 1));
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn enqueue_stream_answers_each_request_in_order() {
+    let server = Server::start(Auth::disabled()).await;
+    let mut c = setup(&server, 30_000, 0).await;
+    let requests = tokio_stream::iter((0..200).map(|i| pb::EnqueueRequest {
+        queue: "q".into(),
+        items: vec![pb::NewItem {
+            payload: format!("{i}").into_bytes(),
+            ..Default::default()
+        }],
+        seal: false,
+    }));
+    let mut responses = c.enqueue_stream(requests).await.unwrap().into_inner();
+    let mut ids = Vec::new();
+    while let Some(r) = responses.next().await {
+        ids.push(r.unwrap().results[0].id);
+    }
+    assert_eq!(ids.len(), 200);
+    let item = c
+        .get_item(pb::GetItemRequest {
+            queue: "q".into(),
+            id: ids[137],
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(item.payload, b"137", "responses come back in request order");
+    assert_eq!(stats(&mut c).await.total_enqueued, 200);
+
+    // A refused request ends the stream with its status.
+    let bad = tokio_stream::iter(vec![pb::EnqueueRequest {
+        queue: "missing".into(),
+        items: vec![pb::NewItem::default()],
+        seal: false,
+    }]);
+    let mut responses = c.enqueue_stream(bad).await.unwrap().into_inner();
+    let err = responses.next().await.unwrap().unwrap_err();
+    assert_eq!(err.code(), tonic::Code::NotFound);
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn work_session_pushes_leases_within_credit_and_reports_drained() {
+    let server = Server::start(Auth::disabled()).await;
+    let mut c = setup(&server, 30_000, 10).await;
+    let (tx, rx) = tokio::sync::mpsc::channel::<pb::WorkRequest>(16);
+    tx.send(pb::WorkRequest {
+        queue: "q".into(),
+        worker_id: "streamer".into(),
+        credit: 4,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let mut responses = c
+        .work(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
+    let first = next(&mut responses).await;
+    assert_eq!(first.leases.len(), 4, "exactly the credit");
+    let mut completed = 0;
+    let mut held = first.leases;
+    loop {
+        // Ack what we hold and ask for as many again.
+        let credit = held.len() as u32;
+        let settlements = held
+            .drain(..)
+            .map(|l| settle(l.id, l.token, pb::SettleAction::Ack))
+            .collect();
+        tx.send(pb::WorkRequest {
+            credit,
+            settlements,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+        let mut got_settled = false;
+        while !got_settled || held.is_empty() {
+            let r = next(&mut responses).await;
+            if !r.settled.is_empty() {
+                assert!(r.settled.iter().all(|s| s.code == 0));
+                completed += r.settled.len();
+                got_settled = true;
+            }
+            held.extend(r.leases);
+            if r.drained {
+                assert_eq!(completed, 10);
+                assert!(held.is_empty());
+                let s = stats(&mut c).await;
+                assert_eq!((s.total_completed, s.total_deliveries), (10, 10));
+                drop(tx);
+                server.stop().await;
+                return;
+            }
+        }
+    }
+}
+
+#[tokio::test]
+async fn work_session_waits_while_another_worker_holds_a_lease() {
+    let server = Server::start(Auth::disabled()).await;
+    let mut c = setup(&server, 30_000, 1).await;
+    let held = c
+        .lease(pb::LeaseRequest {
+            queue: "q".into(),
+            worker_id: "other".into(),
+            max_items: 1,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .leases
+        .remove(0);
+    let (tx, rx) = tokio::sync::mpsc::channel::<pb::WorkRequest>(4);
+    tx.send(pb::WorkRequest {
+        queue: "q".into(),
+        worker_id: "streamer".into(),
+        credit: 1,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let mut responses = c
+        .work(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
+    let early = tokio::time::timeout(Duration::from_millis(300), responses.next()).await;
+    assert!(
+        early.is_err(),
+        "no drained answer while a lease is outstanding"
+    );
+    let mut other = server.client().await;
+    other
+        .ack(pb::AckRequest {
+            queue: "q".into(),
+            id: held.id,
+            token: held.token,
+            result: vec![],
+        })
+        .await
+        .unwrap();
+    let r = tokio::time::timeout(Duration::from_secs(10), responses.next())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert!(r.drained);
+    drop(tx);
+    server.stop().await;
+}
+
+async fn next(responses: &mut tonic::Streaming<pb::WorkResponse>) -> pb::WorkResponse {
+    tokio::time::timeout(Duration::from_secs(10), responses.next())
+        .await
+        .expect("a response within 10 s")
+        .expect("stream open")
+        .expect("no error")
+}
