@@ -1,15 +1,40 @@
-//! The HTTP face on `--http-addr`: health probes now; the kuard memq API, metrics,
-//! JSON API and dashboard are added here as their own modules.
+//! The HTTP face on `--http-addr` (PRODUCT.md "HTTP face"):
+//!
+//! - [`memq`]: kuard's memq API under `/memq/server`, byte-compatible;
+//! - [`api`]: the JSON API the dashboard polls (`/api/v1/...`);
+//! - [`metrics`]: `GET /metrics` in Prometheus text, and the latency histograms that
+//!   the gRPC service records into;
+//! - [`dashboard`]: `GET /`, one embedded page;
+//! - `/healthz` and `/readyz` for Kubernetes probes.
+//!
+//! Like the gRPC service, every handler here is a thin adapter: it converts, asks the
+//! engine (the single writer of queue state) for a transition, and maps domain errors
+//! to statuses in one place ([`status_of`]).
+//!
+//! Auth: with `--token-file`, every route that reads or changes queue data (memq, the
+//! JSON API and `/metrics`) needs `authorization: Bearer <token>`, as PRODUCT.md
+//! "Security" says of every HTTP API call. The probes stay open, and so do the
+//! dashboard's static files, which hold no data: the page asks for the token and sends
+//! it with each API call. kuard's own keygen binary cannot send a token, so a
+//! coordinator that serves kuard workers runs without `--token-file`.
+
+pub mod api;
+pub mod dashboard;
+pub mod memq;
+pub mod metrics;
 
 use std::sync::Arc;
 
 use axum::Router;
-use axum::extract::State;
-use axum::http::StatusCode;
+use axum::extract::{Request, State};
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 
 use crate::auth::Auth;
 use crate::engine::Engine;
+use crate::error::Error;
 
 /// Shared state of every HTTP handler.
 #[derive(Clone, Debug)]
@@ -19,10 +44,80 @@ pub struct AppState {
 }
 
 pub fn router(engine: Arc<Engine>, auth: Auth) -> Router {
+    let state = AppState { engine, auth };
+    // Data routes: behind the bearer token when one is configured. `route_layer` runs
+    // the check only for matched routes, so unknown paths still answer 404.
+    let data = memq::routes()
+        .merge(api::routes())
+        .route("/metrics", get(metrics::render))
+        .route_layer(middleware::from_fn_with_state(state.clone(), require_token));
     Router::new()
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
-        .with_state(AppState { engine, auth })
+        .merge(dashboard::routes())
+        .merge(data)
+        .fallback(memq::not_found)
+        .with_state(state)
+}
+
+/// The one mapping from domain errors to HTTP statuses (the memq face then rewrites
+/// kuard's two 400 cases to its exact bodies).
+pub fn status_of(error: &Error) -> StatusCode {
+    match error {
+        Error::InvalidArgument(_) => StatusCode::BAD_REQUEST,
+        Error::QueueNotFound(_) | Error::ItemNotFound { .. } => StatusCode::NOT_FOUND,
+        Error::QueueExists(_)
+        | Error::LeaseLost(_)
+        | Error::Sealed(_)
+        | Error::FailedPrecondition(_) => StatusCode::CONFLICT,
+        Error::ResourceExhausted(_) => StatusCode::TOO_MANY_REQUESTS,
+        Error::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
+        Error::Storage(_) => StatusCode::INTERNAL_SERVER_ERROR,
+    }
+}
+
+/// A plain-text error the way Go's `http.Error` writes it (kuard's format): the
+/// message and a newline, `text/plain; charset=utf-8`, `X-Content-Type-Options:
+/// nosniff`.
+pub fn text_error(status: StatusCode, message: &str) -> Response {
+    let mut body = message.to_string();
+    if !body.ends_with('\n') {
+        body.push('\n');
+    }
+    (
+        status,
+        [
+            (
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("text/plain; charset=utf-8"),
+            ),
+            (
+                header::X_CONTENT_TYPE_OPTIONS,
+                HeaderValue::from_static("nosniff"),
+            ),
+        ],
+        body,
+    )
+        .into_response()
+}
+
+/// Refuses a data route without the configured bearer token (401 with the reason).
+async fn require_token(State(state): State<AppState>, request: Request, next: Next) -> Response {
+    let presented = request
+        .headers()
+        .get(header::AUTHORIZATION)
+        .map(|v| v.as_bytes());
+    match state.auth.check(presented) {
+        Ok(()) => next.run(request).await,
+        Err(message) => {
+            let mut response = text_error(StatusCode::UNAUTHORIZED, message);
+            response.headers_mut().insert(
+                header::WWW_AUTHENTICATE,
+                HeaderValue::from_static("Bearer realm=\"workq\""),
+            );
+            response
+        }
+    }
 }
 
 /// Alive: the process is serving HTTP.
