@@ -20,7 +20,7 @@ pub enum JobCommand {
     /// Run CMD as local pods with the Kubernetes Job controller's semantics: parallelism,
     /// completions, work-queue and Indexed modes, restart policies, backoff limit and
     /// back-off, active deadline. Exit 0 when the Job is Complete, 1 when it Failed,
-    /// 130/143 when interrupted.
+    /// 130 (Ctrl-C) or 143 (SIGTERM) when stopped.
     Run(runner::RunArgs),
     /// Print the equivalent batch/v1 Job manifest (YAML) for the same flags.
     Manifest(manifest::ManifestArgs),

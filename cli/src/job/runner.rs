@@ -42,8 +42,8 @@ pub struct RunArgs {
     pub backoff_base: Duration,
 }
 
-/// Runs the Job to its end. Exit 0 Complete, 1 Failed, 2 bad flags, 130/143 when
-/// interrupted by SIGINT/SIGTERM.
+/// Runs the Job to its end. Exit 0 Complete, 1 Failed, 2 bad flags, 129/130/143 when
+/// stopped by SIGHUP/SIGINT/SIGTERM (every pod is stopped first).
 pub async fn run(args: RunArgs) -> ExitCode {
     let spec = match Spec::resolve(&args.job) {
         Ok(spec) => spec,
@@ -73,6 +73,12 @@ pub async fn run(args: RunArgs) -> ExitCode {
     let mut sigterm = match signal(SignalKind::terminate()) {
         Ok(s) => s,
         Err(error) => return runtime_error(&format!("cannot handle SIGTERM: {error}")),
+    };
+    // A closed terminal hangs up only its foreground process group, the runner: the
+    // pods, in groups of their own, would be left running without this.
+    let mut sighup = match signal(SignalKind::hangup()) {
+        Ok(s) => s,
+        Err(error) => return runtime_error(&format!("cannot handle SIGHUP: {error}")),
     };
 
     let output = Output::new();
@@ -111,6 +117,7 @@ pub async fn run(args: RunArgs) -> ExitCode {
             _ = sleep_until(wakeup) => runner.kill_overdue(),
             _ = sigint.recv() => runner.interrupt("SIGINT"),
             _ = sigterm.recv() => runner.interrupt("SIGTERM"),
+            _ = sighup.recv() => runner.interrupt("SIGHUP"),
         }
     };
     runner.output.clear_status();
@@ -118,6 +125,8 @@ pub async fn run(args: RunArgs) -> ExitCode {
     match outcome {
         Outcome::Complete => ExitCode::SUCCESS,
         Outcome::Failed(_) => ExitCode::from(1),
+        // 128 + the signal's number, as a shell reports a process killed by it.
+        Outcome::Interrupted("SIGHUP") => ExitCode::from(129),
         Outcome::Interrupted("SIGINT") => ExitCode::from(130),
         Outcome::Interrupted(_) => ExitCode::from(143),
     }
