@@ -722,10 +722,10 @@ impl Engine {
 
     /// Wakes the reaper if `deadline` is earlier than what it sleeps toward.
     fn schedule(&self, deadline: Option<u64>) {
-        if let Some(deadline) = deadline {
-            if deadline < self.next_wake.load(Ordering::SeqCst) {
-                self.reaper_wake.notify_one();
-            }
+        if let Some(deadline) = deadline
+            && deadline < self.next_wake.load(Ordering::SeqCst)
+        {
+            self.reaper_wake.notify_one();
         }
     }
 }

@@ -311,17 +311,15 @@ impl Queue {
 
         let mut results = Vec::with_capacity(batch.len());
         for new in batch {
-            if !new.key.is_empty() {
-                if let Some(&existing) = self.keys.get(&new.key) {
-                    self.counters.deduplicated += 1;
-                    let enqueued_ms = self.items[&existing].enqueued_ms;
-                    results.push(Enqueued {
-                        id: existing,
-                        deduplicated: true,
-                        enqueued_ms,
-                    });
-                    continue;
-                }
+            if let Some(&existing) = self.keys.get(&new.key).filter(|_| !new.key.is_empty()) {
+                self.counters.deduplicated += 1;
+                let enqueued_ms = self.items[&existing].enqueued_ms;
+                results.push(Enqueued {
+                    id: existing,
+                    deduplicated: true,
+                    enqueued_ms,
+                });
+                continue;
             }
             let id = ids();
             let (state, ready_at_ms) = if new.delay_ms > 0 {
@@ -446,10 +444,12 @@ impl Queue {
     /// Completes a leased item. A retried ack of the lease that already completed it
     /// succeeds without counting again.
     pub fn ack(&mut self, now: u64, id: u64, token: u64, result: Vec<u8>) -> Result<()> {
-        if let Some(item) = self.items.get(&id) {
-            if item.state == State::Done && item.done_token == token && token != 0 {
-                return Ok(());
-            }
+        if let Some(item) = self.items.get(&id)
+            && item.state == State::Done
+            && item.done_token == token
+            && token != 0
+        {
+            return Ok(());
         }
         let worker = self.end_lease(id, token)?;
         let item = self.items.get_mut(&id).expect("checked");

@@ -169,7 +169,7 @@ impl ItemRecord {
             5 => State::Dead,
             _ => return None,
         };
-        let lease = (state == State::Leased).then(|| LeaseInfo {
+        let lease = (state == State::Leased).then_some(LeaseInfo {
             token: self.lease_token,
             deadline_ms: self.lease_deadline_ms,
             timeout_ms: self.lease_timeout_ms,
