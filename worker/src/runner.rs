@@ -383,8 +383,8 @@ async fn run_item(
             warn!(
                 item = id,
                 attempt,
-                "extending the lease was refused: {lost}; abandoning the item (its lease \
-                 expired, so another worker may be running it now)"
+                "cannot keep the lease: {lost}; abandoning the item (another worker may \
+                 be running it now)"
             );
             return Ok(());
         }
@@ -445,7 +445,8 @@ async fn run_item(
 }
 
 /// Extends the lease every third of its timeout while the handler runs. Returns only
-/// when the coordinator says the lease is lost.
+/// when the lease is lost: the coordinator says so, or it has been unreachable for
+/// longer than `--connect-timeout`.
 async fn keep_extended(shared: &Shared, lease: &pb::Lease) -> String {
     let mut every = shared.extend_every;
     loop {
@@ -459,6 +460,7 @@ async fn keep_extended(shared: &Shared, lease: &pb::Lease) -> String {
         };
         let error = match tokio::time::timeout(CALL_TIMEOUT, client.extend(request)).await {
             Ok(Ok(_)) => {
+                shared.link.ok();
                 every = shared.extend_every;
                 continue;
             }
@@ -471,12 +473,19 @@ async fn keep_extended(shared: &Shared, lease: &pb::Lease) -> String {
         if is_lease_lost(&error) {
             return error.to_string();
         }
+        if !error.is_transient() {
+            warn!(item = lease.id, "could not extend the lease: {error}");
+            continue;
+        }
         // Try again sooner: the lease is running out while we cannot reach anyone.
-        warn!(
-            item = lease.id,
-            "could not extend the lease (will retry): {error}"
-        );
-        every = (shared.extend_every / 3).max(Duration::from_millis(50));
+        let retry = (shared.extend_every / 3).max(Duration::from_millis(50));
+        match shared.link.failed(&format!(
+            "could not extend the lease on item {}: {error}",
+            lease.id
+        )) {
+            Ok(delay) => every = delay.min(retry),
+            Err(gave_up) => return gave_up.to_string(),
+        }
     }
 }
 

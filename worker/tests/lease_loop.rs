@@ -379,3 +379,104 @@ async fn exit_on_sealed_waits_for_the_producer_to_seal() {
     assert_eq!(worker.exit_code(SOON), Some(0), "log:\n{}", worker.log());
     assert_eq!(stats(&mut client, "batch").await.total_completed, 2);
 }
+
+/// A coordinator on a fixed 127.0.0.1 port (so it can come back on the same one),
+/// with its data in `dir/data`.
+fn coordinator_on(port: u16, dir: &std::path::Path) -> Process {
+    let addr_file = dir.join("addr.json");
+    let _ = std::fs::remove_file(&addr_file);
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(dir.join("coordinator.log"))
+        .unwrap();
+    let process = Process::spawn(
+        std::process::Command::new(bin_path("workq-coordinator"))
+            .args(["--grpc-addr", &format!("127.0.0.1:{port}")])
+            .args(["--http-addr", "127.0.0.1:0"])
+            .arg("--data-dir")
+            .arg(dir.join("data"))
+            .arg("--addr-file")
+            .arg(&addr_file)
+            .stdout(log.try_clone().unwrap())
+            .stderr(log),
+    );
+    wait_for("the coordinator to listen", SOON, || addr_file.exists());
+    process
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_rides_out_a_coordinator_restart_and_acks_its_surviving_lease() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = unused_port();
+    let server = format!("http://127.0.0.1:{port}");
+    let mut coordinator = coordinator_on(port, dir.path());
+    let mut client = Client::connect(workq_tests::ConnectOptions::new(server.clone()))
+        .await
+        .unwrap();
+    // Extended every ~3 s, so the worker notices the outage while the lease has
+    // plenty of time left.
+    create_queue(&mut client, "restart", options(10_000, 5)).await;
+    let id = enqueue(&mut client, "restart", &["survivor"]).await[0];
+
+    let (started, go) = (dir.path().join("started"), dir.path().join("go"));
+    let script = sh(&format!(
+        "touch {}; while [ ! -e {} ]; do sleep 0.05; done; cat",
+        started.display(),
+        go.display()
+    ));
+    let args = cmd(&["--queue", "restart", "--connect-timeout", "2m"], script);
+    let mut worker = Worker::start(&server, dir.path(), "w", &args);
+    wait_for("the item to start", SOON, || started.exists());
+
+    // kill -9 the coordinator mid-item, bring it back on the same address and data.
+    coordinator.signal(nix::sys::signal::Signal::SIGKILL);
+    coordinator.wait_exit(SOON);
+    worker.wait_for_log("could not extend the lease on item");
+    let _coordinator = coordinator_on(port, dir.path());
+    std::fs::write(&go, b"").unwrap();
+
+    assert_eq!(worker.exit_code(SOON), Some(0), "log:\n{}", worker.log());
+    let mut client = Client::connect(workq_tests::ConnectOptions::new(server))
+        .await
+        .unwrap();
+    let item = item(&mut client, "restart", id).await;
+    assert_eq!(state(&item), pb::ItemState::Done, "{item:?}");
+    assert_eq!(
+        (item.result.as_slice(), item.attempts),
+        (&b"survivor"[..], 1)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_without_the_right_token_exits_1_and_with_it_works() {
+    let dir = tempfile::tempdir().unwrap();
+    let token_file = dir.path().join("token");
+    std::fs::write(&token_file, "s3cret\n").unwrap();
+    let coordinator = Coordinator::start_with(&["--token-file", token_file.to_str().unwrap()]);
+    let mut client = coordinator.client_with_token("s3cret").await;
+    create_queue(&mut client, "secure", options(0, 0)).await;
+    let id = enqueue(&mut client, "secure", &["payload"]).await[0];
+
+    let mut refused = Worker::start(
+        &coordinator.grpc_url,
+        dir.path(),
+        "no-token",
+        &cmd(&["--queue", "secure"], sh("cat")),
+    );
+    assert_eq!(refused.exit_code(SOON), Some(1), "log:\n{}", refused.log());
+    assert!(
+        refused.log().contains("token"),
+        "says why:\n{}",
+        refused.log()
+    );
+
+    let mut worker = Worker::start(
+        &coordinator.grpc_url,
+        dir.path(),
+        "with-token",
+        &cmd(&["--queue", "secure", "--token", "s3cret"], sh("cat")),
+    );
+    assert_eq!(worker.exit_code(SOON), Some(0), "log:\n{}", worker.log());
+    assert_eq!(item(&mut client, "secure", id).await.result, b"payload");
+}
