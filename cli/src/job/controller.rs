@@ -637,6 +637,31 @@ mod tests {
     }
 
     #[test]
+    fn kubelet_backoff_doubles_and_resets_after_ten_minutes_of_running() {
+        let t0 = Instant::now();
+        let mut args = spec(None, None);
+        args.restart_policy = RestartPolicy::OnFailure;
+        args.backoff_limit = 10;
+        let mut c = controller(args, t0);
+        let pod = created(&c.sync(t0)).remove(0);
+        c.exited(&pod, 1, t0);
+        assert_eq!(c.next_wakeup(), Some(t0 + BASE));
+        let t1 = t0 + BASE;
+        c.sync(t1);
+        c.exited(&pod, 1, t1);
+        assert_eq!(c.next_wakeup(), Some(t1 + 2 * BASE), "10 s, 20 s, …");
+        let t2 = t1 + 2 * BASE;
+        c.sync(t2);
+        let t3 = t2 + Duration::from_secs(600);
+        c.exited(&pod, 1, t3);
+        assert_eq!(
+            c.next_wakeup(),
+            Some(t3 + BASE),
+            "reset after 10 min running"
+        );
+    }
+
+    #[test]
     fn kubelet_backoff_is_capped_at_300s_and_job_backoff_at_10min() {
         let t = Timing { base: BASE };
         assert_eq!(t.restart_backoff(1), BASE);
