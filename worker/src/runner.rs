@@ -137,6 +137,8 @@ pub async fn run(
     });
     let mut tasks: JoinSet<anyhow::Result<()>> = JoinSet::new();
     let mut fatal: Option<anyhow::Error> = None;
+    // Say once (not every poll) that we are idling on a drained queue.
+    let mut idle_announced = false;
 
     let drained = loop {
         while let Some(done) = tasks.try_join_next() {
@@ -216,8 +218,23 @@ pub async fn run(
                     note_task(finished, &mut fatal, &shared.shutdown);
                 }
             } else {
+                if !idle_announced {
+                    info!(
+                        "queue '{}' is drained{}; waiting for more items (--exit-on {})",
+                        shared.config.queue,
+                        if response.sealed {
+                            " and sealed"
+                        } else {
+                            " but not sealed"
+                        },
+                        shared.config.exit_on.name()
+                    );
+                    idle_announced = true;
+                }
                 pause(&shared.shutdown, DRAINED_PAUSE).await;
             }
+        } else if leased > 0 {
+            idle_announced = false;
         }
     };
 

@@ -191,8 +191,14 @@ impl Group {
 
     /// SIGKILLs every process in the group; true if there was any.
     fn kill(&mut self) -> bool {
-        self.pgid
-            .is_some_and(|pgid| killpg(pgid, Signal::SIGKILL).is_ok())
+        let Some(pgid) = self.pgid else {
+            return false;
+        };
+        let killed = killpg(pgid, Signal::SIGKILL).is_ok();
+        if killed {
+            reap_orphans(pgid);
+        }
+        killed
     }
 
     /// The leader has been reaped: its id may be reused, so never signal it again.
@@ -205,6 +211,35 @@ impl Drop for Group {
     fn drop(&mut self) {
         self.kill();
     }
+}
+
+/// As PID 1 (a container's entrypoint) the worker inherits every orphan, including
+/// the background processes of a killed group, and nobody else will reap them. Reap
+/// the zombies of that group only: tokio reaps the commands themselves (each the
+/// leader of its own group), so this never takes another item's exit status.
+fn reap_orphans(pgid: Pid) {
+    use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
+    if std::process::id() != 1 {
+        return;
+    }
+    let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+        return;
+    };
+    let group = Pid::from_raw(-pgid.as_raw());
+    runtime.spawn(async move {
+        // SIGKILL takes effect quickly but not instantly: look for a few seconds.
+        for _ in 0..50 {
+            loop {
+                match waitpid(group, Some(WaitPidFlag::WNOHANG)) {
+                    Ok(WaitStatus::StillAlive) => break,
+                    Ok(_) => continue,
+                    // ECHILD: none of our children is left in the group.
+                    Err(_) => return,
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    });
 }
 
 /// Checks at start-up that `program` can be run, so a typo is a usage error rather
