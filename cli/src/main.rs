@@ -3,6 +3,7 @@
 //! One module per verb group under `commands/`; `output` renders tables and JSON;
 //! `connect` turns the global flags into a client and coordinator errors into one line.
 
+mod bench;
 mod commands;
 mod connect;
 mod job;
@@ -71,6 +72,9 @@ enum Command {
     Extend(lease::ExtendArgs),
     Release(lease::ReleaseArgs),
 
+    // ---- load generation (bench/) ----
+    Bench(bench::BenchArgs),
+
     /// Run a command as local "pods" with the Kubernetes Job controller's semantics,
     /// or print the equivalent Job manifest.
     #[command(subcommand)]
@@ -101,6 +105,7 @@ async fn main() -> ExitCode {
         Command::Fail(args) => lease::fail(&global, args).await,
         Command::Extend(args) => lease::extend(&global, args).await,
         Command::Release(args) => lease::release(&global, args).await,
+        Command::Bench(args) => bench::run(&global, args).await,
         Command::Job(command) => return job::run(command).await,
     };
     match result {

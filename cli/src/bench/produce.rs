@@ -1,0 +1,246 @@
+//! Producers: enqueue a range of bench items in batches, either closed loop (the next
+//! request leaves when the previous answer is in, or up to `pipeline` answers are
+//! outstanding on a stream) or paced at a fixed offered rate (open loop: a request
+//! leaves at its scheduled time whether or not earlier ones were answered).
+
+use std::collections::VecDeque;
+use std::ops::Range;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, anyhow, bail};
+use tokio::sync::mpsc;
+use tokio::task::JoinSet;
+use tokio_stream::wrappers::ReceiverStream;
+use workq_proto::{Client, pb};
+
+use super::Mode;
+use super::latency::sample;
+use super::payload;
+
+/// What one producer did.
+#[derive(Debug, Default)]
+pub struct Produced {
+    /// The id the coordinator gave each item, in no particular order.
+    pub ids: Vec<u64>,
+    /// Round trip of each request, in microseconds.
+    pub latencies: Vec<u32>,
+}
+
+impl Produced {
+    pub fn merge(&mut self, other: Produced) {
+        self.ids.extend(other.ids);
+        self.latencies.extend(other.latencies);
+    }
+}
+
+/// How a producer shapes its requests.
+#[derive(Clone, Copy, Debug)]
+pub struct Shape {
+    pub batch: usize,
+    pub payload_size: usize,
+    pub mode: Mode,
+    /// Requests outstanding at once on a stream (closed loop only).
+    pub pipeline: usize,
+}
+
+/// A fixed schedule: request `j` leaves at `start + offset + j * interval`.
+#[derive(Clone, Copy, Debug)]
+pub struct Pace {
+    pub start: Instant,
+    pub offset: Duration,
+    pub interval: Duration,
+}
+
+impl Pace {
+    fn at(&self, request: u64) -> Instant {
+        self.start + self.offset + self.interval.mul_f64(request as f64)
+    }
+}
+
+/// A request for the items `range`, each stamped `at_us`.
+fn request(queue: &str, range: Range<u64>, at_us: u64, size: usize) -> pb::EnqueueRequest {
+    pb::EnqueueRequest {
+        queue: queue.to_string(),
+        items: range
+            .map(|index| pb::NewItem {
+                payload: payload::encode(index, at_us, size),
+                ..Default::default()
+            })
+            .collect(),
+        seal: false,
+    }
+}
+
+/// The batches of `items`, in order.
+fn batches(items: Range<u64>, batch: usize) -> impl Iterator<Item = Range<u64>> {
+    let batch = batch.max(1) as u64;
+    (items.start..items.end)
+        .step_by(batch as usize)
+        .map(move |start| start..(start + batch).min(items.end))
+}
+
+fn check_answer(response: &pb::EnqueueResponse, expected: usize) -> Result<()> {
+    if response.results.len() != expected {
+        bail!(
+            "the coordinator answered {} results for a batch of {expected} items",
+            response.results.len()
+        );
+    }
+    Ok(())
+}
+
+/// Enqueues `items` closed loop on one connection.
+pub async fn closed(
+    mut client: Client,
+    queue: &str,
+    items: Range<u64>,
+    shape: Shape,
+) -> Result<Produced> {
+    let mut produced = Produced::default();
+    match shape.mode {
+        Mode::Unary => {
+            for range in batches(items, shape.batch) {
+                let expected = (range.end - range.start) as usize;
+                let started = Instant::now();
+                let req = request(queue, range, payload::now_us(), shape.payload_size);
+                let response = client.enqueue(req).await.context("enqueue")?.into_inner();
+                produced
+                    .latencies
+                    .push(sample(started.elapsed().as_micros() as u64));
+                check_answer(&response, expected)?;
+                produced.ids.extend(response.results.iter().map(|r| r.id));
+            }
+        }
+        Mode::Stream => {
+            let window = shape.pipeline.max(1);
+            let (tx, rx) = mpsc::channel(window);
+            let mut responses = client
+                .enqueue_stream(ReceiverStream::new(rx))
+                .await
+                .context("open enqueue stream")?
+                .into_inner();
+            let mut pending = batches(items, shape.batch);
+            // (sent at, items in the request) of each unanswered request, in order.
+            let mut outstanding: VecDeque<(Instant, usize)> = VecDeque::with_capacity(window);
+            loop {
+                while outstanding.len() < window {
+                    let Some(range) = pending.next() else { break };
+                    let expected = (range.end - range.start) as usize;
+                    let req = request(queue, range, payload::now_us(), shape.payload_size);
+                    outstanding.push_back((Instant::now(), expected));
+                    tx.send(req)
+                        .await
+                        .map_err(|_| anyhow!("the enqueue stream closed early"))?;
+                }
+                let Some((sent, expected)) = outstanding.pop_front() else {
+                    break;
+                };
+                let response = responses
+                    .message()
+                    .await
+                    .context("enqueue stream")?
+                    .ok_or_else(|| anyhow!("the enqueue stream ended before every answer"))?;
+                produced
+                    .latencies
+                    .push(sample(sent.elapsed().as_micros() as u64));
+                check_answer(&response, expected)?;
+                produced.ids.extend(response.results.iter().map(|r| r.id));
+            }
+        }
+    }
+    Ok(produced)
+}
+
+/// Enqueues `items` open loop on one connection, each request at its scheduled time
+/// and stamped with that time, so a coordinator that falls behind shows up in the
+/// consumers' latencies instead of slowing the offered rate (no coordinated omission).
+pub async fn paced(
+    mut client: Client,
+    queue: &str,
+    items: Range<u64>,
+    shape: Shape,
+    pace: Pace,
+) -> Result<Produced> {
+    let mut produced = Produced::default();
+    match shape.mode {
+        Mode::Unary => {
+            // One task per request on clones of one client: they share the connection
+            // as concurrent HTTP/2 streams, so a slow answer does not delay the next send.
+            let mut tasks = JoinSet::new();
+            for (j, range) in batches(items, shape.batch).enumerate() {
+                let at = pace.at(j as u64);
+                tokio::time::sleep_until(at.into()).await;
+                let expected = (range.end - range.start) as usize;
+                let req = request(queue, range, payload::us_at(at), shape.payload_size);
+                let mut client = client.clone();
+                tasks.spawn(async move {
+                    let started = Instant::now();
+                    let response = client.enqueue(req).await.context("enqueue")?.into_inner();
+                    let took = sample(started.elapsed().as_micros() as u64);
+                    check_answer(&response, expected)?;
+                    Ok::<_, anyhow::Error>((response, took))
+                });
+            }
+            while let Some(done) = tasks.join_next().await {
+                let (response, took) = done.context("producer task")??;
+                produced.latencies.push(took);
+                produced.ids.extend(response.results.iter().map(|r| r.id));
+            }
+        }
+        Mode::Stream => {
+            let (tx, rx) = mpsc::channel(1024);
+            let mut responses = client
+                .enqueue_stream(ReceiverStream::new(rx))
+                .await
+                .context("open enqueue stream")?
+                .into_inner();
+            let queue = queue.to_string();
+            let sender = tokio::spawn(async move {
+                let mut sent = Vec::new();
+                for (j, range) in batches(items, shape.batch).enumerate() {
+                    let at = pace.at(j as u64);
+                    tokio::time::sleep_until(at.into()).await;
+                    let expected = (range.end - range.start) as usize;
+                    let req = request(&queue, range, payload::us_at(at), shape.payload_size);
+                    if tx.send(req).await.is_err() {
+                        break;
+                    }
+                    sent.push((Instant::now(), expected));
+                }
+                sent
+            });
+            let mut answered = Vec::new();
+            while let Some(response) = responses.message().await.context("enqueue stream")? {
+                answered.push((Instant::now(), response));
+            }
+            let sent = sender.await.context("producer task")?;
+            if sent.len() != answered.len() {
+                bail!(
+                    "the enqueue stream answered {} of {} requests",
+                    answered.len(),
+                    sent.len()
+                );
+            }
+            for ((sent_at, expected), (answered_at, response)) in sent.into_iter().zip(answered) {
+                check_answer(&response, expected)?;
+                let took = answered_at.saturating_duration_since(sent_at);
+                produced.latencies.push(sample(took.as_micros() as u64));
+                produced.ids.extend(response.results.iter().map(|r| r.id));
+            }
+        }
+    }
+    Ok(produced)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn batches_cover_the_range_once() {
+        let all: Vec<Range<u64>> = batches(10..35, 10).collect();
+        assert_eq!(all, vec![10..20, 20..30, 30..35]);
+        assert_eq!(batches(0..3, 1).count(), 3);
+        assert_eq!(batches(5..5, 100).count(), 0);
+    }
+}
