@@ -292,6 +292,27 @@ async fn methods_and_paths_follow_httprouter() {
         assert_go_error(&reply, 400, "empty name");
     }
 
+    // httprouter's redirects: trailing slash, then a cleaned case-insensitive path.
+    let slash = server.get("/memq/server/stats/?x=1").await;
+    assert_eq!(slash.status, 301, "{slash:?}");
+    assert_eq!(slash.header("location"), Some("/memq/server/stats?x=1"));
+    assert_eq!(
+        slash.header("content-type"),
+        Some("text/html; charset=utf-8")
+    );
+    assert_eq!(
+        slash.text(),
+        "<a href=\"/memq/server/stats?x=1\">Moved Permanently</a>.\n\n"
+    );
+    let post = server.post(&format!("{Q}/q1/Enqueue/"), b"x").await;
+    assert_eq!(post.status, 307, "{post:?}");
+    assert_eq!(
+        post.header("location"),
+        Some("/memq/server/queues/q1/enqueue")
+    );
+    assert!(post.body.is_empty());
+    assert_eq!(server.get("/MEMQ/server/stats").await.status, 301);
+
     // kuard's other mounts of the same broker.
     let stats = server.get("/a/memq/server/stats").await;
     assert_eq!(stats.json()["queues"][0]["name"], "q1");

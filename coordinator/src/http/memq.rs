@@ -22,7 +22,7 @@ use std::net::SocketAddr;
 use axum::body::Body;
 use axum::extract::rejection::PathRejection;
 use axum::extract::{ConnectInfo, Path, State};
-use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
+use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, Uri, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{MethodFilter, MethodRouter, on};
 use axum::{Extension, Router};
@@ -111,9 +111,138 @@ async fn wrong_method(method: Method, allow: &'static str) -> Response {
     response
 }
 
-/// Unknown paths, everywhere on the HTTP face: Go's `404 page not found`.
-pub async fn not_found() -> Response {
+/// Unknown paths, everywhere on the HTTP face: Go's `404 page not found`, after
+/// httprouter's two redirects for memq paths (`RedirectTrailingSlash`, then
+/// `RedirectFixedPath`: a cleaned, case-insensitive match): 301 for GET, 307 for
+/// other methods, only when the fixed path is a route for the same method.
+pub async fn fallback(method: Method, uri: Uri) -> Response {
+    if let Some(location) = redirect_target(&method, uri.path()) {
+        let location = match uri.query() {
+            Some(query) => format!("{location}?{query}"),
+            None => location,
+        };
+        return redirect(&method, &location);
+    }
     text_error(StatusCode::NOT_FOUND, "404 page not found")
+}
+
+/// The memq route shapes each method has: `None` is a `{q}` segment.
+fn shapes(method: &Method) -> &'static [&'static [Option<&'static str>]] {
+    const S: Option<&str> = None;
+    match *method {
+        Method::GET => &[&[Some("stats")]],
+        Method::PUT | Method::DELETE => &[&[Some("queues"), S]],
+        Method::POST => &[
+            &[Some("queues"), S, Some("drain")],
+            &[Some("queues"), S, Some("dequeue")],
+            &[Some("queues"), S, Some("enqueue")],
+        ],
+        _ => &[],
+    }
+}
+
+/// Matches `path` (segments after a mount) against one shape; `exact` compares static
+/// segments case-sensitively. Returns the path with the route's own spelling.
+fn fit(segments: &[&str], shape: &[Option<&str>], exact: bool) -> Option<String> {
+    if segments.len() != shape.len() {
+        return None;
+    }
+    let mut fixed = String::new();
+    for (segment, want) in segments.iter().zip(shape) {
+        fixed.push('/');
+        match want {
+            Some(word) if *segment == *word => fixed.push_str(word),
+            Some(word) if !exact && segment.eq_ignore_ascii_case(word) => fixed.push_str(word),
+            Some(_) => return None,
+            None => fixed.push_str(segment),
+        }
+    }
+    Some(fixed)
+}
+
+/// Where httprouter would redirect `path`, if anywhere.
+fn redirect_target(method: &Method, path: &str) -> Option<String> {
+    let routes_for = |candidate: &str, exact: bool| -> Option<String> {
+        MOUNTS.iter().find_map(|base| {
+            let rest = if exact {
+                candidate.strip_prefix(base)?
+            } else {
+                let head = candidate.get(..base.len())?;
+                if !head.eq_ignore_ascii_case(base) {
+                    return None;
+                }
+                &candidate[base.len()..]
+            };
+            let segments: Vec<&str> = rest.strip_prefix('/')?.split('/').collect();
+            shapes(method)
+                .iter()
+                .find_map(|shape| fit(&segments, shape, exact))
+                .map(|fixed| format!("{base}{fixed}"))
+        })
+    };
+    // 1. Trailing slash: the same path with one added or removed is a route.
+    let toggled = match path.strip_suffix('/') {
+        Some(stripped) if !stripped.is_empty() => stripped.to_string(),
+        Some(_) => return None,
+        None => format!("{path}/"),
+    };
+    if let Some(target) = routes_for(&toggled, true) {
+        return Some(target);
+    }
+    // 2. The cleaned path, case-insensitively, with or without its trailing slash.
+    let cleaned = clean_path(path);
+    let bare = cleaned.strip_suffix('/').unwrap_or(&cleaned);
+    routes_for(bare, false).filter(|target| target != path)
+}
+
+/// Go's `path.Clean` as httprouter's `CleanPath` uses it: no `.`, `..` or empty
+/// segments, a leading slash, and the trailing slash kept.
+fn clean_path(path: &str) -> String {
+    let mut parts: Vec<&str> = Vec::new();
+    for segment in path.split('/') {
+        match segment {
+            "" | "." => {}
+            ".." => {
+                parts.pop();
+            }
+            s => parts.push(s),
+        }
+    }
+    let mut cleaned = format!("/{}", parts.join("/"));
+    if path.ends_with('/') && cleaned.len() > 1 {
+        cleaned.push('/');
+    }
+    cleaned
+}
+
+/// Go's `http.Redirect`: `Location`, and for GET a tiny HTML body.
+fn redirect(method: &Method, location: &str) -> Response {
+    let status = if *method == Method::GET {
+        StatusCode::MOVED_PERMANENTLY
+    } else {
+        StatusCode::TEMPORARY_REDIRECT
+    };
+    let mut response = if *method == Method::GET {
+        let href = location
+            .replace('&', "&amp;")
+            .replace('<', "&lt;")
+            .replace('>', "&gt;")
+            .replace('"', "&#34;")
+            .replace('\'', "&#39;");
+        let text = status.canonical_reason().unwrap_or_default();
+        (
+            status,
+            [(header::CONTENT_TYPE, "text/html; charset=utf-8")],
+            format!("<a href=\"{href}\">{text}</a>.\n\n"),
+        )
+            .into_response()
+    } else {
+        status.into_response()
+    };
+    if let Ok(value) = HeaderValue::from_str(location) {
+        response.headers_mut().insert(header::LOCATION, value);
+    }
+    response
 }
 
 async fn empty_name() -> Response {
@@ -429,6 +558,38 @@ fn civil_from_days(days: i64) -> (i64, u32, u32) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn paths_are_fixed_like_httprouter() {
+        let target = |m: Method, p: &str| redirect_target(&m, p);
+        assert_eq!(
+            target(Method::GET, "/memq/server/stats/").as_deref(),
+            Some("/memq/server/stats")
+        );
+        assert_eq!(
+            target(Method::POST, "/memq/server/queues/q1/enqueue/").as_deref(),
+            Some("/memq/server/queues/q1/enqueue")
+        );
+        assert_eq!(
+            target(Method::GET, "/MEMQ/Server/STATS").as_deref(),
+            Some("/memq/server/stats")
+        );
+        assert_eq!(
+            target(Method::PUT, "/memq/server//queues/./KeyGen").as_deref(),
+            Some("/memq/server/queues/KeyGen"),
+            "the queue name keeps its case"
+        );
+        assert_eq!(
+            target(Method::GET, "/b/memq/server/x/../stats").as_deref(),
+            Some("/b/memq/server/stats")
+        );
+        // Only to a route of the same method; PUT /queues/ has no name: 404.
+        assert_eq!(target(Method::POST, "/memq/server/stats/"), None);
+        assert_eq!(target(Method::PUT, "/memq/server/queues/"), None);
+        assert_eq!(target(Method::GET, "/nothing/here"), None);
+        assert_eq!(target(Method::GET, "/"), None);
+        assert_eq!(clean_path("/a//b/./c/../d/"), "/a/b/d/");
+    }
 
     fn go(bytes: &[u8]) -> String {
         let mut out = String::new();

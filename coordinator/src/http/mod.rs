@@ -56,7 +56,7 @@ pub fn router(engine: Arc<Engine>, auth: Auth) -> Router {
         .route("/readyz", get(readyz))
         .merge(dashboard::routes())
         .merge(data)
-        .fallback(memq::not_found)
+        .fallback(memq::fallback)
         .with_state(state)
 }
 
