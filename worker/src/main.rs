@@ -41,44 +41,50 @@ const EXIT_FATAL: u8 = 1;
 #[command(name = "workq-worker", version, max_term_width = 100)]
 struct Args {
     /// Coordinator gRPC address.
-    #[arg(long, env = "WORKQ_SERVER", default_value = workq_proto::client::DEFAULT_SERVER, global = true)]
+    #[arg(long, env = "WORKQ_SERVER", default_value = workq_proto::client::DEFAULT_SERVER, global = true, help_heading = "Worker options")]
     server: String,
 
     /// Bearer token, when the coordinator was started with --token-file.
-    #[arg(long, env = "WORKQ_TOKEN", hide_env_values = true, global = true)]
+    #[arg(
+        long,
+        env = "WORKQ_TOKEN",
+        hide_env_values = true,
+        global = true,
+        help_heading = "Worker options"
+    )]
     token: Option<String>,
 
     /// Queue to lease items from. Without it, `keygen` generates --count keys and exits.
-    #[arg(long, global = true)]
+    #[arg(long, global = true, help_heading = "Worker options")]
     queue: Option<String>,
 
     /// Items handled at once.
-    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=1000), global = true)]
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=1000), global = true, help_heading = "Worker options")]
     concurrency: u32,
 
     /// When to exit 0: once the queue is drained (no ready, delayed or leased items
     /// left anywhere), once it is drained and sealed, or never.
-    #[arg(long, value_enum, default_value_t = ExitOn::Drained, global = true)]
+    #[arg(long, value_enum, default_value_t = ExitOn::Drained, global = true, help_heading = "Worker options")]
     exit_on: ExitOn,
 
     /// This worker's name in the coordinator's stats [default: $HOSTNAME, the pod
     /// name; else host-pid].
-    #[arg(long, global = true)]
+    #[arg(long, global = true, help_heading = "Worker options")]
     worker_id: Option<String>,
 
     /// Give up (exit 1) when the coordinator has been unreachable, or the queue
     /// missing, for this long.
-    #[arg(long, default_value = "5m", value_parser = parse_duration, global = true)]
+    #[arg(long, default_value = "5m", value_parser = parse_duration, global = true, help_heading = "Worker options")]
     connect_timeout: Duration,
 
     /// After SIGTERM, how long running items may take to finish before they are
     /// cancelled and released. Keep it under the pod's terminationGracePeriodSeconds.
-    #[arg(long, default_value = "25s", value_parser = parse_duration, global = true)]
+    #[arg(long, default_value = "25s", value_parser = parse_duration, global = true, help_heading = "Worker options")]
     grace: Duration,
 
     /// Lease length for our leases, instead of the queue's (extended in the
     /// background while an item runs).
-    #[arg(long, value_parser = parse_duration, global = true)]
+    #[arg(long, value_parser = parse_duration, global = true, help_heading = "Worker options")]
     lease_timeout: Option<Duration>,
 
     #[command(flatten)]
