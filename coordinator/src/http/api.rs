@@ -31,6 +31,10 @@ use crate::error::Error;
 const PREVIEW_BYTES: usize = 256;
 /// Item ids listed per worker under `holding` (the count is always exact).
 const HOLDING_SHOWN: usize = 50;
+/// LEASED items looked at per queue to fill `holding`: the dashboard polls every
+/// second, so the scan is bounded; past it `holding` may miss ids while
+/// `in_flight` stays exact.
+const HOLDING_SCAN: usize = 5_000;
 
 pub fn routes() -> Router<AppState> {
     Router::new()
@@ -216,8 +220,8 @@ fn workers(engine: &Engine, name: Option<&str>) -> ApiResult<WorkerList> {
     let mut queues: Vec<&str> = rows.iter().map(|r| r.queue.as_str()).collect();
     queues.dedup();
     for queue in queues {
-        let mut after = 0;
-        loop {
+        let (mut after, mut scanned) = (0, 0);
+        while scanned < HOLDING_SCAN {
             let (items, next) = match engine.list_items(
                 queue,
                 Some(ItemState::Leased),
@@ -230,6 +234,7 @@ fn workers(engine: &Engine, name: Option<&str>) -> ApiResult<WorkerList> {
                 Err(Error::QueueNotFound(_)) => break,
                 Err(e) => return Err(e.into()),
             };
+            scanned += items.len();
             for item in items {
                 if let Some(lease) = item.lease {
                     let ids = holding

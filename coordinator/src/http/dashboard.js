@@ -6,6 +6,8 @@
 
 const POLL_MS = 1000;
 const DEAD_SHOWN = 50;
+// Dead items are fetched for at most this many queues per poll (most dead first).
+const DEAD_QUEUES = 10;
 const TOKEN_KEY = "workq.token";
 
 const $ = (id) => document.getElementById(id);
@@ -295,8 +297,13 @@ async function poll() {
   try {
     const [list, workers] = await Promise.all([api("/api/v1/queues"), api("/api/v1/workers")]);
     const withDead = list.queues.filter((q) => q.stats.dead > 0);
+    const fetched = withDead
+      .slice()
+      .sort((a, b) => b.stats.dead - a.stats.dead)
+      .slice(0, DEAD_QUEUES)
+      .sort((a, b) => (a.name < b.name ? -1 : 1));
     const deadPages = await Promise.all(
-      withDead.map((q) =>
+      fetched.map((q) =>
         api("/api/v1/queues/" + encodeURIComponent(q.name) + "/items?state=dead&limit=" + DEAD_SHOWN)
           .then((page) => page.items.map((item) => Object.assign({ queue: q.name }, item)))
           .catch((e) => (e.status === 404 ? [] : Promise.reject(e))),
