@@ -406,11 +406,10 @@ async fn dequeue(
         lease_timeout_ms: 0,
         wait_ms: 0,
     };
-    let leased = {
-        let _timer = metrics::LEASE.start_timer();
-        state.engine.lease(&name, request).await
-    };
-    let outcome = match leased {
+    let outcome = match metrics::LEASE
+        .time(state.engine.lease(&name, request))
+        .await
+    {
         Ok(outcome) => outcome,
         Err(e) => return memq_error(e),
     };
@@ -419,14 +418,10 @@ async fn dequeue(
     };
     // kuard's dequeue is destructive: complete the item at once. Should the ack fail
     // (shutdown), the lease expires and the item comes back: nothing is lost.
-    let acked = {
-        let _timer = metrics::ACK.start_timer();
-        state
-            .engine
-            .ack(&name, granted.id, granted.token, Vec::new())
-            .await
-    };
-    match acked {
+    let ack = state
+        .engine
+        .ack(&name, granted.id, granted.token, Vec::new());
+    match metrics::ACK.time(ack).await {
         Ok(()) => json_response(message_json(
             granted.id,
             &granted.payload,

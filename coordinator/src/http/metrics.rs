@@ -64,6 +64,12 @@ impl Histogram {
         }
     }
 
+    /// Runs `call` and records how long it took: `LEASE.time(engine.lease(..)).await`.
+    pub async fn time<F: std::future::Future>(&'static self, call: F) -> F::Output {
+        let _timer = self.start_timer();
+        call.await
+    }
+
     fn render(&self, out: &mut String, name: &str, help: &str) {
         let _ = writeln!(out, "# HELP {name} {help}");
         let _ = writeln!(out, "# TYPE {name} histogram");
@@ -102,9 +108,11 @@ impl Drop for Timer {
     }
 }
 
-/// Lease calls (gRPC `Lease`, memq dequeue), including any long-poll wait.
+/// Lease calls (gRPC `Lease`, `Work` session polls, memq dequeue), including any
+/// long-poll wait.
 pub static LEASE: Histogram = Histogram::new();
-/// Ack calls (gRPC `Ack`, the completion half of a memq dequeue): time to durability.
+/// Ack calls (gRPC `Ack`, `Settle` batches, the completion half of a memq dequeue):
+/// time until the completion is durable.
 pub static ACK: Histogram = Histogram::new();
 
 fn seconds(micros: u64) -> String {
@@ -255,12 +263,12 @@ pub fn exposition(state: &AppState) -> String {
     LEASE.render(
         &mut out,
         "workq_lease_duration_seconds",
-        "Lease calls (gRPC Lease and memq dequeue), including long-poll waiting.",
+        "Lease calls (gRPC Lease, Work session polls, memq dequeue), including long-poll waiting.",
     );
     ACK.render(
         &mut out,
         "workq_ack_duration_seconds",
-        "Ack calls, until the completion is durable.",
+        "Ack calls (gRPC Ack and Settle batches, memq dequeue), until the completion is durable.",
     );
 
     let store = engine.store();
