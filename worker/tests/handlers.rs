@@ -286,3 +286,24 @@ fn usage_errors_exit_2() {
         assert!(!out.stderr.is_empty(), "{args:?} explains itself");
     }
 }
+
+#[test]
+fn kuard_time_to_run_stops_between_keys_and_exits_with_the_exit_code() {
+    let out = Command::new(bin_path("workq-worker"))
+        .args([
+            "--keygen-enable",
+            "--keygen-exit-on-complete=true",
+            "--keygen-time-to-run=1",
+            "--keygen-exit-code=4",
+            "keygen",
+            "--bits",
+            "1024",
+        ])
+        .output()
+        .unwrap();
+    let log = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(4), "{log}");
+    // No count limit: `(ID 0 N/Inf <time left>) Item done: SHA256:…`
+    assert!(log.contains("(ID 0 1/Inf "), "{log}");
+    assert!(log.contains("(ID 0) Workload exiting"), "{log}");
+}
