@@ -480,3 +480,24 @@ async fn a_worker_without_the_right_token_exits_1_and_with_it_works() {
     assert_eq!(worker.exit_code(SOON), Some(0), "log:\n{}", worker.log());
     assert_eq!(item(&mut client, "secure", id).await.result, b"payload");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrency_n_runs_n_items_at_once() {
+    let coordinator = Coordinator::start();
+    let mut client = coordinator.client().await;
+    create_queue(&mut client, "wide", options(0, 0)).await;
+    enqueue(&mut client, "wide", &["a", "b", "c"]).await;
+    let dir = tempfile::tempdir().unwrap();
+    let gate = dir.path().join("gate");
+    std::fs::create_dir(&gate).unwrap();
+    // Each item waits until all three are running: only possible with 3 at once.
+    let script = sh(&format!(
+        "touch {gate}/$WORKQ_ITEM_ID; while [ $(ls {gate} | wc -l) -lt 3 ]; do sleep 0.05; done; echo together",
+        gate = gate.display()
+    ));
+    let args = cmd(&["--queue", "wide", "--concurrency", "3"], script);
+    let mut worker = Worker::start(&coordinator.grpc_url, dir.path(), "w", &args);
+    assert_eq!(worker.exit_code(SOON), Some(0), "log:\n{}", worker.log());
+    let stats = stats(&mut client, "wide").await;
+    assert_eq!((stats.total_completed, stats.total_deliveries), (3, 3));
+}
