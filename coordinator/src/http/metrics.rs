@@ -108,11 +108,11 @@ impl Drop for Timer {
     }
 }
 
-/// Lease calls (gRPC `Lease`, `Work` session polls, memq dequeue), including any
-/// long-poll wait.
+/// Unary lease calls (gRPC `Lease`, memq dequeue), including any long-poll wait.
+/// `Work` session polls are not timed: they wait by design.
 pub static LEASE: Histogram = Histogram::new();
-/// Ack calls (gRPC `Ack`, `Settle` batches, the completion half of a memq dequeue):
-/// time until the completion is durable.
+/// Completions (gRPC `Ack`, `Settle` batches in and out of `Work` sessions, the ack
+/// half of a memq dequeue): time until the settlement is durable.
 pub static ACK: Histogram = Histogram::new();
 
 fn seconds(micros: u64) -> String {
@@ -263,12 +263,12 @@ pub fn exposition(state: &AppState) -> String {
     LEASE.render(
         &mut out,
         "workq_lease_duration_seconds",
-        "Lease calls (gRPC Lease, Work session polls, memq dequeue), including long-poll waiting.",
+        "Unary lease calls (gRPC Lease, memq dequeue), including long-poll waiting.",
     );
     ACK.render(
         &mut out,
         "workq_ack_duration_seconds",
-        "Ack calls (gRPC Ack and Settle batches, memq dequeue), until the completion is durable.",
+        "Ack and Settle calls (one observation per batch), until the settlement is durable.",
     );
 
     let store = engine.store();
