@@ -31,7 +31,8 @@ use crate::servers::Server;
 /// Sections: `single` (32 clients, one item per operation: enqueue, then drain of
 /// the same items), `batch` (8 clients, 100 items per request), `e2e` (8 producers
 /// offering --rate items/s and 8 consumers; enqueue→ack latency), `scale` (workq
-/// only: 1,000,000 queued items, RSS, restart recovery, drain rate at 1M vs 10k).
+/// only: 1,000,000 queued items; RSS and restart recovery strict, drain rate at 1M
+/// vs 10k in memory).
 /// Durability: `memory` (beanstalkd, Redis without persistence, workq --in-memory)
 /// and `durable` (beanstalkd -b with -f 50 and -f 0, Redis appendfsync always,
 /// workq --durability strict).
@@ -171,7 +172,8 @@ async fn main() -> Result<()> {
     let machine = machine();
     let started = Instant::now();
     let mut rows = Vec::new();
-    for &durability in &args.durability {
+    let side_by_side = args.sections.iter().any(|s| *s != Section::Scale);
+    for &durability in args.durability.iter().filter(|_| side_by_side) {
         run_durability(&args, &bin_dir, durability, &mut rows).await?;
     }
     let scale = if args.sections.contains(&Section::Scale) {
@@ -209,7 +211,7 @@ async fn main() -> Result<()> {
             print_rows(&rows);
             print_ratios(&rows);
             if let Some(scale) = &scale {
-                println!("\nscale (workq strict): {scale}");
+                println!("\nscale (workq): {scale}");
             }
             println!("\ntargets (issue 7):");
             for t in &targets {
@@ -415,12 +417,13 @@ async fn run_durability(
     Ok(())
 }
 
-/// Target 4: a million queued items in a strict coordinator.
+/// Target 4: a million queued items. RSS and restart recovery on a strict
+/// coordinator (the durable configuration); the drain-rate comparison on an
+/// in-memory one, so it shows how the engine scales rather than the disk.
 fn scale(args: &Args, bin_dir: &Path) -> Result<Value> {
     const MILLION: u64 = 1_000_000;
-    let mut server = servers::workq(bin_dir, true)?;
     let timeout = Duration::from_secs(900);
-    eprintln!("scale: enqueue 1,000,000 items into a strict coordinator");
+    let payload_size = args.payload_size.to_string();
     let load = [
         "--workload",
         "enqueue",
@@ -437,16 +440,19 @@ fn scale(args: &Args, bin_dir: &Path) -> Result<Value> {
         "--pipeline",
         "4",
         "--payload-size",
-        &args.payload_size.to_string(),
+        &payload_size,
     ]
     .map(String::from);
-    workq::bench(bin_dir, &server.url(), &load, timeout)?;
-    let rss_loaded = server.rss_kib()?;
-    eprintln!("scale: restart");
-    let listening = server.restart_workq(bin_dir)?;
+
+    let mut strict = servers::workq(bin_dir, true)?;
+    eprintln!("scale: enqueue 1,000,000 items into a strict coordinator");
+    workq::bench(bin_dir, &strict.url(), &load, timeout)?;
+    let rss_strict = strict.rss_kib()?;
+    eprintln!("scale: restart the strict coordinator");
+    let listening = strict.restart_workq(bin_dir)?;
     let polled = Instant::now();
     let deadline = polled + Duration::from_secs(120);
-    while workq::ready(bin_dir, &server.url(), "scale") != Some(MILLION) {
+    while workq::ready(bin_dir, &strict.url(), "scale") != Some(MILLION) {
         anyhow::ensure!(
             Instant::now() < deadline,
             "the restarted coordinator did not show 1,000,000 ready items within 120 s"
@@ -454,14 +460,21 @@ fn scale(args: &Args, bin_dir: &Path) -> Result<Value> {
         std::thread::sleep(Duration::from_millis(20));
     }
     let recovered = listening + polled.elapsed();
-    let rss_restarted = server.rss_kib()?;
-    let status = std::process::Command::new(bin_dir.join("queue-cli"))
-        .args(["--server", &server.url(), "delete", "scale"])
+    let rss_restarted = strict.rss_kib()?;
+    strict.stop();
+    drop(strict);
+
+    let mut memory = servers::workq(bin_dir, false)?;
+    eprintln!("scale: enqueue 1,000,000 items into an in-memory coordinator");
+    workq::bench(bin_dir, &memory.url(), &load, timeout)?;
+    let rss_memory = memory.rss_kib()?;
+    let deleted = std::process::Command::new(bin_dir.join("queue-cli"))
+        .args(["--server", &memory.url(), "delete", "scale"])
         .output()?;
-    anyhow::ensure!(status.status.success(), "delete the scale queue failed");
+    anyhow::ensure!(deleted.status.success(), "delete the scale queue failed");
     let mut drains = Vec::new();
     for items in [10_000u64, MILLION] {
-        eprintln!("scale: drain {items} (stream, 32 consumers)");
+        eprintln!("scale: drain {items} (in memory, stream, 32 consumers)");
         let flags = [
             "--workload",
             "drain",
@@ -472,15 +485,16 @@ fn scale(args: &Args, bin_dir: &Path) -> Result<Value> {
             "--concurrency",
             "32",
             "--payload-size",
-            &args.payload_size.to_string(),
+            &payload_size,
         ]
         .map(String::from);
-        drains.push(workq::bench(bin_dir, &server.url(), &flags, timeout)?);
+        drains.push(workq::bench(bin_dir, &memory.url(), &flags, timeout)?);
     }
-    server.stop();
+    memory.stop();
     Ok(json!({
-        "rss_mib_with_1m_queued": rss_loaded / 1024,
-        "rss_mib_after_restart": rss_restarted / 1024,
+        "rss_mib_strict_1m_queued": rss_strict / 1024,
+        "rss_mib_strict_after_restart": rss_restarted / 1024,
+        "rss_mib_in_memory_1m_queued": rss_memory / 1024,
         "restart_recovery_seconds": (recovered.as_secs_f64() * 100.0).round() / 100.0,
         "drain_items_per_sec_10k": drains[0].items_per_sec().round(),
         "drain_items_per_sec_1m": drains[1].items_per_sec().round(),
@@ -699,7 +713,10 @@ fn targets(rows: &[Row], scale: Option<&Value>, rate_offered: f64) -> Vec<Target
     });
     match scale {
         Some(s) => {
-            let rss = s["rss_mib_with_1m_queued"].as_u64().unwrap_or(u64::MAX);
+            let rss = s["rss_mib_strict_1m_queued"].as_u64().unwrap_or(u64::MAX);
+            let rss_memory = s["rss_mib_in_memory_1m_queued"]
+                .as_u64()
+                .unwrap_or(u64::MAX);
             let recovery = s["restart_recovery_seconds"].as_f64().unwrap_or(f64::MAX);
             let (small, large) = (
                 s["drain_items_per_sec_10k"].as_f64().unwrap_or(0.0),
@@ -707,8 +724,8 @@ fn targets(rows: &[Row], scale: Option<&Value>, rate_offered: f64) -> Vec<Target
             );
             out.push(Target {
                 name: "4. 1M queued in ≤ 200 MiB RSS".into(),
-                measured: format!("{rss} MiB"),
-                met: Some(rss <= 200),
+                measured: format!("strict {rss} MiB, in memory {rss_memory} MiB"),
+                met: Some(rss <= 200 && rss_memory <= 200),
             });
             out.push(Target {
                 name: "4. restart recovers 1M in ≤ 5 s".into(),
@@ -716,7 +733,7 @@ fn targets(rows: &[Row], scale: Option<&Value>, rate_offered: f64) -> Vec<Target
                 met: Some(recovery <= 5.0),
             });
             out.push(Target {
-                name: "4. drain rate at 1M within 20% of at 10k".into(),
+                name: "4. drain rate at 1M within 20% of at 10k (in memory)".into(),
                 measured: format!("{} vs {} items/s", rate(large), rate(small)),
                 met: Some(large >= 0.8 * small),
             });
