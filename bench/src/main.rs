@@ -168,6 +168,24 @@ async fn main() -> Result<()> {
             .to_path_buf(),
     };
     sample::now_us();
+    // Destructors kill the servers on every normal and error exit; a signal would
+    // skip them, so it kills the servers first.
+    tokio::spawn(async {
+        use tokio::signal::unix::{SignalKind, signal};
+        let (Ok(mut int), Ok(mut term)) = (
+            signal(SignalKind::interrupt()),
+            signal(SignalKind::terminate()),
+        ) else {
+            return;
+        };
+        tokio::select! {
+            _ = int.recv() => {}
+            _ = term.recv() => {}
+        }
+        servers::kill_all();
+        eprintln!("bench-compare: interrupted; servers stopped");
+        std::process::exit(130);
+    });
     servers::ensure_installed()?;
     let machine = machine();
     let started = Instant::now();

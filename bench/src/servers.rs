@@ -5,6 +5,7 @@
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
@@ -14,6 +15,31 @@ use tempfile::TempDir;
 
 /// How long a server may take to start listening.
 const START_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Pids of the servers running now, so a signal can take them down with us.
+static RUNNING: Mutex<Vec<u32>> = Mutex::new(Vec::new());
+
+fn register(child: &Child) {
+    RUNNING
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .push(child.id());
+}
+
+fn unregister(pid: u32) {
+    RUNNING
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .retain(|&p| p != pid);
+}
+
+/// SIGKILLs every server still running (on SIGINT or SIGTERM, when destructors do
+/// not run).
+pub fn kill_all() {
+    for pid in RUNNING.lock().unwrap_or_else(|e| e.into_inner()).drain(..) {
+        let _ = kill(Pid::from_raw(pid as i32), Signal::SIGKILL);
+    }
+}
 
 /// A running server process.
 pub struct Server {
@@ -53,6 +79,7 @@ impl Server {
         let Some(mut child) = self.child.take() else {
             return;
         };
+        unregister(child.id());
         let pid = Pid::from_raw(child.id() as i32);
         let _ = kill(pid, Signal::SIGTERM);
         let deadline = Instant::now() + Duration::from_secs(20);
@@ -70,6 +97,7 @@ impl Server {
 impl Drop for Server {
     fn drop(&mut self) {
         if let Some(mut child) = self.child.take() {
+            unregister(child.id());
             let _ = kill(Pid::from_raw(child.id() as i32), Signal::SIGKILL);
             let _ = child.wait();
         }
@@ -130,6 +158,7 @@ fn spawn(label: &str, mut command: Command, dir: TempDir, addr: SocketAddr) -> R
     let child = command
         .spawn()
         .with_context(|| format!("start {label} ({command:?})"))?;
+    register(&child);
     let mut server = Server {
         label: label.to_string(),
         child: Some(child),
@@ -255,6 +284,7 @@ impl Server {
                 bin_dir.join("workq-coordinator").display()
             )
         })?;
+        register(&child);
         self.child = Some(child);
         let deadline = Instant::now() + START_TIMEOUT;
         loop {
