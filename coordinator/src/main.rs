@@ -45,6 +45,11 @@ struct Args {
     #[arg(long, value_enum, default_value = "strict")]
     durability: Durability,
 
+    /// Strict mode: how often the write-ahead log is checkpointed into sled while
+    /// writes keep coming (a restart replays at most this much log).
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    checkpoint_every: std::time::Duration,
+
     /// sled cache size in MiB (sled's own default is 1 GiB; keep it under the pod limit).
     #[arg(long, default_value_t = 64)]
     cache_mb: u64,
@@ -102,7 +107,11 @@ async fn run(args: Args) -> anyhow::Result<()> {
     } else {
         std::fs::create_dir_all(&args.data_dir)
             .with_context(|| format!("cannot create data dir {}", args.data_dir.display()))?;
-        Store::open_sled(&args.data_dir, args.durability, args.cache_mb * 1024 * 1024)?
+        let store = Store::open_sled(&args.data_dir, args.durability, args.cache_mb * 1024 * 1024)?;
+        if let Store::Sled(sled) = &store {
+            sled.set_checkpoint_every(args.checkpoint_every);
+        }
+        store
     };
     let engine = Engine::open(store, Clock::system())?;
 
@@ -122,6 +131,10 @@ async fn run(args: Args) -> anyhow::Result<()> {
         std::fs::rename(&tmp, path).with_context(|| format!("cannot write {}", path.display()))?;
     }
     server::run(grpc, http, engine, auth, shutdown_signal()).await
+}
+
+fn parse_duration(text: &str) -> Result<std::time::Duration, String> {
+    workq_proto::duration::parse(text)
 }
 
 async fn shutdown_signal() {

@@ -14,7 +14,10 @@ const PRODUCERS: usize = 16;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn acknowledged_enqueues_survive_kill_9() {
-    let mut coordinator = Coordinator::start_with(&["--durability", "strict"]);
+    // Checkpoint constantly, so log rotation and sled flushes race the producers and
+    // the kill lands among them.
+    let mut coordinator =
+        Coordinator::start_with(&["--durability", "strict", "--checkpoint-every", "50ms"]);
     let mut client = coordinator.client().await;
     client
         .create_queue(pb::CreateQueueRequest {
@@ -85,10 +88,14 @@ async fn acknowledged_enqueues_survive_kill_9() {
             }
         }));
     }
-    wait_for_async("2,000 acknowledged enqueues", Duration::from_secs(60), || {
-        let n = acked.lock().unwrap().len();
-        async move { n >= 2_000 }
-    })
+    wait_for_async(
+        "2,000 acknowledged enqueues",
+        Duration::from_secs(60),
+        || {
+            let n = acked.lock().unwrap().len();
+            async move { n >= 2_000 }
+        },
+    )
     .await;
     coordinator.kill9();
     stop.store(true, Ordering::SeqCst);
@@ -98,6 +105,11 @@ async fn acknowledged_enqueues_survive_kill_9() {
     let acked = acked.lock().unwrap().clone();
 
     coordinator.restart();
+    assert!(
+        coordinator.log().contains("replayed the write-ahead log"),
+        "recovery went through the write-ahead log:\n{}",
+        coordinator.log()
+    );
     let mut client = coordinator.client().await;
     let mut found: HashMap<u64, String> = HashMap::new();
     let mut payloads = HashSet::new();
@@ -115,7 +127,10 @@ async fn acknowledged_enqueues_survive_kill_9() {
             .into_inner();
         for item in page.items {
             let payload = String::from_utf8(item.payload).unwrap();
-            assert!(payloads.insert(payload.clone()), "duplicated item {payload}");
+            assert!(
+                payloads.insert(payload.clone()),
+                "duplicated item {payload}"
+            );
             found.insert(item.id, payload);
         }
         if page.next_after_id == 0 {
@@ -139,7 +154,11 @@ async fn acknowledged_enqueues_survive_kill_9() {
         .into_inner()
         .stats
         .unwrap();
-    assert_eq!(stats.total_enqueued as usize, found.len(), "counter agrees with items");
+    assert_eq!(
+        stats.total_enqueued as usize,
+        found.len(),
+        "counter agrees with items"
+    );
     assert_eq!((stats.ready + stats.leased) as usize, found.len());
     assert_eq!(stats.leased, 1, "the lease survived");
     eprintln!(

@@ -12,12 +12,13 @@
 
 pub mod record;
 mod sled_store;
+mod wal;
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use crate::error::Result;
 pub use record::{ItemRecord, QueueRecord};
-pub use sled_store::{Durability, SledStore};
+pub use sled_store::{DEFAULT_CHECKPOINT_EVERY, Durability, SledStore};
 
 /// One change inside an atomic batch.
 #[derive(Debug, Clone)]
