@@ -11,6 +11,7 @@ use workq_proto::pb;
 
 use crate::engine::{self, Engine, OptionsPatch, QueueView};
 use crate::error::Error;
+use crate::http::metrics;
 
 /// The one mapping from domain errors to gRPC status codes.
 pub fn status(error: Error) -> Status {
@@ -358,8 +359,8 @@ impl pb::work_q_server::WorkQ for Service {
             wait_ms: r.wait_ms,
         };
         reply(
-            self.engine
-                .lease(&r.queue, lease)
+            metrics::LEASE
+                .time(self.engine.lease(&r.queue, lease))
                 .await
                 .map(|outcome| pb::LeaseResponse {
                     drained: outcome.drained,
@@ -382,8 +383,8 @@ impl pb::work_q_server::WorkQ for Service {
     async fn ack(&self, request: Request<pb::AckRequest>) -> Reply<pb::AckResponse> {
         let r = request.into_inner();
         reply(
-            self.engine
-                .ack(&r.queue, r.id, r.token, r.result)
+            metrics::ACK
+                .time(self.engine.ack(&r.queue, r.id, r.token, r.result))
                 .await
                 .map(|_| pb::AckResponse {}),
         )
@@ -486,8 +487,8 @@ impl pb::work_q_server::WorkQ for Service {
         let r = request.into_inner();
         let settlements = r.settlements.into_iter().map(settlement_from_pb).collect();
         reply(
-            self.engine
-                .settle(&r.queue, settlements)
+            metrics::ACK
+                .time(self.engine.settle(&r.queue, settlements))
                 .await
                 .map(|settled| pb::SettleResponse {
                     results: settled.into_iter().map(settled_pb).collect(),

@@ -72,7 +72,11 @@ pub async fn run(
         .serve_with_incoming_shutdown(incoming, wait_stop(stop_rx.clone()));
 
     let http_app = crate::http::router(engine.clone(), auth);
-    let http_server = axum::serve(http, http_app).with_graceful_shutdown(wait_stop(stop_rx));
+    let http_server = axum::serve(
+        http,
+        http_app.into_make_service_with_connect_info::<std::net::SocketAddr>(),
+    )
+    .with_graceful_shutdown(wait_stop(stop_rx));
 
     let (grpc_result, http_result) = tokio::join!(grpc_server, http_server);
     let flushed = engine.close().await;

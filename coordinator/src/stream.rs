@@ -118,7 +118,10 @@ pub async fn work_session(
                     .into_iter()
                     .map(settlement_from_pb)
                     .collect();
-                let reply = match engine.settle(&queue, settlements).await {
+                let reply = match crate::http::metrics::ACK
+                    .time(engine.settle(&queue, settlements))
+                    .await
+                {
                     Ok(settled) => Ok(pb::WorkResponse {
                         settled: settled.into_iter().map(settled_pb).collect(),
                         ..Default::default()
