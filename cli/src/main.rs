@@ -47,6 +47,7 @@ struct Cli {
 enum Command {
     // ---- queue administration (commands/queue.rs) ----
     Create(queue::CreateArgs),
+    Update(queue::UpdateArgs),
     Delete(queue::DeleteArgs),
     List(queue::ListArgs),
     Stats(queue::StatsArgs),
@@ -87,6 +88,7 @@ async fn main() -> ExitCode {
     let global = cli.global;
     let result = match cli.command {
         Command::Create(args) => queue::create(&global, args).await,
+        Command::Update(args) => queue::update(&global, args).await,
         Command::Delete(args) => queue::delete(&global, args).await,
         Command::List(args) => queue::list(&global, args).await,
         Command::Stats(args) => queue::stats(&global, args).await,

@@ -391,3 +391,40 @@ fn binary_payloads_come_back_as_base64_in_json() {
     let rows = parse_table(&env.ok(&["items", "bin"]));
     assert_eq!(rows[1][7], "\u{fffd}\u{fffd}\\u{0}raw");
 }
+
+#[test]
+fn update_changes_only_the_options_given() {
+    let env = Env::start();
+    env.ok(&["create", "q", "--max-attempts", "3", "--max-depth", "2"]);
+    let out = env.ok(&[
+        "update",
+        "q",
+        "--lease-timeout",
+        "10m",
+        "--max-attempts",
+        "9",
+    ]);
+    assert_eq!(out.trim(), "queue 'q' updated");
+    let options = &env.json(&["stats", "q"])["options"];
+    assert_eq!(options["lease_timeout_ms"], 600_000);
+    assert_eq!(options["max_attempts"], 9);
+    assert_eq!(options["max_depth"], 2, "untouched");
+
+    // A lower depth limit refuses enqueues; lifting it lets them in again.
+    env.ok(&["enqueue", "q", "a", "b"]);
+    let err = env.fails(&["enqueue", "q", "c"], 1);
+    assert!(err.contains("full"), "{err}");
+    env.ok(&["update", "q", "--unlimited-depth"]);
+    env.ok(&["enqueue", "q", "c"]);
+    assert_eq!(env.json(&["stats", "q"])["options"]["max_depth"], 0);
+
+    // Bad values are refused and change nothing.
+    let err = env.fails(&["update", "q", "--lease-timeout", "1ms"], 1);
+    assert!(err.contains("lease timeout"), "{err}");
+    assert_eq!(
+        env.json(&["stats", "q"])["options"]["lease_timeout_ms"],
+        600_000
+    );
+    let err = env.fails(&["update", "nope", "--max-attempts", "2"], 1);
+    assert!(err.contains("queue 'nope' not found"), "{err}");
+}

@@ -30,6 +30,17 @@ pub struct CreateArgs {
     /// Queue name: 1-128 of A-Z a-z 0-9 . _ -, starting with a letter or digit.
     pub queue: String,
 
+    #[command(flatten)]
+    pub options: OptionArgs,
+
+    /// Succeed without changes when the queue already exists.
+    #[arg(long)]
+    pub if_not_exists: bool,
+}
+
+/// Queue options, shared by `create` and `update`; unset ones keep their value.
+#[derive(Args, Debug)]
+pub struct OptionArgs {
     /// How long a lease lasts before the item goes back to the queue.
     #[arg(long, value_parser = parse_duration, value_name = "DURATION")]
     pub lease_timeout: Option<Duration>,
@@ -57,10 +68,43 @@ pub struct CreateArgs {
     /// How long DONE items and their results are kept.
     #[arg(long, value_parser = parse_duration, value_name = "DURATION")]
     pub retention: Option<Duration>,
+}
 
-    /// Succeed without changes when the queue already exists.
-    #[arg(long)]
-    pub if_not_exists: bool,
+impl OptionArgs {
+    fn to_pb(&self) -> pb::QueueOptions {
+        pb::QueueOptions {
+            lease_timeout_ms: opt_ms(self.lease_timeout),
+            max_attempts: self.max_attempts.unwrap_or(0),
+            backoff_base_ms: opt_ms(self.backoff_base),
+            backoff_cap_ms: opt_ms(self.backoff_cap),
+            max_payload_bytes: self.max_payload.unwrap_or(0),
+            max_depth: self.max_depth.unwrap_or(0),
+            retention_ms: opt_ms(self.retention),
+        }
+    }
+}
+
+/// Change a queue's options; the ones not given keep their value.
+///
+/// New lease timeouts apply to leases granted from now on; a lower max depth does not
+/// remove items, it only refuses enqueues until the queue is below it.
+#[derive(Args, Debug)]
+#[command(after_help = "\
+Examples:
+  queue-cli update keygen --lease-timeout 10m --max-attempts 10
+  queue-cli update keygen --unlimited-depth
+
+JSON (-o json): the queue, as `stats -o json` prints it.")]
+pub struct UpdateArgs {
+    /// Queue name.
+    pub queue: String,
+
+    #[command(flatten)]
+    pub options: OptionArgs,
+
+    /// Remove the max depth limit.
+    #[arg(long, conflicts_with = "max_depth")]
+    pub unlimited_depth: bool,
 }
 
 /// Delete a queue and every item in it.
@@ -148,15 +192,7 @@ pub struct UnsealArgs {
 
 pub async fn create(global: &Global, args: CreateArgs) -> Result<()> {
     let mut client = global.connect().await?;
-    let options = pb::QueueOptions {
-        lease_timeout_ms: opt_ms(args.lease_timeout),
-        max_attempts: args.max_attempts.unwrap_or(0),
-        backoff_base_ms: opt_ms(args.backoff_base),
-        backoff_cap_ms: opt_ms(args.backoff_cap),
-        max_payload_bytes: args.max_payload.unwrap_or(0),
-        max_depth: args.max_depth.unwrap_or(0),
-        retention_ms: opt_ms(args.retention),
-    };
+    let options = args.options.to_pb();
     // Ask for a plain create first so the CLI can say truthfully whether it created
     // the queue; with --if-not-exists, ALREADY_EXISTS then means "fine, unchanged".
     let request = pb::CreateQueueRequest {
@@ -181,6 +217,23 @@ pub async fn create(global: &Global, args: CreateArgs) -> Result<()> {
         Format::Json => print_json(&queue_json(&info)),
         Format::Table if created => println!("queue '{}' created", info.name),
         Format::Table => println!("queue '{}' already exists (unchanged)", info.name),
+    }
+    Ok(())
+}
+
+pub async fn update(global: &Global, args: UpdateArgs) -> Result<()> {
+    let mut client = global.connect().await?;
+    let info = client
+        .update_queue(pb::UpdateQueueRequest {
+            queue: args.queue.clone(),
+            options: Some(args.options.to_pb()),
+            clear_max_depth: args.unlimited_depth,
+        })
+        .await?
+        .into_inner();
+    match global.output {
+        Format::Json => print_json(&queue_json(&info)),
+        Format::Table => println!("queue '{}' updated", info.name),
     }
     Ok(())
 }
