@@ -441,6 +441,7 @@ impl Engine {
         }
     }
 
+    /// Pushes a lease's deadline out; returns the new deadline.
     pub async fn extend(
         &self,
         name: &str,
@@ -448,23 +449,14 @@ impl Engine {
         token: u64,
         lease_timeout_ms: u64,
     ) -> Result<u64> {
-        if lease_timeout_ms != 0 {
-            limits::check_lease_ms("lease timeout", lease_timeout_ms)?;
-        }
-        self.mutate(name, |q, now, _| q.extend(now, id, token, lease_timeout_ms))
+        self.settle_single(name, id, token, SettleAction::Extend { lease_timeout_ms })
             .await
     }
 
     pub async fn ack(&self, name: &str, id: u64, token: u64, result: Vec<u8>) -> Result<()> {
-        if result.len() > limits::MAX_RESULT_BYTES {
-            return Err(Error::invalid(format!(
-                "result of {} bytes is over the limit of {} bytes",
-                result.len(),
-                limits::MAX_RESULT_BYTES
-            )));
-        }
-        self.mutate(name, |q, now, _| q.ack(now, id, token, result))
+        self.settle_single(name, id, token, SettleAction::Ack { result })
             .await
+            .map(drop)
     }
 
     pub async fn fail(
@@ -476,16 +468,33 @@ impl Engine {
         permanent: bool,
         retry_delay_ms: u64,
     ) -> Result<FailOutcome> {
-        limits::check_delay_ms("retry delay", retry_delay_ms)?;
-        let error = limits::truncate_error(error);
-        self.mutate(name, |q, now, _| {
-            q.fail(now, id, token, error, permanent, retry_delay_ms)
-        })
-        .await
+        let action = SettleAction::Fail {
+            error,
+            permanent,
+            delay_ms: retry_delay_ms,
+        };
+        match self.settle_single(name, id, token, action).await? {
+            0 => Ok(FailOutcome::Dead),
+            at_ms => Ok(FailOutcome::Retry { at_ms }),
+        }
     }
 
+    /// Gives a leased item back without counting the attempt.
     pub async fn release(&self, name: &str, id: u64, token: u64) -> Result<()> {
-        self.mutate(name, |q, now, _| q.release(now, id, token))
+        self.settle_single(name, id, token, SettleAction::Release)
+            .await
+            .map(drop)
+    }
+
+    /// One settlement: the same validation and transition as a batch of one.
+    async fn settle_single(
+        &self,
+        name: &str,
+        id: u64,
+        token: u64,
+        action: SettleAction,
+    ) -> Result<u64> {
+        self.mutate(name, |q, now, _| settle_one(q, now, id, token, action))
             .await
     }
 
