@@ -118,14 +118,34 @@ pub async fn work_session(
                     .into_iter()
                     .map(settlement_from_pb)
                     .collect();
-                let reply = match crate::http::metrics::ACK
-                    .time(engine.settle(&queue, settlements))
-                    .await
-                {
-                    Ok(settled) => Ok(pb::WorkResponse {
-                        settled: settled.into_iter().map(settled_pb).collect(),
-                        ..Default::default()
-                    }),
+                // Settle and, when the worker has credit and no poll is pending, take
+                // its next items in the same step: one flush, one reply message.
+                let want = if poll.is_none() && !engine.is_shutting_down() {
+                    credit.min(engine::limits::MAX_LEASE_ITEMS as u64) as u32
+                } else {
+                    0
+                };
+                let step = crate::http::metrics::ACK
+                    .time(engine.settle_and_lease(
+                        &queue,
+                        settlements,
+                        &worker,
+                        want,
+                        lease_timeout_ms,
+                    ))
+                    .await;
+                let reply = match step {
+                    Ok((settled, outcome)) => {
+                        credit -= outcome.granted.len() as u64;
+                        let drained = want > 0 && outcome.drained && outcome.granted.is_empty();
+                        quiet = drained;
+                        Ok(pb::WorkResponse {
+                            settled: settled.into_iter().map(settled_pb).collect(),
+                            leases: outcome.granted.into_iter().map(lease_pb).collect(),
+                            drained,
+                            sealed: outcome.sealed,
+                        })
+                    }
                     Err(e) => Err(status(e)),
                 };
                 let failed = reply.is_err();

@@ -410,23 +410,24 @@ impl Engine {
         let deadline = tokio::time::Instant::now() + Duration::from_millis(request.wait_ms);
         loop {
             changes.borrow_and_update();
-            let outcome = self
-                .mutate_slot(&slot, name, |q, now, store| {
-                    let granted =
-                        q.lease(now, &request.worker, max, request.lease_timeout_ms, || {
-                            store.next_id()
-                        });
-                    Ok(LeaseOutcome {
-                        drained: q.drained(),
-                        sealed: q.sealed,
-                        granted,
-                    })
+            let (outcome, ticket) = self.apply(&slot, name, |q, now, store| {
+                let granted = q.lease(now, &request.worker, max, request.lease_timeout_ms, || {
+                    store.next_id()
+                });
+                Ok(LeaseOutcome {
+                    drained: q.drained(),
+                    sealed: q.sealed,
+                    granted,
                 })
-                .await?;
-            if !outcome.granted.is_empty() || outcome.drained {
-                return Ok(outcome);
-            }
-            if *shutdown.borrow_and_update() {
+            })?;
+            // Only an answer waits for durability; an empty poll that keeps waiting
+            // does not cost a flush.
+            if !outcome.granted.is_empty()
+                || outcome.drained
+                || *shutdown.borrow_and_update()
+                || tokio::time::Instant::now() >= deadline
+            {
+                self.store.sync(ticket).await?;
                 return Ok(outcome);
             }
             tokio::select! {
@@ -525,6 +526,52 @@ impl Engine {
                     }
                 })
                 .collect())
+        })
+        .await
+    }
+
+    /// A worker session's step: settle what it finished and lease up to `max` more
+    /// (without waiting), under one lock, one storage batch and one flush.
+    pub async fn settle_and_lease(
+        &self,
+        name: &str,
+        settlements: Vec<Settlement>,
+        worker: &str,
+        max: u32,
+        lease_timeout_ms: u64,
+    ) -> Result<(Vec<Settled>, LeaseOutcome)> {
+        limits::check_worker_id(worker)?;
+        if settlements.len() > limits::MAX_BATCH_ITEMS {
+            return Err(Error::invalid(format!(
+                "at most {} settlements per call, got {}",
+                limits::MAX_BATCH_ITEMS,
+                settlements.len()
+            )));
+        }
+        if lease_timeout_ms != 0 {
+            limits::check_lease_ms("lease timeout", lease_timeout_ms)?;
+        }
+        let max = max.min(limits::MAX_LEASE_ITEMS) as usize;
+        self.mutate(name, |q, now, store| {
+            let settled = settlements
+                .into_iter()
+                .map(|s| Settled {
+                    id: s.id,
+                    token: s.token,
+                    outcome: settle_one(q, now, s.id, s.token, s.action),
+                })
+                .collect();
+            let granted = if max > 0 {
+                q.lease(now, worker, max, lease_timeout_ms, || store.next_id())
+            } else {
+                Vec::new()
+            };
+            let outcome = LeaseOutcome {
+                drained: q.drained(),
+                sealed: q.sealed,
+                granted,
+            };
+            Ok((settled, outcome))
         })
         .await
     }
@@ -675,29 +722,38 @@ impl Engine {
         name: &str,
         f: impl FnOnce(&mut Queue, u64, &Store) -> Result<T>,
     ) -> Result<T> {
-        let (result, ticket) = {
-            let mut queue = slot.lock();
-            if queue.deleted {
-                return Err(Error::QueueNotFound(name.to_string()));
-            }
-            let before = (queue.counters.clone(), queue.sealed, queue.options.clone());
-            let now = self.clock.now_ms();
-            let result = f(&mut queue, now, &self.store);
-            let meta_changed =
-                before != (queue.counters.clone(), queue.sealed, queue.options.clone());
-            let ticket = self.persist(&mut queue, meta_changed)?;
-            if ticket.is_some() {
-                slot.version.send_modify(|v| *v += 1);
-                self.schedule(queue.next_deadline());
-            }
-            (result, ticket)
-        };
-        let value = result?;
-        // Even a call that changed nothing waits for earlier writes it may have seen
-        // (e.g. a retried ack answered from a completion still being flushed).
-        let ticket = ticket.unwrap_or_else(|| self.store.last_ticket());
+        let (value, ticket) = self.apply(slot, name, f)?;
         self.store.sync(ticket).await?;
         Ok(value)
+    }
+
+    /// The locked half of a mutation: runs the transition and writes what changed.
+    /// Returns the ticket to wait for before answering: the batch's own, or — for a
+    /// call that changed nothing — the last write so far, since the answer may rest on
+    /// state not yet durable (e.g. a retried ack answered from a completion still
+    /// being flushed).
+    fn apply<T>(
+        &self,
+        slot: &Slot,
+        name: &str,
+        f: impl FnOnce(&mut Queue, u64, &Store) -> Result<T>,
+    ) -> Result<(T, crate::store::Ticket)> {
+        let mut queue = slot.lock();
+        if queue.deleted {
+            return Err(Error::QueueNotFound(name.to_string()));
+        }
+        let before = (queue.counters.clone(), queue.sealed, queue.options.clone());
+        let now = self.clock.now_ms();
+        let result = f(&mut queue, now, &self.store);
+        let meta_changed = before != (queue.counters.clone(), queue.sealed, queue.options.clone());
+        let ticket = self.persist(&mut queue, meta_changed)?;
+        if ticket.is_some() {
+            slot.version.send_modify(|v| *v += 1);
+            self.schedule(queue.next_deadline());
+        }
+        drop(queue);
+        let value = result?;
+        Ok((value, ticket.unwrap_or_else(|| self.store.last_ticket())))
     }
 
     /// Writes the queue's journal (and its record, when counters or options changed).
