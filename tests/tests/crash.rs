@@ -93,7 +93,7 @@ async fn acknowledged_enqueues_survive_kill_9() {
         Duration::from_secs(60),
         || {
             let n = acked.lock().unwrap().len();
-            async move { n >= 2_000 }
+            async move { n >= 5_000 }
         },
     )
     .await;

@@ -144,6 +144,8 @@ pub struct Segment {
     pub path: PathBuf,
     file: File,
     pub bytes: u64,
+    /// The ticket of the last batch appended (0: none yet).
+    pub last_ticket: u64,
 }
 
 impl Segment {
@@ -157,6 +159,7 @@ impl Segment {
             path,
             file,
             bytes: 0,
+            last_ticket: 0,
         })
     }
 
