@@ -18,7 +18,10 @@ pub use workq_proto::{Client, ConnectOptions, pb};
 /// `queue-cli`), next to the running test executable in `target/<profile>/`.
 pub fn bin_path(name: &str) -> PathBuf {
     let exe = std::env::current_exe().expect("current_exe");
-    let mut dir = exe.parent().expect("test binary has a parent dir").to_path_buf();
+    let mut dir = exe
+        .parent()
+        .expect("test binary has a parent dir")
+        .to_path_buf();
     if dir.ends_with("deps") {
         dir.pop();
     }
@@ -138,15 +141,21 @@ impl Coordinator {
             &format!("coordinator pid {pid} to write {}", addr_file.display()),
             Duration::from_secs(30),
             || {
-                if let Some(status) = self.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
+                if let Some(status) = self
+                    .child
+                    .as_mut()
+                    .and_then(|c| c.try_wait().ok().flatten())
+                {
                     panic!("coordinator exited early ({status}); log:\n{}", self.log());
                 }
                 std::fs::read_to_string(&addr_file)
                     .ok()
                     .and_then(|text| serde_json::from_str::<serde_json::Value>(&text).ok())
                     .map(|v| {
-                        self.grpc_url = format!("http://{}", v["grpc"].as_str().unwrap_or_default());
-                        self.http_url = format!("http://{}", v["http"].as_str().unwrap_or_default());
+                        self.grpc_url =
+                            format!("http://{}", v["grpc"].as_str().unwrap_or_default());
+                        self.http_url =
+                            format!("http://{}", v["http"].as_str().unwrap_or_default());
                     })
                     .is_some()
             },
@@ -186,7 +195,10 @@ impl Coordinator {
 
     /// Starts the coordinator again on the same data dir (new ports).
     pub fn restart(&mut self) {
-        assert!(self.child.is_none(), "stop or kill the coordinator before restarting");
+        assert!(
+            self.child.is_none(),
+            "stop or kill the coordinator before restarting"
+        );
         self.spawn();
     }
 
@@ -241,7 +253,10 @@ impl Process {
             if start.elapsed() > timeout {
                 self.signal(Signal::SIGKILL);
                 let _ = self.child.wait();
-                panic!("process {} did not exit within {timeout:?}", self.child.id());
+                panic!(
+                    "process {} did not exit within {timeout:?}",
+                    self.child.id()
+                );
             }
             std::thread::sleep(Duration::from_millis(20));
         }
