@@ -36,7 +36,7 @@ use crate::error::{Error, Result};
 const RELAXED_FLUSH_EVERY: Duration = Duration::from_millis(500);
 /// Synced groups of batches that may wait for the sled applier before the flusher
 /// blocks.
-const APPLY_BACKLOG: usize = 256;
+const APPLY_BACKLOG: usize = 65_536;
 /// Most yields the flusher spends waiting for more writers to join a sync.
 const COMMIT_YIELDS: usize = 8;
 /// Checkpoint (flush sled, drop the old log) when the log grows past this…
