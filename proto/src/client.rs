@@ -1,5 +1,5 @@
-//! A small client for the coordinator: connect (optionally with a bearer token and a
-//! CA certificate for TLS) and call the generated `WorkQ` methods.
+//! A small client for the coordinator: connect (optionally with a bearer token) and
+//! call the generated `WorkQ` methods.
 //!
 //! ```no_run
 //! # async fn demo() -> Result<(), workq_proto::ClientError> {
@@ -28,7 +28,7 @@ pub const MAX_MESSAGE_BYTES: usize = 64 * 1024 * 1024;
 /// How to reach the coordinator.
 #[derive(Clone, Debug)]
 pub struct ConnectOptions {
-    /// `http://host:port` (or `https://` with TLS).
+    /// `http://host:port`.
     pub url: String,
     /// Bearer token sent with every call, when the coordinator wants one.
     pub token: Option<String>,
@@ -157,8 +157,14 @@ impl Client {
             url: options.url.clone(),
             reason,
         };
-        if !(options.url.starts_with("http://") || options.url.starts_with("https://")) {
-            return Err(invalid("it must start with http:// or https://".into()));
+        if options.url.starts_with("https://") {
+            return Err(invalid(
+                "TLS is not supported yet: use http:// (and a private network or a TLS-terminating proxy)"
+                    .into(),
+            ));
+        }
+        if !options.url.starts_with("http://") {
+            return Err(invalid("it must start with http://".into()));
         }
         let endpoint = Endpoint::from_shared(options.url.clone())
             .map_err(|e| invalid(e.to_string()))?
