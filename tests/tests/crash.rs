@@ -186,5 +186,22 @@ async fn acknowledged_enqueues_survive_kill_9() {
         .unwrap()
         .into_inner();
     assert_eq!(item.state, pb::ItemState::Done as i32);
+    // Ids keep increasing across the crash: a new item gets an id above every old one.
+    let fresh = client
+        .enqueue(pb::EnqueueRequest {
+            queue: "crash".into(),
+            items: vec![pb::NewItem::default()],
+            seal: false,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .results[0]
+        .id;
+    let highest = found.keys().copied().max().unwrap_or(0).max(held.token);
+    assert!(
+        fresh > highest,
+        "new id {fresh} is above every id before the crash ({highest})"
+    );
     assert_eq!(coordinator.stop(), Some(0), "clean exit on SIGTERM");
 }

@@ -145,7 +145,18 @@ struct Inner {
     healthy: AtomicBool,
     started: AtomicBool,
     stats: FlushStats,
+    /// The next item id / lease token. Not sled's `generate_id`: that one blocks on a
+    /// full sled flush every millionth id, in the caller (under a queue lock). Each
+    /// batch carries the counter's value (see `write`), and recovery takes the highest
+    /// of that record and every id and token on disk, so ids keep increasing across
+    /// restarts.
+    next_id: AtomicU64,
+    /// Relaxed mode: orders the counter record with the batch it rides in.
+    relaxed_order: Mutex<()>,
 }
+
+/// Key of the id counter's record ('m' for meta: neither a queue nor an item key).
+const NEXT_ID_KEY: &[u8] = b"mnext_id";
 
 fn storage_error(context: &str, e: impl std::fmt::Display) -> Error {
     Error::Storage(format!("{context}: {e}"))
@@ -230,6 +241,8 @@ impl SledStore {
                 healthy: AtomicBool::new(true),
                 started: AtomicBool::new(false),
                 stats: FlushStats::default(),
+                next_id: AtomicU64::new(1),
+                relaxed_order: Mutex::new(()),
             }),
         })
     }
@@ -248,6 +261,7 @@ impl SledStore {
 
     pub fn load(&self) -> Result<Snapshot> {
         let mut snapshot = Snapshot::default();
+        let mut highest = 0u64;
         for entry in self.inner.tree.iter() {
             let (key, value) = entry.map_err(|e| storage_error("reading the data dir", e))?;
             match key.first() {
@@ -255,28 +269,30 @@ impl SledStore {
                     QueueRecord::decode(&*value)
                         .map_err(|e| storage_error("corrupt queue record", e))?,
                 ),
-                Some(b'i') => snapshot.items.push(
-                    ItemRecord::decode(&*value)
-                        .map_err(|e| storage_error("corrupt item record", e))?,
-                ),
+                Some(b'i') => {
+                    let item = ItemRecord::decode(&*value)
+                        .map_err(|e| storage_error("corrupt item record", e))?;
+                    highest = highest
+                        .max(item.id)
+                        .max(item.lease_token)
+                        .max(item.done_token);
+                    snapshot.items.push(item);
+                }
+                Some(b'm') if &*key == NEXT_ID_KEY => {
+                    let bytes: [u8; 8] = (*value)
+                        .try_into()
+                        .map_err(|_| storage_error("corrupt id counter", "not 8 bytes"))?;
+                    highest = highest.max(u64::from_le_bytes(bytes));
+                }
                 _ => {}
             }
         }
+        self.inner.next_id.store(highest + 1, Ordering::SeqCst);
         Ok(snapshot)
     }
 
     pub fn next_id(&self) -> u64 {
-        // sled persists the id generator so ids keep increasing across crashes; +1
-        // keeps 0 free to mean "none".
-        self.inner
-            .db
-            .generate_id()
-            .map(|id| id + 1)
-            .unwrap_or_else(|e| {
-                self.inner.healthy.store(false, Ordering::SeqCst);
-                tracing::error!(error = %e, "id generation failed");
-                u64::MAX
-            })
+        self.inner.next_id.fetch_add(1, Ordering::SeqCst)
     }
 
     pub fn write(&self, ops: Vec<Op>) -> Result<Ticket> {
@@ -289,8 +305,17 @@ impl SledStore {
                 Op::DeleteItem(id) => (item_key(id).to_vec(), None),
             })
             .collect();
+        let mut pairs = pairs;
         let mut batch = sled::Batch::default();
         let Some(log) = &self.inner.log else {
+            // The counter record is read and applied under one lock, so the values
+            // reach sled in increasing order.
+            let _order = self
+                .inner
+                .relaxed_order
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
+            pairs.push(self.counter_record());
             for (key, value) in pairs {
                 match value {
                     Some(value) => batch.insert(key, value),
@@ -311,6 +336,9 @@ impl SledStore {
         // it likes, so applying earlier could leave sled ahead of the log after a
         // crash, and replay would then mix old and new records.
         let mut pending = log.pending.lock().unwrap_or_else(|e| e.into_inner());
+        // Read under the log lock: frames are ordered by it, so the counter values in
+        // the log only increase; each is at least every id handed out before it.
+        pairs.push(self.counter_record());
         wal::frame(
             pairs.iter().map(|(k, v)| (k.as_slice(), v.as_deref())),
             &mut pending.bytes,
@@ -324,6 +352,11 @@ impl SledStore {
         pending.batches.push(batch);
         pending.ticket += 1;
         Ok(Ticket(pending.ticket))
+    }
+
+    fn counter_record(&self) -> (Vec<u8>, Option<Vec<u8>>) {
+        let value = self.inner.next_id.load(Ordering::SeqCst);
+        (NEXT_ID_KEY.to_vec(), Some(value.to_le_bytes().to_vec()))
     }
 
     pub fn last_ticket(&self) -> Ticket {
