@@ -37,7 +37,7 @@ pub async fn enqueue_stream(
     mut requests: Streaming<pb::EnqueueRequest>,
     out: Outbox<pb::EnqueueResponse>,
 ) {
-    let mut pending = futures_ordered();
+    let mut pending: FuturesOrdered<BoxedEnqueue> = FuturesOrdered::new();
     let mut input_open = true;
     loop {
         tokio::select! {
@@ -66,10 +66,6 @@ pub async fn enqueue_stream(
 }
 
 type BoxedEnqueue = Pin<Box<dyn Future<Output = crate::Result<Vec<engine::Enqueued>>> + Send>>;
-
-fn futures_ordered() -> FuturesOrdered<BoxedEnqueue> {
-    FuturesOrdered::new()
-}
 
 type LeasePoll = Pin<Box<dyn Future<Output = crate::Result<LeaseOutcome>> + Send>>;
 

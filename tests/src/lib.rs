@@ -275,3 +275,21 @@ impl Drop for Process {
         }
     }
 }
+
+/// Leases the next item of `queue` by hand as `worker` (a worker that is not a
+/// `workq-worker` process), panicking if none is ready.
+pub async fn lease_one(client: &mut Client, queue: &str, worker: &str) -> pb::Lease {
+    client
+        .lease(pb::LeaseRequest {
+            queue: queue.into(),
+            worker_id: worker.into(),
+            max_items: 1,
+            ..Default::default()
+        })
+        .await
+        .expect("lease")
+        .into_inner()
+        .leases
+        .pop()
+        .unwrap_or_else(|| panic!("no item ready in queue '{queue}'"))
+}

@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use workq_tests::{Coordinator, pb, wait_for_async};
+use workq_tests::{Coordinator, lease_one, pb, wait_for_async};
 
 const PRODUCERS: usize = 16;
 
@@ -41,18 +41,7 @@ async fn acknowledged_enqueues_survive_kill_9() {
         })
         .await
         .unwrap();
-    let held = client
-        .lease(pb::LeaseRequest {
-            queue: "crash".into(),
-            worker_id: "survivor".into(),
-            max_items: 1,
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .leases
-        .remove(0);
+    let held = lease_one(&mut client, "crash", "survivor").await;
 
     // Producers enqueue unique payloads one per call and record what was acknowledged.
     let acked: Arc<Mutex<HashMap<u64, String>>> = Arc::default();

@@ -295,18 +295,7 @@ async fn exit_on_drained_waits_while_another_workers_lease_is_outstanding() {
     create_queue(&mut client, "held", options(600_000, 5)).await;
     let id = enqueue(&mut client, "held", &["held"]).await[0];
     // Another worker (by hand) holds the only item.
-    let lease = client
-        .lease(pb::LeaseRequest {
-            queue: "held".into(),
-            worker_id: "by-hand".into(),
-            max_items: 1,
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .leases
-        .remove(0);
+    let lease = workq_tests::lease_one(&mut client, "held", "by-hand").await;
 
     let dir = tempfile::tempdir().unwrap();
     let script = sh(r#"read p; echo "$p by $WORKQ_WORKER_ID""#);

@@ -115,6 +115,14 @@ struct Slot {
 }
 
 impl Slot {
+    fn new(queue: Queue) -> Arc<Slot> {
+        let (version, _) = watch::channel(0);
+        Arc::new(Slot {
+            queue: Mutex::new(queue),
+            version,
+        })
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, Queue> {
         // A panic while holding the lock is a bug; the state is still consistent enough
         // to keep serving other calls, so recover the guard rather than poison forever.
@@ -176,16 +184,7 @@ impl Engine {
             queues: RwLock::new(
                 queues
                     .into_iter()
-                    .map(|(name, queue)| {
-                        let (version, _) = watch::channel(0);
-                        (
-                            name,
-                            Arc::new(Slot {
-                                queue: Mutex::new(queue),
-                                version,
-                            }),
-                        )
-                    })
+                    .map(|(name, queue)| (name, Slot::new(queue)))
                     .collect(),
             ),
             store,
@@ -241,14 +240,7 @@ impl Engine {
                 None => {
                     let queue = Queue::new(name.to_string(), options, self.clock.now_ms());
                     let ticket = self.store.write(vec![Op::PutQueue(queue_record(&queue))])?;
-                    let (version, _) = watch::channel(0);
-                    queues.insert(
-                        name.to_string(),
-                        Arc::new(Slot {
-                            queue: Mutex::new(queue),
-                            version,
-                        }),
-                    );
+                    queues.insert(name.to_string(), Slot::new(queue));
                     Some(ticket)
                 }
             }
@@ -679,11 +671,10 @@ impl Engine {
             .get(name)
             .cloned()
             .ok_or_else(|| {
-                if limits::check_queue_name(name).is_err() {
-                    limits::check_queue_name(name).unwrap_err()
-                } else {
-                    Error::QueueNotFound(name.to_string())
-                }
+                // A name no queue could have gets the name's problem, not "not found".
+                limits::check_queue_name(name)
+                    .err()
+                    .unwrap_or_else(|| Error::QueueNotFound(name.to_string()))
             })
     }
 

@@ -360,10 +360,7 @@ impl SledStore {
     }
 
     pub fn last_ticket(&self) -> Ticket {
-        match &self.inner.log {
-            Some(log) => Ticket(log.pending.lock().unwrap_or_else(|e| e.into_inner()).ticket),
-            None => Ticket(self.inner.written.load(Ordering::SeqCst)),
-        }
+        Ticket(current_ticket(&self.inner))
     }
 
     pub async fn sync(&self, ticket: Ticket) -> Result<()> {
