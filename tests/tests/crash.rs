@@ -78,7 +78,7 @@ async fn acknowledged_enqueues_survive_kill_9() {
         }));
     }
     wait_for_async(
-        "2,000 acknowledged enqueues",
+        "5,000 acknowledged enqueues",
         Duration::from_secs(60),
         || {
             let n = acked.lock().unwrap().len();

@@ -119,10 +119,14 @@ async fn a_worker_frozen_past_its_lease_has_its_ack_refused_and_carries_on() {
 
     let dir = tempfile::tempdir().unwrap();
     // On its first delivery the item SIGSTOPs the worker running it ($PPID), so the
-    // worker is frozen in the middle of the item, deterministically.
-    let script = sh(
-        r#"read p; if [ "$p" = freeze ] && [ "$WORKQ_ATTEMPT" = 1 ]; then kill -STOP $PPID; fi; echo "$p by $WORKQ_WORKER_ID""#,
-    );
+    // worker is frozen in the middle of the item, deterministically. kill(2) only
+    // starts a group stop: until every thread of the worker has stopped, a running one
+    // could still report the item done, so the item waits for that before finishing.
+    let script = sh(concat!(
+        r#"read p; if [ "$p" = freeze ] && [ "$WORKQ_ATTEMPT" = 1 ]; then kill -STOP $PPID; "#,
+        r#"while grep -qv '^[^)]*) [Tt]' /proc/$PPID/task/*/stat; do sleep 0.01; done; fi; "#,
+        r#"echo "$p by $WORKQ_WORKER_ID""#,
+    ));
     let args = cmd(&["--queue", "freeze"], script.clone());
     let mut frozen = Worker::start(&coordinator.grpc_url, dir.path(), "frozen", &args);
     wait_for("the worker to be stopped", SOON, || {
@@ -134,7 +138,13 @@ async fn a_worker_frozen_past_its_lease_has_its_ack_refused_and_carries_on() {
     assert_eq!(other.exit_code(SOON), Some(0), "log:\n{}", other.log());
     let done = item(&mut client, "freeze", frozen_id).await;
     assert_eq!(state(&done), pb::ItemState::Done);
-    assert_eq!(done.result, b"freeze by other\n");
+    assert_eq!(
+        done.result,
+        b"freeze by other\n",
+        "frozen log:\n{}\nother log:\n{}",
+        frozen.log(),
+        other.log()
+    );
 
     // More work arrives; the frozen worker wakes up with a stale lease.
     let next_id = enqueue(&mut client, "freeze", &["next"]).await[0];
