@@ -124,6 +124,7 @@ pub fn state_pb(state: engine::State) -> pb::ItemState {
 
 pub fn item_pb(queue: &str, item: engine::Item) -> pb::Item {
     let lease = item.lease.as_ref();
+    let outcome = item.outcome.map(|o| *o).unwrap_or_default();
     pb::Item {
         id: item.id,
         queue: queue.to_string(),
@@ -137,12 +138,12 @@ pub fn item_pb(queue: &str, item: engine::Item) -> pb::Item {
             0
         },
         lease_deadline_at_ms: lease.map_or(0, |l| l.deadline_ms),
-        worker_id: item.worker,
-        done_at_ms: item.done_ms,
+        worker_id: outcome.worker,
+        done_at_ms: outcome.done_ms,
         payload: item.payload,
         key: item.key,
-        result: item.result,
-        last_error: item.last_error,
+        result: outcome.result,
+        last_error: outcome.last_error,
     }
 }
 

@@ -207,8 +207,8 @@ async fn sled_store_restores_queues_items_and_live_leases() {
     assert_eq!((stats.done, stats.dead, stats.leased), (1, 1, 1));
     assert_eq!(stats.counters.enqueued, 3);
     assert_eq!(stats.counters.deliveries, 3);
-    assert_eq!(engine.get_item("q", done_id).unwrap().result, b"result");
-    assert_eq!(engine.get_item("q", dead_id).unwrap().last_error, "bad");
+    assert_eq!(engine.get_item("q", done_id).unwrap().result(), b"result");
+    assert_eq!(engine.get_item("q", dead_id).unwrap().last_error(), "bad");
     // The lease granted before the restart is still valid with its token.
     engine
         .ack("q", lease.id, lease.token, vec![])

@@ -216,9 +216,9 @@ async fn dequeue_is_a_lease_plus_an_immediate_ack() {
         .unwrap();
     assert_eq!(item.payload, b"last");
     assert!(
-        item.worker.starts_with("memq"),
+        item.worker().starts_with("memq"),
         "dequeues lease as a memq worker: {}",
-        item.worker
+        item.worker()
     );
     server.stop().await;
 }

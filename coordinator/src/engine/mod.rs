@@ -626,7 +626,9 @@ impl Engine {
                 let mut item = item.clone();
                 if !with_payloads {
                     item.payload = Vec::new();
-                    item.result = Vec::new();
+                    if let Some(outcome) = &mut item.outcome {
+                        outcome.result = Vec::new();
+                    }
                 }
                 item
             })

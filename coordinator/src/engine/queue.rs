@@ -67,6 +67,8 @@ pub struct LeaseInfo {
     pub worker: String,
 }
 
+/// One item. Kept small, since a queue may hold millions: what only some items have
+/// (a live lease, what past deliveries left) lives behind a pointer.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Item {
     pub id: u64,
@@ -79,15 +81,48 @@ pub struct Item {
     pub enqueued_ms: u64,
     /// When a DELAYED item becomes READY.
     pub ready_at_ms: u64,
-    pub lease: Option<LeaseInfo>,
+    pub lease: Option<Box<LeaseInfo>>,
+    /// `None` until the item is first leased.
+    pub outcome: Option<Box<Outcome>>,
+}
+
+/// What an item's deliveries left behind.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Outcome {
+    /// The worker that last held the item.
+    pub worker: String,
     /// The token of the lease that completed a DONE item, so a retried ack of the same
     /// lease is answered OK instead of "lease lost".
     pub done_token: u64,
     pub done_ms: u64,
     pub result: Vec<u8>,
     pub last_error: String,
-    /// The worker that last held the item.
-    pub worker: String,
+}
+
+impl Item {
+    pub fn worker(&self) -> &str {
+        self.outcome.as_ref().map_or("", |o| &o.worker)
+    }
+
+    pub fn done_token(&self) -> u64 {
+        self.outcome.as_ref().map_or(0, |o| o.done_token)
+    }
+
+    pub fn done_ms(&self) -> u64 {
+        self.outcome.as_ref().map_or(0, |o| o.done_ms)
+    }
+
+    pub fn result(&self) -> &[u8] {
+        self.outcome.as_ref().map_or(&[], |o| &o.result)
+    }
+
+    pub fn last_error(&self) -> &str {
+        self.outcome.as_ref().map_or("", |o| &o.last_error)
+    }
+
+    pub fn outcome_mut(&mut self) -> &mut Outcome {
+        self.outcome.get_or_insert_with(Box::default)
+    }
 }
 
 /// Totals since the queue was created.
@@ -189,7 +224,9 @@ pub struct Queue {
     pub counters: Counters,
     /// Set when the queue is deleted, so calls racing the delete change nothing.
     pub deleted: bool,
-    items: HashMap<u64, Item>,
+    /// Boxed: a map's buckets are sized for the whole table, at least twice the
+    /// items held, so keeping only a pointer in them saves about half the memory.
+    items: HashMap<u64, Box<Item>>,
     /// Highest priority first, then lowest id (FIFO).
     ready: BTreeSet<(Reverse<i32>, u64)>,
     /// (ready_at, id)
@@ -238,7 +275,7 @@ impl Queue {
                 .in_flight += 1;
         }
         self.index(&item);
-        self.items.insert(item.id, item);
+        self.items.insert(item.id, Box::new(item));
     }
 
     /// Takes the changes recorded since the last call.
@@ -247,7 +284,7 @@ impl Queue {
     }
 
     pub fn item(&self, id: u64) -> Option<&Item> {
-        self.items.get(&id)
+        self.items.get(&id).map(|item| &**item)
     }
 
     pub fn item_count(&self) -> usize {
@@ -337,17 +374,13 @@ impl Queue {
                 enqueued_ms: now,
                 ready_at_ms,
                 lease: None,
-                done_token: 0,
-                done_ms: 0,
-                result: Vec::new(),
-                last_error: String::new(),
-                worker: String::new(),
+                outcome: None,
             };
             if !item.key.is_empty() {
                 self.keys.insert(item.key.clone(), id);
             }
             self.index(&item);
-            self.items.insert(id, item);
+            self.items.insert(id, Box::new(item));
             self.journal.push(Change::Put(id));
             self.counters.enqueued += 1;
             results.push(Enqueued {
@@ -390,13 +423,16 @@ impl Queue {
             let item = self.items.get_mut(&id).expect("indexed item exists");
             item.state = State::Leased;
             item.attempts += 1;
-            item.worker = worker.to_string();
-            item.lease = Some(LeaseInfo {
+            let outcome = item.outcome_mut();
+            if outcome.worker != worker {
+                outcome.worker = worker.to_string();
+            }
+            item.lease = Some(Box::new(LeaseInfo {
                 token,
                 deadline_ms,
                 timeout_ms,
                 worker: worker.to_string(),
-            });
+            }));
             self.leased.insert((deadline_ms, id));
             self.counters.deliveries += 1;
             self.journal.push(Change::Put(id));
@@ -446,7 +482,7 @@ impl Queue {
     pub fn ack(&mut self, now: u64, id: u64, token: u64, result: Vec<u8>) -> Result<()> {
         if let Some(item) = self.items.get(&id)
             && item.state == State::Done
-            && item.done_token == token
+            && item.done_token() == token
             && token != 0
         {
             return Ok(());
@@ -454,9 +490,10 @@ impl Queue {
         let worker = self.end_lease(id, token)?;
         let item = self.items.get_mut(&id).expect("checked");
         item.state = State::Done;
-        item.done_token = token;
-        item.done_ms = now;
-        item.result = result;
+        let outcome = item.outcome_mut();
+        outcome.done_token = token;
+        outcome.done_ms = now;
+        outcome.result = result;
         self.done.insert((now, id));
         self.counters.completed += 1;
         self.journal.push(Change::Put(id));
@@ -483,7 +520,7 @@ impl Queue {
         self.counters.failed += 1;
         let max_attempts = self.options.max_attempts;
         let item = self.items.get_mut(&id).expect("checked");
-        item.last_error = error;
+        item.outcome_mut().last_error = error;
         let outcome = if permanent || item.attempts >= max_attempts {
             FailOutcome::Dead
         } else {
@@ -598,7 +635,7 @@ impl Queue {
             if let Some(w) = self.workers.get_mut(&lease.worker) {
                 w.in_flight = w.in_flight.saturating_sub(1);
             }
-            item.last_error = format!(
+            item.outcome_mut().last_error = format!(
                 "lease expired (worker '{}' held it past its deadline)",
                 lease.worker
             );
@@ -718,7 +755,9 @@ impl Queue {
             ids.truncate(limit);
         }
         ids.sort_unstable();
-        ids.iter().filter_map(|id| self.items.get(id)).collect()
+        ids.iter()
+            .filter_map(|id| self.items.get(id).map(|item| &**item))
+            .collect()
     }
 
     /// Workers seen recently or holding leases, forgetting long-idle ones.
@@ -766,7 +805,7 @@ impl Queue {
                 None => None,
             };
         }
-        best.and_then(|id| self.items.get(&id))
+        best.and_then(|id| self.item(id))
     }
 
     // ---- internals -------------------------------------------------------------
@@ -784,7 +823,7 @@ impl Queue {
                 self.leased.insert((deadline, item.id));
             }
             State::Done => {
-                self.done.insert((item.done_ms, item.id));
+                self.done.insert((item.done_ms(), item.id));
             }
             State::Dead => {
                 self.dead.insert(item.id);
@@ -894,7 +933,7 @@ impl Queue {
                     let lease = item.lease.as_ref().expect("leased item has a lease");
                     self.leased.contains(&(lease.deadline_ms, item.id))
                 }
-                State::Done => self.done.contains(&(item.done_ms, item.id)),
+                State::Done => self.done.contains(&(item.done_ms(), item.id)),
                 State::Dead => self.dead.contains(&item.id),
             };
             assert!(indexed, "item {} not indexed as {:?}", item.id, item.state);

@@ -90,7 +90,7 @@ fn lease_then_ack_completes_once() {
     assert_eq!(lease.deadline_ms, T0 + 1_000);
     f.q.ack(T0 + 10, id, lease.token, b"ok".to_vec()).unwrap();
     assert_eq!(f.state(id), State::Done);
-    assert_eq!(f.q.item(id).unwrap().result, b"ok");
+    assert_eq!(f.q.item(id).unwrap().result(), b"ok");
     // A retried ack of the same lease is answered OK and not counted again.
     f.q.ack(T0 + 20, id, lease.token, b"ok".to_vec()).unwrap();
     let s = f.stats(T0 + 20);
@@ -157,7 +157,7 @@ fn failures_back_off_then_go_dead() {
             .unwrap();
     assert_eq!(out, FailOutcome::Dead);
     assert_eq!(f.state(id), State::Dead);
-    assert_eq!(f.q.item(id).unwrap().last_error, "boom 3");
+    assert_eq!(f.q.item(id).unwrap().last_error(), "boom 3");
     assert_eq!(f.stats(T0 + 300).counters.failed, 3);
 }
 
@@ -575,4 +575,11 @@ fn worker_bookkeeping_follows_leases() {
     f.q.tick(leases[1].deadline_ms);
     let w = &f.q.workers(T0)[0].1;
     assert_eq!((w.in_flight, w.completed), (0, 1));
+}
+
+/// A queue may hold millions of items: what most items lack stays behind pointers.
+#[test]
+fn items_stay_small() {
+    let size = std::mem::size_of::<Item>();
+    assert!(size <= 112, "Item grew to {size} bytes");
 }

@@ -348,25 +348,28 @@ async fn list_items(
             .list_items(&name, filter, query.after, query.limit, true)?;
     let items = items
         .into_iter()
-        .map(|item| ItemJson {
-            id: item.id,
-            state: engine::queue::state_name(item.state),
-            attempts: item.attempts,
-            priority: item.priority,
-            enqueued_ms: item.enqueued_ms,
-            ready_at_ms: if item.state == ItemState::Delayed {
-                item.ready_at_ms
-            } else {
-                0
-            },
-            lease_deadline_ms: item.lease.as_ref().map_or(0, |l| l.deadline_ms),
-            done_ms: item.done_ms,
-            payload_bytes: item.payload.len(),
-            payload_preview: preview(&item.payload),
-            result_preview: preview(&item.result),
-            key: item.key,
-            worker: item.worker,
-            last_error: item.last_error,
+        .map(|item| {
+            let outcome = item.outcome.map(|o| *o).unwrap_or_default();
+            ItemJson {
+                id: item.id,
+                state: engine::queue::state_name(item.state),
+                attempts: item.attempts,
+                priority: item.priority,
+                enqueued_ms: item.enqueued_ms,
+                ready_at_ms: if item.state == ItemState::Delayed {
+                    item.ready_at_ms
+                } else {
+                    0
+                },
+                lease_deadline_ms: item.lease.as_ref().map_or(0, |l| l.deadline_ms),
+                done_ms: outcome.done_ms,
+                payload_bytes: item.payload.len(),
+                payload_preview: preview(&item.payload),
+                result_preview: preview(&outcome.result),
+                key: item.key,
+                worker: outcome.worker,
+                last_error: outcome.last_error,
+            }
         })
         .collect();
     Ok(Json(ItemList {

@@ -1,7 +1,7 @@
 //! On-disk records, encoded with prost so fields can be added without a migration.
 //! These types are private to the coordinator; clients never see them.
 
-use crate::engine::queue::{Counters, Item, LeaseInfo, Options, State};
+use crate::engine::queue::{Counters, Item, LeaseInfo, Options, Outcome, State};
 
 #[derive(Clone, PartialEq, prost::Message)]
 pub struct QueueRecord {
@@ -151,11 +151,11 @@ impl ItemRecord {
             lease_deadline_ms: lease.map_or(0, |l| l.deadline_ms),
             lease_timeout_ms: lease.map_or(0, |l| l.timeout_ms),
             lease_worker: lease.map_or_else(String::new, |l| l.worker.clone()),
-            done_token: item.done_token,
-            done_ms: item.done_ms,
-            result: item.result.clone(),
-            last_error: item.last_error.clone(),
-            worker: item.worker.clone(),
+            done_token: item.done_token(),
+            done_ms: item.done_ms(),
+            result: item.result().to_vec(),
+            last_error: item.last_error().to_string(),
+            worker: item.worker().to_string(),
         }
     }
 
@@ -169,12 +169,21 @@ impl ItemRecord {
             5 => State::Dead,
             _ => return None,
         };
-        let lease = (state == State::Leased).then_some(LeaseInfo {
-            token: self.lease_token,
-            deadline_ms: self.lease_deadline_ms,
-            timeout_ms: self.lease_timeout_ms,
-            worker: self.lease_worker,
+        let lease = (state == State::Leased).then(|| {
+            Box::new(LeaseInfo {
+                token: self.lease_token,
+                deadline_ms: self.lease_deadline_ms,
+                timeout_ms: self.lease_timeout_ms,
+                worker: self.lease_worker,
+            })
         });
+        let outcome = Outcome {
+            worker: self.worker,
+            done_token: self.done_token,
+            done_ms: self.done_ms,
+            result: self.result,
+            last_error: self.last_error,
+        };
         Some(Item {
             id: self.id,
             state,
@@ -185,11 +194,7 @@ impl ItemRecord {
             enqueued_ms: self.enqueued_ms,
             ready_at_ms: self.ready_at_ms,
             lease,
-            done_token: self.done_token,
-            done_ms: self.done_ms,
-            result: self.result,
-            last_error: self.last_error,
-            worker: self.worker,
+            outcome: (outcome != Outcome::default()).then(|| Box::new(outcome)),
         })
     }
 }
