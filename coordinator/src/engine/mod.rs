@@ -161,8 +161,7 @@ impl Engine {
         }
         let (mut items, mut orphans) = (0u64, 0u64);
         for record in snapshot.items {
-            let queue_name = record.queue.clone();
-            match (queues.get_mut(&queue_name), record.into_item()) {
+            match (queues.get_mut(&record.queue), record.into_item()) {
                 (Some(queue), Some(item)) => {
                     queue.restore(item);
                     items += 1;

@@ -583,3 +583,20 @@ fn items_stay_small() {
     let size = std::mem::size_of::<Item>();
     assert!(size <= 112, "Item grew to {size} bytes");
 }
+
+/// Ids one queue gets can share a stride (queues taking turns); their hashes must
+/// still spread over a table's buckets, whose index is the hash's low bits.
+#[test]
+fn id_hashes_spread_strided_ids_over_the_low_bits() {
+    use std::hash::{BuildHasher, BuildHasherDefault};
+    let hasher = BuildHasherDefault::<IdHasher>::default();
+    let buckets: std::collections::HashSet<u64> = (0..1024u64)
+        .map(|k| hasher.hash_one(k * 1024) & 1023)
+        .collect();
+    // 1,024 random values in 1,024 buckets fill about 647 of them.
+    assert!(
+        buckets.len() > 550,
+        "only {} of 1024 buckets",
+        buckets.len()
+    );
+}
