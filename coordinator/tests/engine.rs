@@ -122,6 +122,70 @@ async fn long_poll_answers_drained_when_the_last_lease_completes() {
     assert!(outcome.drained);
 }
 
+/// Waiters are woken per item made ready, not all of them on every change: a batch
+/// bigger than one round of wake-ups must still reach every waiter (each that leaves
+/// items behind wakes the next), and the queue going drained must answer them all.
+#[tokio::test(start_paused = true)]
+async fn a_batch_reaches_every_waiting_poll_and_drained_answers_them_all() {
+    let engine = open_memory();
+    create(&engine, "q", 30_000).await;
+    let wait_all = |from: usize, n: usize| {
+        (from..from + n)
+            .map(|w| {
+                let engine = engine.clone();
+                tokio::spawn(
+                    async move { engine.lease("q", lease_req(&format!("w{w}"), 60_000)).await },
+                )
+            })
+            .collect::<Vec<_>>()
+    };
+    // One lease out keeps the empty queue from answering "drained".
+    enqueue(&engine, "q", "held").await;
+    let held = engine
+        .lease("q", lease_req("holder", 0))
+        .await
+        .unwrap()
+        .granted
+        .remove(0);
+    let waiters = wait_all(0, 40);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert!(waiters.iter().all(|w| !w.is_finished()));
+    let batch = (0..40)
+        .map(|i| NewItem {
+            payload: format!("item-{i}").into(),
+            ..NewItem::default()
+        })
+        .collect();
+    engine.enqueue("q", batch, false).await.unwrap();
+    let mut leases = Vec::new();
+    for waiter in waiters {
+        // A waiter left asleep would only return at its 60 s timeout, empty.
+        let outcome = waiter.await.unwrap().unwrap();
+        assert_eq!(outcome.granted.len(), 1, "every waiter got an item");
+        leases.push(outcome.granted[0].clone());
+    }
+    leases.push(held);
+    let mut ids: Vec<u64> = leases.iter().map(|l| l.id).collect();
+    ids.sort_unstable();
+    ids.dedup();
+    assert_eq!(ids.len(), 41, "each item went to one waiter");
+
+    // Nothing ready, 41 leases out: these wait until the last one completes.
+    let waiters = wait_all(100, 10);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    for lease in &leases {
+        assert!(waiters.iter().all(|w| !w.is_finished()));
+        engine
+            .ack("q", lease.id, lease.token, vec![])
+            .await
+            .unwrap();
+    }
+    for waiter in waiters {
+        let outcome = waiter.await.unwrap().unwrap();
+        assert!(outcome.granted.is_empty() && outcome.drained);
+    }
+}
+
 #[tokio::test(start_paused = true)]
 async fn long_poll_gets_an_expired_lease_from_a_dead_worker() {
     let engine = open_memory();

@@ -15,7 +15,11 @@
 //!
 //! Timers: the [`reaper`] task sleeps until the earliest deadline of any queue (lease
 //! expiry, delayed item due, retention) and is woken when an earlier one appears.
-//! Long-polling leases wait on a per-queue version channel that every change bumps.
+//! Long-polling leases wait on a per-queue [`Notify`]: a change wakes one waiter per
+//! item it made ready (a waiter that leaves items behind wakes the next), and every
+//! waiter when the queue becomes drained or goes away, so a hundred idle workers do
+//! not all wake for each item. Watch streams wait on a version channel that every
+//! change bumps.
 
 pub mod limits;
 pub mod queue;
@@ -110,8 +114,30 @@ pub struct WorkerRow {
 
 struct Slot {
     queue: Mutex<Queue>,
-    /// Bumped on every change; long polls and watch streams wait on it.
+    /// Bumped on every change; watch streams and drained sessions wait on it.
     version: watch::Sender<u64>,
+    /// Long-polling leases wait on this (see [`Slot::announce`]).
+    work: Notify,
+}
+
+/// Most lease waiters one change wakes at once; each of them that leaves items ready
+/// wakes another, so a big batch still reaches every waiter.
+const WAKE_AT_ONCE: usize = 16;
+
+/// What [`Slot::announce`] compares against: the queue before a change.
+#[derive(Clone, Copy)]
+struct Before {
+    ready: usize,
+    drained: bool,
+}
+
+impl Before {
+    fn of(queue: &Queue) -> Before {
+        Before {
+            ready: queue.ready_len(),
+            drained: queue.drained(),
+        }
+    }
 }
 
 impl Slot {
@@ -120,7 +146,26 @@ impl Slot {
         Arc::new(Slot {
             queue: Mutex::new(queue),
             version,
+            work: Notify::new(),
         })
+    }
+
+    /// Tells waiters the queue changed. Lease waiters: every one when the queue became
+    /// drained or was deleted (they answer that), otherwise one per item made ready,
+    /// and at least one while any item is ready (the baton: a waiter that took some
+    /// and left some wakes the next).
+    fn announce(&self, queue: &Queue, before: Before) {
+        self.version.send_modify(|v| *v += 1);
+        if queue.deleted || queue.drained() != before.drained {
+            self.work.notify_waiters();
+            return;
+        }
+        let ready = queue.ready_len();
+        if ready > 0 {
+            for _ in 0..ready.saturating_sub(before.ready).clamp(1, WAKE_AT_ONCE) {
+                self.work.notify_one();
+            }
+        }
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Queue> {
@@ -281,6 +326,7 @@ impl Engine {
             (self.store.write(ops)?, count)
         };
         slot.version.send_modify(|v| *v += 1);
+        slot.work.notify_waiters();
         self.store.sync(ticket).await?;
         tracing::info!(queue = name, items = count, "queue deleted");
         Ok(count)
@@ -396,11 +442,14 @@ impl Engine {
             )));
         }
         let slot = self.slot(name)?;
-        let mut changes = slot.version.subscribe();
         let mut shutdown = self.shutdown.subscribe();
         let deadline = tokio::time::Instant::now() + Duration::from_millis(request.wait_ms);
+        let woken = slot.work.notified();
+        tokio::pin!(woken);
         loop {
-            changes.borrow_and_update();
+            // Registered before looking, so a change right after the look still wakes
+            // this poll.
+            woken.as_mut().enable();
             let (outcome, ticket) = self.apply(&slot, name, |q, now, store| {
                 let granted = q.lease(now, &request.worker, max, request.lease_timeout_ms, || {
                     store.next_id()
@@ -422,11 +471,7 @@ impl Engine {
                 return Ok(outcome);
             }
             tokio::select! {
-                changed = changes.changed() => {
-                    if changed.is_err() {
-                        return Err(Error::QueueNotFound(name.to_string()));
-                    }
-                }
+                () = woken.as_mut() => woken.set(slot.work.notified()),
                 _ = tokio::time::sleep_until(deadline) => return Ok(outcome),
                 _ = shutdown.changed() => return Ok(outcome),
             }
@@ -735,12 +780,13 @@ impl Engine {
             return Err(Error::QueueNotFound(name.to_string()));
         }
         let before = (queue.counters.clone(), queue.sealed, queue.options.clone());
+        let waiters_before = Before::of(&queue);
         let now = self.clock.now_ms();
         let result = f(&mut queue, now, &self.store);
         let meta_changed = before != (queue.counters.clone(), queue.sealed, queue.options.clone());
         let ticket = self.persist(&mut queue, meta_changed)?;
         if ticket.is_some() {
-            slot.version.send_modify(|v| *v += 1);
+            slot.announce(&queue, waiters_before);
             self.schedule(queue.next_deadline());
         }
         drop(queue);

@@ -298,6 +298,11 @@ impl Queue {
     }
 
     /// PRODUCT.md: no READY, DELAYED or LEASED items remain.
+    /// Items a lease could take right now.
+    pub fn ready_len(&self) -> usize {
+        self.ready.len()
+    }
+
     pub fn drained(&self) -> bool {
         self.unfinished() == 0
     }

@@ -10,7 +10,7 @@
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
-use super::Engine;
+use super::{Before, Engine};
 
 pub(super) fn spawn(engine: Arc<Engine>) {
     // Hold the engine only during a pass, so dropping the engine ends the task.
@@ -59,6 +59,7 @@ fn pass(engine: &Engine) -> u64 {
             continue;
         }
         let now = engine.clock.now_ms();
+        let before = Before::of(&queue);
         if queue.next_deadline().is_some_and(|d| d <= now) && queue.tick(now) {
             match engine.persist(&mut queue, true) {
                 Ok(_) => wrote = true,
@@ -66,7 +67,7 @@ fn pass(engine: &Engine) -> u64 {
                     tracing::error!(queue = %queue.name, error = %e, "persisting expiry failed")
                 }
             }
-            slot.version.send_modify(|v| *v += 1);
+            slot.announce(&queue, before);
         }
         if let Some(deadline) = queue.next_deadline() {
             next = next.min(deadline);
