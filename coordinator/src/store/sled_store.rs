@@ -10,12 +10,10 @@
 //!
 //! - **Strict**: each batch goes to the write-ahead log ([`super::wal`]); the
 //!   flusher's sync is one `write` + `fdatasync` of the log, which releases the
-//!   waiters. Only then is the batch handed to the applier thread, which merges it
-//!   into the latest value per key and hands that to sled at checkpoints (or when it
-//!   grows large): a key written many times between checkpoints (an item enqueued,
-//!   leased, acked) costs sled one write, and sled's per-batch CPU cost leaves the
-//!   steady state. A sled flush costs about ten times an `fdatasync` and applying to
-//!   sled more than the sync itself, so this is what makes strict mode fast.
+//!   waiters. Only then is the batch handed to the applier thread, which applies it
+//!   to sled in ticket order, off the critical path; sled is flushed at checkpoints.
+//!   A sled flush costs about ten times an `fdatasync` and applying to sled more than
+//!   the sync itself, so this is what makes strict mode fast.
 //! - **Relaxed**: answers at once; the flusher flushes sled every 500 ms.
 //!
 //! Layout under the data dir: `sled/` (one tree; keys `q<name>` for queue records and
@@ -39,11 +37,6 @@ const RELAXED_FLUSH_EVERY: Duration = Duration::from_millis(500);
 /// Synced groups of batches that may wait for the sled applier before the flusher
 /// blocks.
 const APPLY_BACKLOG: usize = 65_536;
-/// The applier hands its merged writes to sled early once this many keys wait, which
-/// bounds its memory between checkpoints.
-const APPLY_MERGED_KEYS: usize = 250_000;
-/// Keys per sled batch when the applier hands its merged writes over.
-const APPLY_CHUNK: usize = 8_192;
 /// Most yields the flusher spends waiting for more writers to join a sync.
 const COMMIT_YIELDS: usize = 8;
 /// Checkpoint (flush sled, drop the old log) when the log grows past this…
@@ -78,65 +71,39 @@ struct Log {
     applier: Applier,
 }
 
-/// One durable key-value write: `None` removes the key.
-type Pair = (Vec<u8>, Option<Vec<u8>>);
-
-enum Apply {
-    /// Every batch up to this ticket, synced to the log.
-    Group(u64, Vec<Pair>),
-    /// Hand everything up to this ticket to sled now (a checkpoint or shutdown).
-    Drain(u64),
-}
-
-/// Takes durable batches in ticket order on its own thread, keeps the latest value
-/// of each key, and writes those to sled when asked (checkpoints) or when many wait.
-/// Batches reach it only after their log bytes are synced, so sled never holds
-/// anything the log does not, and sled is always the state after some prefix of the
-/// log: replaying the retained log over it is exact whatever sled got of the merged
-/// writes before a crash (every key they touch is rewritten by the replay, in order).
+/// Applies durable batches to sled in ticket order on its own thread. Batches reach
+/// sled only after their log bytes are synced, so sled never holds anything the log
+/// does not (after a crash, replaying the log over sled is exact).
 struct Applier {
-    /// Bounded: when the applier falls behind, the flusher waits (backpressure)
-    /// instead of memory growing.
-    queue: std::sync::mpsc::SyncSender<Apply>,
-    /// The highest ticket written to sled, for checkpoints to wait on.
+    /// Bounded: when sled falls behind, the flusher waits (backpressure) instead of
+    /// memory growing.
+    queue: std::sync::mpsc::SyncSender<(u64, Vec<sled::Batch>)>,
+    /// The highest ticket applied to sled, for checkpoints to wait on.
     applied: Arc<(Mutex<u64>, std::sync::Condvar)>,
     failed: Arc<AtomicBool>,
 }
 
 impl Applier {
     fn spawn(tree: sled::Tree) -> std::io::Result<Applier> {
-        let (queue, messages) = std::sync::mpsc::sync_channel::<Apply>(APPLY_BACKLOG);
+        let (queue, batches) =
+            std::sync::mpsc::sync_channel::<(u64, Vec<sled::Batch>)>(APPLY_BACKLOG);
         let applied = Arc::new((Mutex::new(0u64), std::sync::Condvar::new()));
         let failed = Arc::new(AtomicBool::new(false));
         let (done, broke) = (applied.clone(), failed.clone());
         std::thread::Builder::new()
             .name("workq-sled-apply".into())
             .spawn(move || {
-                let mut merged: std::collections::HashMap<Vec<u8>, Option<Vec<u8>>> =
-                    std::collections::HashMap::new();
-                let (mut received, mut wanted) = (0u64, 0u64);
                 // Ends when the store (the sender) is dropped.
-                for message in messages {
-                    match message {
-                        Apply::Group(ticket, pairs) => {
-                            merged.extend(pairs);
-                            received = ticket;
-                        }
-                        Apply::Drain(ticket) => wanted = wanted.max(ticket),
-                    }
-                    let asked = wanted > 0 && received >= wanted;
-                    if asked || merged.len() >= APPLY_MERGED_KEYS {
-                        if let Err(e) = write_merged(&tree, &mut merged) {
+                for (ticket, group) in batches {
+                    for batch in group {
+                        if let Err(e) = tree.apply_batch(batch) {
                             tracing::error!(error = %e, "applying to sled failed; the log keeps the data");
                             broke.store(true, Ordering::SeqCst);
                         }
-                        let (lock, ready) = &*done;
-                        *lock.lock().unwrap_or_else(|e| e.into_inner()) = received;
-                        ready.notify_all();
-                        if received >= wanted {
-                            wanted = 0;
-                        }
                     }
+                    let (lock, ready) = &*done;
+                    *lock.lock().unwrap_or_else(|e| e.into_inner()) = ticket;
+                    ready.notify_all();
                 }
             })?;
         Ok(Applier {
@@ -148,9 +115,6 @@ impl Applier {
 
     /// Blocks until every batch up to `ticket` is in sled.
     fn wait_applied(&self, ticket: u64) {
-        if self.queue.send(Apply::Drain(ticket)).is_err() {
-            return;
-        }
         let (lock, ready) = &*self.applied;
         let mut applied = lock.lock().unwrap_or_else(|e| e.into_inner());
         while *applied < ticket && !self.failed.load(Ordering::SeqCst) {
@@ -159,36 +123,12 @@ impl Applier {
     }
 }
 
-/// Writes the merged values to sled in chunks and empties the map.
-fn write_merged(
-    tree: &sled::Tree,
-    merged: &mut std::collections::HashMap<Vec<u8>, Option<Vec<u8>>>,
-) -> sled::Result<()> {
-    let mut batch = sled::Batch::default();
-    let mut in_batch = 0;
-    for (key, value) in merged.drain() {
-        match value {
-            Some(value) => batch.insert(key, value),
-            None => batch.remove(key),
-        }
-        in_batch += 1;
-        if in_batch == APPLY_CHUNK {
-            tree.apply_batch(std::mem::take(&mut batch))?;
-            in_batch = 0;
-        }
-    }
-    if in_batch > 0 {
-        tree.apply_batch(batch)?;
-    }
-    Ok(())
-}
-
-/// Strict mode's unsynced batches: their log bytes, the same writes for sled (handed
-/// to the applier only once the bytes are synced), and the ticket of the last one.
+/// Strict mode's unsynced batches: their log bytes, the same batches for sled (applied
+/// only once the bytes are synced), and the ticket of the last one.
 #[derive(Default)]
 struct Pending {
     bytes: Vec<u8>,
-    pairs: Vec<Pair>,
+    batches: Vec<sled::Batch>,
     ticket: u64,
 }
 
@@ -356,7 +296,7 @@ impl SledStore {
     }
 
     pub fn write(&self, ops: Vec<Op>) -> Result<Ticket> {
-        let mut pairs: Vec<Pair> = ops
+        let pairs: Vec<(Vec<u8>, Option<Vec<u8>>)> = ops
             .into_iter()
             .map(|op| match op {
                 Op::PutQueue(record) => (queue_key(&record.name), Some(record.encode_to_vec())),
@@ -365,6 +305,8 @@ impl SledStore {
                 Op::DeleteItem(id) => (item_key(id).to_vec(), None),
             })
             .collect();
+        let mut pairs = pairs;
+        let mut batch = sled::Batch::default();
         let Some(log) = &self.inner.log else {
             // The counter record is read and applied under one lock, so the values
             // reach sled in increasing order.
@@ -374,7 +316,6 @@ impl SledStore {
                 .lock()
                 .unwrap_or_else(|e| e.into_inner());
             pairs.push(self.counter_record());
-            let mut batch = sled::Batch::default();
             for (key, value) in pairs {
                 match value {
                     Some(value) => batch.insert(key, value),
@@ -402,12 +343,18 @@ impl SledStore {
             pairs.iter().map(|(k, v)| (k.as_slice(), v.as_deref())),
             &mut pending.bytes,
         );
-        pending.pairs.append(&mut pairs);
+        for (key, value) in pairs {
+            match value {
+                Some(value) => batch.insert(key, value),
+                None => batch.remove(key),
+            }
+        }
+        pending.batches.push(batch);
         pending.ticket += 1;
         Ok(Ticket(pending.ticket))
     }
 
-    fn counter_record(&self) -> Pair {
+    fn counter_record(&self) -> (Vec<u8>, Option<Vec<u8>>) {
         let value = self.inner.next_id.load(Ordering::SeqCst);
         (NEXT_ID_KEY.to_vec(), Some(value.to_le_bytes().to_vec()))
     }
@@ -567,7 +514,7 @@ async fn flush_once(inner: &Arc<Inner>) -> Result<()> {
                 // sends, one group at a time).
                 log.applier
                     .queue
-                    .send(Apply::Group(target, pending.pairs))
+                    .send((target, pending.batches))
                     .map_err(|_| storage_error("sled applier", "stopped"))?;
                 Ok::<(), Error>(())
             })
@@ -720,9 +667,8 @@ mod tests {
         wal::list(&dir.join("wal")).unwrap().len()
     }
 
-    /// The applier merges the writes between checkpoints into one value per key; a
-    /// checkpoint must still leave sled holding the latest of each, so that the log
-    /// can go, and what came after it must come back from the log.
+    /// A checkpoint must leave sled holding the latest value of each key, so that the
+    /// log can go, and what came after it must come back from the log.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn checkpoints_keep_the_latest_value_of_each_key_and_the_log_the_rest() {
         let dir = tempfile::tempdir().unwrap();
