@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use workq_coordinator::Engine;
 use workq_coordinator::clock::Clock;
-use workq_coordinator::engine::{LeaseRequest, NewItem, OptionsPatch, State};
+use workq_coordinator::engine::{Granted, LeaseRequest, NewItem, OptionsPatch, State};
 use workq_coordinator::store::{Durability, Store};
 
 fn open_memory() -> Arc<Engine> {
@@ -38,6 +38,16 @@ fn lease_req(worker: &str, wait_ms: u64) -> LeaseRequest {
         lease_timeout_ms: 0,
         wait_ms,
     }
+}
+
+/// Leases one ready item without waiting (panics if there is none).
+async fn lease_now(engine: &Engine, worker: &str) -> Granted {
+    engine
+        .lease("q", lease_req(worker, 0))
+        .await
+        .unwrap()
+        .granted
+        .remove(0)
 }
 
 #[tokio::test(start_paused = true)]
@@ -100,12 +110,7 @@ async fn long_poll_answers_drained_when_the_last_lease_completes() {
     let engine = open_memory();
     create(&engine, "q", 30_000).await;
     let id = enqueue(&engine, "q", "only").await;
-    let held = engine
-        .lease("q", lease_req("w1", 0))
-        .await
-        .unwrap()
-        .granted
-        .remove(0);
+    let held = lease_now(&engine, "w1").await;
     // A second worker waits: the queue is empty but not drained (w1 holds a lease).
     let waiter = {
         let engine = engine.clone();
@@ -141,12 +146,7 @@ async fn a_batch_reaches_every_waiting_poll_and_drained_answers_them_all() {
     };
     // One lease out keeps the empty queue from answering "drained".
     enqueue(&engine, "q", "held").await;
-    let held = engine
-        .lease("q", lease_req("holder", 0))
-        .await
-        .unwrap()
-        .granted
-        .remove(0);
+    let held = lease_now(&engine, "holder").await;
     let waiters = wait_all(0, 40);
     tokio::time::sleep(Duration::from_millis(100)).await;
     assert!(waiters.iter().all(|w| !w.is_finished()));
@@ -224,32 +224,17 @@ async fn sled_store_restores_queues_items_and_live_leases() {
         let a = enqueue(&engine, "q", "a").await;
         let b = enqueue(&engine, "q", "b").await;
         let c = enqueue(&engine, "q", "c").await;
-        let la = engine
-            .lease("q", lease_req("w", 0))
-            .await
-            .unwrap()
-            .granted
-            .remove(0);
+        let la = lease_now(&engine, "w").await;
         engine
             .ack("q", a, la.token, b"result".to_vec())
             .await
             .unwrap();
-        let lb = engine
-            .lease("q", lease_req("w", 0))
-            .await
-            .unwrap()
-            .granted
-            .remove(0);
+        let lb = lease_now(&engine, "w").await;
         engine
             .fail("q", b, lb.token, "bad".into(), true, 0)
             .await
             .unwrap();
-        let lc = engine
-            .lease("q", lease_req("w", 0))
-            .await
-            .unwrap()
-            .granted
-            .remove(0);
+        let lc = lease_now(&engine, "w").await;
         assert_eq!(lc.id, c);
         engine.close().await.unwrap();
         (lc, a, b)

@@ -297,12 +297,12 @@ impl Queue {
         (self.ready.len() + self.delayed.len() + self.leased.len()) as u64
     }
 
-    /// PRODUCT.md: no READY, DELAYED or LEASED items remain.
     /// Items a lease could take right now.
     pub fn ready_len(&self) -> usize {
         self.ready.len()
     }
 
+    /// PRODUCT.md: no READY, DELAYED or LEASED items remain.
     pub fn drained(&self) -> bool {
         self.unfinished() == 0
     }
