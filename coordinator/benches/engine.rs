@@ -1,6 +1,6 @@
 //! In-process engine throughput, without the network: what one coordinator core can
 //! do per item for enqueue, lease + ack, and batched variants, in memory and with
-//! sled in strict mode (group commit across concurrent callers).
+//! the disk store in strict mode (group commit across concurrent callers).
 //!
 //! Run: `cargo bench -p workq-coordinator --bench engine` (add `-- --quick` for a
 //! shorter run). Prints items/s per scenario.
@@ -108,11 +108,11 @@ fn main() {
         .build()
         .unwrap();
     runtime.block_on(async {
-        for (label, durable) in [("memory", false), ("sled strict", true)] {
+        for (label, durable) in [("memory", false), ("disk strict", true)] {
             let dir = tempfile::tempdir().unwrap();
             let store = || {
                 if durable {
-                    Store::open_sled(dir.path(), Durability::Strict, 64 << 20).unwrap()
+                    Store::open_disk(dir.path(), Durability::Strict).unwrap()
                 } else {
                     Store::memory()
                 }

@@ -2,7 +2,7 @@
 //!
 //! - [`engine`]: the queue state machine (pure core in `engine::queue`) and the engine
 //!   that owns it, persists it and runs its timers;
-//! - [`store`]: memory and sled storage with group commit;
+//! - [`store`]: memory, or a write-ahead log with group commit and snapshots;
 //! - [`grpc`]: the `workq.v1` service, mapping domain errors to status codes;
 //! - [`auth`]: bearer-token checks shared by gRPC and HTTP;
 //! - [`server`]: wires it together over listeners the caller binds.

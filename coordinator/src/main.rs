@@ -27,7 +27,7 @@ struct Args {
     #[arg(long, default_value = "127.0.0.1:8080", env = "WORKQ_HTTP_ADDR")]
     http_addr: SocketAddr,
 
-    /// Directory of the sled database. Created if missing.
+    /// Directory of the write-ahead log and snapshots. Created if missing.
     #[arg(
         long,
         default_value = "./workq-data",
@@ -45,14 +45,15 @@ struct Args {
     #[arg(long, value_enum, default_value = "strict")]
     durability: Durability,
 
-    /// Strict mode: how often the write-ahead log is checkpointed into sled while
-    /// writes keep coming (a restart replays at most this much log).
+    /// How often to snapshot the state while writes keep coming, once the log has
+    /// grown to half the last snapshot (it also snapshots whenever the log outgrows
+    /// the snapshot and 64 MiB). A restart reads the snapshot and the log after it.
     #[arg(long, default_value = "10s", value_parser = parse_duration)]
     checkpoint_every: std::time::Duration,
 
-    /// sled cache size in MiB (sled's own default is 1 GiB; keep it under the pod limit).
-    #[arg(long, default_value_t = 64)]
-    cache_mb: u64,
+    /// Accepted and ignored: the sled cache of earlier versions (there is no sled now).
+    #[arg(long, hide = true)]
+    cache_mb: Option<u64>,
 
     /// File holding the bearer token every API call must present.
     #[arg(long, env = "WORKQ_TOKEN_FILE")]
@@ -102,14 +103,17 @@ async fn run(args: Args) -> anyhow::Result<()> {
         Some(path) => Auth::from_file(path)?,
         None => Auth::disabled(),
     };
+    if args.cache_mb.is_some() {
+        tracing::warn!("--cache-mb is ignored: the store no longer uses sled");
+    }
     let store = if args.in_memory {
         Store::memory()
     } else {
         std::fs::create_dir_all(&args.data_dir)
             .with_context(|| format!("cannot create data dir {}", args.data_dir.display()))?;
-        let store = Store::open_sled(&args.data_dir, args.durability, args.cache_mb * 1024 * 1024)?;
-        if let Store::Sled(sled) = &store {
-            sled.set_checkpoint_every(args.checkpoint_every);
+        let store = Store::open_disk(&args.data_dir, args.durability)?;
+        if let Store::Disk(disk) = &store {
+            disk.set_checkpoint_every(args.checkpoint_every);
         }
         store
     };

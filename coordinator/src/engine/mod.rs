@@ -6,7 +6,7 @@
 //! 2. locks that one queue (a sync mutex: the critical section is short, CPU-only,
 //!    and never held across an `.await`),
 //! 3. runs the transition in the pure core, turns the changed items into one atomic
-//!    storage batch and writes it (in memory for sled; cheap),
+//!    storage batch and writes it (into the log buffer; cheap),
 //! 4. unlocks, then waits for [`Store::sync`] — the group-committed flush — before
 //!    answering. Only then is the change acknowledged.
 //!
@@ -36,7 +36,7 @@ use tokio::sync::{Notify, watch};
 
 use crate::clock::Clock;
 use crate::error::{Error, Result};
-use crate::store::{ItemRecord, Op, QueueRecord, Store};
+use crate::store::{ItemRecord, Op, QueueRecord, SnapshotWriter, Store, Ticket};
 pub use limits::OptionsPatch;
 pub use queue::{
     Enqueued, FailOutcome, Granted, Item, NewItem, Options, Queue, State, Stats, WorkerInfo,
@@ -239,6 +239,7 @@ impl Engine {
         });
         engine.store.start();
         reaper::spawn(engine.clone());
+        spawn_checkpointer(&engine);
         Ok(engine)
     }
 
@@ -260,10 +261,72 @@ impl Engine {
         *self.shutdown.borrow()
     }
 
-    /// Final flush.
-    pub async fn close(&self) -> Result<()> {
+    /// Final flush, then a snapshot if the log grew, so the next start reads little.
+    pub async fn close(self: &Arc<Self>) -> Result<()> {
         self.begin_shutdown();
-        self.store.close().await
+        self.store.close().await?;
+        if self.store.log_grew() {
+            self.checkpoint().await?;
+        }
+        Ok(())
+    }
+
+    // ---- snapshots ---------------------------------------------------------------
+
+    /// Writes every queue and item to a snapshot so the log before it can go (see
+    /// `store::log_store`). Returns the snapshot's size; `None` when the store has no
+    /// log or a snapshot is already being written.
+    pub async fn checkpoint(self: &Arc<Self>) -> Result<Option<u64>> {
+        let engine = self.clone();
+        let dumped = tokio::task::spawn_blocking(move || engine.dump())
+            .await
+            .map_err(|e| Error::Storage(format!("snapshot task: {e}")))??;
+        let Some((writer, seen)) = dumped else {
+            return Ok(None);
+        };
+        // The snapshot must not hold anything the log could still lose in a crash.
+        self.store.wait_durable(seen).await?;
+        let engine = self.clone();
+        let bytes = tokio::task::spawn_blocking(move || engine.store.finish_checkpoint(writer))
+            .await
+            .map_err(|e| Error::Storage(format!("snapshot task: {e}")))??;
+        Ok(Some(bytes))
+    }
+
+    /// The blocking half of a checkpoint: dumps one queue at a time, each in chunks
+    /// under its lock, so writers wait for a chunk at most. Returns the writer and the
+    /// last ticket written when the dump ended.
+    fn dump(&self) -> Result<Option<(SnapshotWriter, Ticket)>> {
+        /// Items copied per hold of a queue's lock.
+        const CHUNK: usize = 1024;
+        let Some(mut writer) = self.store.begin_checkpoint()? else {
+            return Ok(None);
+        };
+        for slot in self.slots() {
+            let ids = {
+                let queue = slot.lock();
+                if queue.deleted {
+                    continue;
+                }
+                writer.put_queue(&queue_record(&queue));
+                queue.all_ids()
+            };
+            for chunk in ids.chunks(CHUNK) {
+                {
+                    let queue = slot.lock();
+                    if queue.deleted {
+                        break;
+                    }
+                    for id in chunk {
+                        if let Some(item) = queue.item(*id) {
+                            writer.put_item(&ItemRecord::from_item(&queue.name, item));
+                        }
+                    }
+                }
+                writer.spill_if_full()?;
+            }
+        }
+        Ok(Some((writer, self.store.last_ticket())))
     }
 
     // ---- queues ----------------------------------------------------------------
@@ -831,6 +894,34 @@ impl Engine {
             self.reaper_wake.notify_one();
         }
     }
+}
+
+/// Writes a snapshot whenever the store says the log has grown enough.
+fn spawn_checkpointer(engine: &Arc<Engine>) {
+    let Some(wanted) = engine.store.checkpoint_wanted() else {
+        return;
+    };
+    let weak = Arc::downgrade(engine);
+    let mut shutdown = engine.shutdown.subscribe();
+    tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                _ = wanted.notified() => {}
+                _ = shutdown.wait_for(|stopping| *stopping) => break,
+            }
+            let Some(engine) = weak.upgrade() else { break };
+            let started = std::time::Instant::now();
+            match engine.checkpoint().await {
+                Ok(Some(bytes)) => tracing::debug!(
+                    bytes,
+                    millis = started.elapsed().as_millis() as u64,
+                    "snapshot written"
+                ),
+                Ok(None) => {}
+                Err(e) => tracing::warn!(error = %e, "snapshot failed; the log keeps everything"),
+            }
+        }
+    });
 }
 
 fn settle_one(q: &mut Queue, now: u64, id: u64, token: u64, action: SettleAction) -> Result<u64> {

@@ -4,21 +4,23 @@
 //! atomic batch, then waits for [`Store::sync`] before answering the client. Two
 //! backends:
 //! - [`Store::memory`]: nothing on disk (kuard-like, `--in-memory`);
-//! - [`Store::open_sled`]: a sled database under `--data-dir`, with group commit.
+//! - [`Store::open_disk`]: a write-ahead log with group commit under `--data-dir`,
+//!   compacted by snapshots the engine writes ([`LogStore`]).
 //!
 //! Ownership: the engine is the only writer. Batches from different queues may
-//! interleave; each batch is atomic and holds a whole item record, so replaying the
-//! database always yields a consistent set of queues and items.
+//! interleave; each batch is atomic and holds whole records, so replaying the log
+//! always yields a consistent set of queues and items.
 
+mod import;
+mod log_store;
 pub mod record;
-mod sled_store;
 mod wal;
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use crate::error::Result;
+pub use log_store::{DEFAULT_CHECKPOINT_EVERY, Durability, LogStore, SnapshotWriter};
 pub use record::{ItemRecord, QueueRecord};
-pub use sled_store::{DEFAULT_CHECKPOINT_EVERY, Durability, SledStore};
 
 /// One change inside an atomic batch.
 #[derive(Debug, Clone)]
@@ -50,7 +52,7 @@ pub struct FlushStats {
 
 pub enum Store {
     Memory { ids: AtomicU64 },
-    Sled(SledStore),
+    Disk(LogStore),
 }
 
 impl std::fmt::Debug for Store {
@@ -66,34 +68,30 @@ impl Store {
         }
     }
 
-    /// Opens (or creates) a sled database in `dir`. `cache_bytes` bounds sled's cache.
-    pub fn open_sled(
-        dir: &std::path::Path,
-        durability: Durability,
-        cache_bytes: u64,
-    ) -> Result<Store> {
-        Ok(Store::Sled(SledStore::open(dir, durability, cache_bytes)?))
+    /// Opens (or creates) the store in `dir` and reads it back.
+    pub fn open_disk(dir: &std::path::Path, durability: Durability) -> Result<Store> {
+        Ok(Store::Disk(LogStore::open(dir, durability)?))
     }
 
     pub fn describe(&self) -> &'static str {
         match self {
             Store::Memory { .. } => "in-memory",
-            Store::Sled(s) => match s.durability() {
-                Durability::Strict => "sled (strict durability)",
-                Durability::Relaxed => "sled (relaxed durability)",
+            Store::Disk(s) => match s.durability() {
+                Durability::Strict => "disk (strict durability)",
+                Durability::Relaxed => "disk (relaxed durability)",
             },
         }
     }
 
     pub fn is_persistent(&self) -> bool {
-        matches!(self, Store::Sled(_))
+        matches!(self, Store::Disk(_))
     }
 
     /// Reads every record (start-up only).
     pub fn load(&self) -> Result<Snapshot> {
         match self {
             Store::Memory { .. } => Ok(Snapshot::default()),
-            Store::Sled(s) => s.load(),
+            Store::Disk(s) => Ok(s.load()),
         }
     }
 
@@ -102,15 +100,15 @@ impl Store {
     pub fn next_id(&self) -> u64 {
         match self {
             Store::Memory { ids } => ids.fetch_add(1, Ordering::Relaxed),
-            Store::Sled(s) => s.next_id(),
+            Store::Disk(s) => s.next_id(),
         }
     }
 
-    /// Applies a batch atomically (in memory for sled until flushed).
+    /// Queues a batch for the log; atomic on replay.
     pub fn write(&self, ops: Vec<Op>) -> Result<Ticket> {
         match self {
             Store::Memory { .. } => Ok(Ticket(0)),
-            Store::Sled(s) => s.write(ops),
+            Store::Disk(s) => s.write(ops),
         }
     }
 
@@ -118,7 +116,7 @@ impl Store {
     pub fn last_ticket(&self) -> Ticket {
         match self {
             Store::Memory { .. } => Ticket(0),
-            Store::Sled(s) => s.last_ticket(),
+            Store::Disk(s) => s.last_ticket(),
         }
     }
 
@@ -127,20 +125,63 @@ impl Store {
     pub async fn sync(&self, ticket: Ticket) -> Result<()> {
         match self {
             Store::Memory { .. } => Ok(()),
-            Store::Sled(s) => s.sync(ticket).await,
+            Store::Disk(s) => s.sync(ticket).await,
+        }
+    }
+
+    /// Waits until `ticket` is on disk, even in relaxed mode.
+    pub async fn wait_durable(&self, ticket: Ticket) -> Result<()> {
+        match self {
+            Store::Memory { .. } => Ok(()),
+            Store::Disk(s) => s.wait_durable(ticket).await,
+        }
+    }
+
+    /// Whether anything was logged since the last snapshot.
+    pub fn log_grew(&self) -> bool {
+        match self {
+            Store::Memory { .. } => false,
+            Store::Disk(s) => s.log_grew(),
+        }
+    }
+
+    /// Notified when a snapshot is due (`None`: nothing on disk to compact).
+    pub fn checkpoint_wanted(&self) -> Option<std::sync::Arc<tokio::sync::Notify>> {
+        match self {
+            Store::Memory { .. } => None,
+            Store::Disk(s) => Some(s.checkpoint_wanted()),
+        }
+    }
+
+    /// Starts a snapshot (see [`LogStore::begin_checkpoint`]); `None` in memory or
+    /// while another one runs.
+    pub fn begin_checkpoint(&self) -> Result<Option<SnapshotWriter>> {
+        match self {
+            Store::Memory { .. } => Ok(None),
+            Store::Disk(s) => s.begin_checkpoint(),
+        }
+    }
+
+    /// Puts a filled snapshot in place (see [`LogStore::finish_checkpoint`]).
+    pub fn finish_checkpoint(&self, writer: SnapshotWriter) -> Result<u64> {
+        match self {
+            Store::Memory { .. } => Err(crate::error::Error::Storage(
+                "no snapshots in memory".into(),
+            )),
+            Store::Disk(s) => s.finish_checkpoint(writer),
         }
     }
 
     /// Asks for a flush without waiting for it (background changes such as expiry).
     pub fn request_flush(&self) {
-        if let Store::Sled(s) = self {
+        if let Store::Disk(s) = self {
             s.request_flush();
         }
     }
 
     /// Starts the background flusher; call once from inside the runtime.
     pub fn start(&self) {
-        if let Store::Sled(s) = self {
+        if let Store::Disk(s) = self {
             s.start();
         }
     }
@@ -149,7 +190,7 @@ impl Store {
     pub async fn close(&self) -> Result<()> {
         match self {
             Store::Memory { .. } => Ok(()),
-            Store::Sled(s) => s.close().await,
+            Store::Disk(s) => s.close().await,
         }
     }
 
@@ -157,14 +198,14 @@ impl Store {
     pub fn healthy(&self) -> bool {
         match self {
             Store::Memory { .. } => true,
-            Store::Sled(s) => s.healthy(),
+            Store::Disk(s) => s.healthy(),
         }
     }
 
     pub fn flush_stats(&self) -> Option<&FlushStats> {
         match self {
             Store::Memory { .. } => None,
-            Store::Sled(s) => Some(s.flush_stats()),
+            Store::Disk(s) => Some(s.flush_stats()),
         }
     }
 }

@@ -1,0 +1,262 @@
+//! The disk store's snapshots, through the engine: a snapshot taken while writers run
+//! loses nothing, a clean shutdown leaves one snapshot to read, an interrupted one is
+//! ignored, and a damaged one stops the start-up instead of losing data quietly.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::Arc;
+
+use workq_coordinator::Engine;
+use workq_coordinator::clock::Clock;
+use workq_coordinator::engine::queue::Counters;
+use workq_coordinator::engine::{Item, LeaseRequest, NewItem, OptionsPatch, State as ItemState};
+use workq_coordinator::store::{Durability, Store};
+
+fn open(dir: &Path) -> Arc<Engine> {
+    Engine::open(
+        Store::open_disk(dir, Durability::Strict).unwrap(),
+        Clock::system(),
+    )
+    .unwrap()
+}
+
+/// Everything a restart must bring back: every queue's counters and every item.
+type State = BTreeMap<String, (Counters, Vec<Item>)>;
+
+fn state(engine: &Engine) -> State {
+    let mut state = State::new();
+    for name in engine.queue_names() {
+        let counters = engine.stats(&name).unwrap().counters;
+        let mut items = Vec::new();
+        let mut after = 0;
+        loop {
+            let (page, next) = engine.list_items(&name, None, after, 1000, true).unwrap();
+            // A delayed retry turns ready on the clock, restart or not.
+            items.extend(page.into_iter().map(|mut item| {
+                if item.state == ItemState::Delayed {
+                    item.state = ItemState::Ready;
+                }
+                item
+            }));
+            if next == 0 {
+                break;
+            }
+            after = next;
+        }
+        state.insert(name, (counters, items));
+    }
+    state
+}
+
+fn files(dir: &Path, suffix: &str) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(dir.join("wal"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .filter(|n| n.ends_with(suffix))
+        .collect();
+    names.sort();
+    names
+}
+
+fn worker(name: &str) -> LeaseRequest {
+    LeaseRequest {
+        worker: name.into(),
+        max_items: 3,
+        lease_timeout_ms: 60_000,
+        wait_ms: 0,
+    }
+}
+
+/// Producers, consumers and a queue being created and deleted, all while snapshots are
+/// taken back to back; then a crash. Every change was acknowledged (strict mode), so the
+/// reopened state must be exactly the state before the crash.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn snapshots_taken_while_writers_run_lose_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let engine = open(dir.path());
+    for q in ["a", "b"] {
+        engine
+            .create_queue(q, &OptionsPatch::default(), false)
+            .await
+            .unwrap();
+    }
+    let mut tasks = Vec::new();
+    for t in 0..4u32 {
+        let engine = engine.clone();
+        tasks.push(tokio::spawn(async move {
+            let q = if t % 2 == 0 { "a" } else { "b" };
+            for i in 0..150u32 {
+                let items = (0..3)
+                    .map(|k| NewItem {
+                        payload: format!("{t}-{i}-{k}").into_bytes(),
+                        ..NewItem::default()
+                    })
+                    .collect();
+                engine.enqueue(q, items, false).await.unwrap();
+                let leased = engine.lease(q, worker(&format!("w{t}"))).await.unwrap();
+                for (n, g) in leased.granted.iter().enumerate() {
+                    // Ack some, fail some (back to ready), keep some leased.
+                    match n {
+                        0 => engine.ack(q, g.id, g.token, vec![1]).await.unwrap(),
+                        1 => engine
+                            .fail(q, g.id, g.token, "x".into(), false, 0)
+                            .await
+                            .map(|_| ())
+                            .unwrap(),
+                        _ => {}
+                    }
+                }
+                if i % 50 == 0 {
+                    // A short-lived queue: created and deleted between snapshots.
+                    let name = format!("tmp{t}");
+                    engine
+                        .create_queue(&name, &OptionsPatch::default(), false)
+                        .await
+                        .unwrap();
+                    engine
+                        .enqueue(&name, vec![NewItem::default()], false)
+                        .await
+                        .unwrap();
+                    engine.delete_queue(&name).await.unwrap();
+                }
+            }
+        }));
+    }
+    let snapshotter = {
+        let engine = engine.clone();
+        tokio::spawn(async move {
+            let mut taken = 0;
+            for _ in 0..200 {
+                if engine.checkpoint().await.unwrap().is_some() {
+                    taken += 1;
+                }
+                tokio::task::yield_now().await;
+            }
+            taken
+        })
+    };
+    for task in tasks {
+        task.await.unwrap();
+    }
+    assert!(
+        snapshotter.await.unwrap() > 10,
+        "snapshots raced the writers"
+    );
+    // Writes after the last snapshot, so the log matters too.
+    engine
+        .enqueue("a", vec![NewItem::default()], false)
+        .await
+        .unwrap();
+    let before = state(&engine);
+    assert_eq!(before.len(), 2);
+    assert_eq!(before["a"].1.len() + before["b"].1.len(), 4 * 150 * 3 + 1);
+    drop(engine); // a crash: no close
+
+    assert_eq!(files(dir.path(), ".snap").len(), 1, "older snapshots go");
+    let engine = open(dir.path());
+    assert_same(&state(&engine), &before);
+}
+
+/// Compares two states, naming the first difference (the whole state is too big to
+/// print).
+fn assert_same(after: &State, before: &State) {
+    assert_eq!(
+        after.keys().collect::<Vec<_>>(),
+        before.keys().collect::<Vec<_>>()
+    );
+    for (name, (counters, items)) in before {
+        let (counters_after, items_after) = &after[name];
+        assert_eq!(counters_after, counters, "queue {name}'s counters");
+        assert_eq!(items_after.len(), items.len(), "queue {name}'s item count");
+        for (a, b) in items_after.iter().zip(items) {
+            assert_eq!(a, b, "queue {name}");
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_clean_shutdown_leaves_one_snapshot_and_an_empty_log() {
+    let dir = tempfile::tempdir().unwrap();
+    let engine = open(dir.path());
+    engine
+        .create_queue("q", &OptionsPatch::default(), false)
+        .await
+        .unwrap();
+    let items = (0..5000)
+        .map(|i| NewItem {
+            payload: format!("item {i}").into_bytes(),
+            ..NewItem::default()
+        })
+        .collect();
+    engine.enqueue("q", items, false).await.unwrap();
+    let leased = engine.lease("q", worker("w")).await.unwrap();
+    engine
+        .ack("q", leased.granted[0].id, leased.granted[0].token, vec![])
+        .await
+        .unwrap();
+    let before = state(&engine);
+    engine.close().await.unwrap();
+    drop(engine);
+
+    let snapshots = files(dir.path(), ".snap");
+    assert_eq!(snapshots.len(), 1);
+    // The only log files left come after the snapshot, and they are empty.
+    let snapshot_number = &snapshots[0]["snapshot-".len()..][..10];
+    for log in files(dir.path(), ".log") {
+        assert!(&log["wal-".len()..][..10] >= snapshot_number, "{log}");
+        assert_eq!(
+            std::fs::metadata(dir.path().join("wal").join(&log))
+                .unwrap()
+                .len(),
+            0
+        );
+    }
+    let engine = open(dir.path());
+    assert_same(&state(&engine), &before);
+    // A second clean stop with nothing new writes no new snapshot.
+    engine.close().await.unwrap();
+    drop(engine);
+    assert_eq!(files(dir.path(), ".snap"), snapshots);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_interrupted_snapshot_is_ignored_and_a_damaged_one_stops_the_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let engine = open(dir.path());
+    engine
+        .create_queue("q", &OptionsPatch::default(), false)
+        .await
+        .unwrap();
+    engine
+        .enqueue("q", vec![NewItem::default()], false)
+        .await
+        .unwrap();
+    engine.close().await.unwrap();
+    let before = state(&engine);
+    drop(engine);
+
+    // A crash while a snapshot was being written leaves its temporary file.
+    let wal = dir.path().join("wal");
+    let tmp = wal.join("snapshot-0000000099.snap.tmp");
+    std::fs::write(&tmp, b"half a snapshot").unwrap();
+    let engine = open(dir.path());
+    assert_same(&state(&engine), &before);
+    assert!(!tmp.exists());
+    drop(engine);
+
+    // A snapshot the disk changed afterwards: refuse to start, change nothing.
+    let snapshot = wal.join(&files(dir.path(), ".snap")[0]);
+    let mut bytes = std::fs::read(&snapshot).unwrap();
+    let middle = bytes.len() / 2;
+    bytes[middle] ^= 0x55;
+    std::fs::write(&snapshot, &bytes).unwrap();
+    let listing = (files(dir.path(), ".snap"), files(dir.path(), ".log"));
+    let err = Store::open_disk(dir.path(), Durability::Strict)
+        .expect_err("a damaged snapshot must not open");
+    assert!(err.to_string().contains("damaged"), "{err}");
+    assert_eq!(
+        (files(dir.path(), ".snap"), files(dir.path(), ".log")),
+        listing
+    );
+    assert_eq!(std::fs::read(&snapshot).unwrap(), bytes);
+}
