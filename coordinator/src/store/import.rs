@@ -48,7 +48,7 @@ pub(super) fn import_sled(data_dir: &Path, wal_dir: &Path) -> Result<()> {
             snapshot.put_queue(record);
         }
         for record in state.items.values() {
-            snapshot.put_item(record);
+            snapshot.put_item_record(record);
         }
         snapshot.finish(state.highest + 1)?;
         remove_before(wal_dir, number);

@@ -45,8 +45,10 @@ use std::time::{Duration, Instant};
 use prost::Message;
 use tokio::sync::{Notify, watch};
 
+use super::record::encode_item;
 use super::wal::{self, Ending, Segment};
 use super::{FlushStats, ItemRecord, Op, QueueRecord, Snapshot, Ticket};
+use crate::engine::queue::Item;
 use crate::error::{Error, Result};
 
 /// How long relaxed mode may hold unsynced writes.
@@ -62,8 +64,10 @@ const CHECKPOINT_MIN_BYTES: u64 = 64 * 1024 * 1024;
 pub const DEFAULT_CHECKPOINT_EVERY: Duration = Duration::from_secs(10);
 /// Records per snapshot frame.
 const SNAPSHOT_FRAME_RECORDS: usize = 512;
-/// The snapshot writer hands its buffer to the file past this many bytes.
+/// The snapshot writer hands its buffer to the file past this many bytes…
 const SNAPSHOT_SPILL_BYTES: usize = 1 << 20;
+/// …and syncs the file every this many.
+const SNAPSHOT_SYNC_BYTES: u64 = 4 << 20;
 
 /// Key of the id counter's record ('m' for meta: neither a queue nor an item key).
 pub(super) const NEXT_ID_KEY: &[u8] = b"mnext_id";
@@ -354,26 +358,38 @@ impl LogStore {
     }
 
     pub fn write(&self, ops: Vec<Op>) -> Result<Ticket> {
-        let encoded: Vec<(Vec<u8>, Option<Vec<u8>>)> = ops
-            .into_iter()
-            .map(|op| match op {
-                Op::PutQueue(record) => (queue_key(&record.name), Some(record.encode_to_vec())),
-                Op::DeleteQueue(name) => (queue_key(&name), None),
-                Op::PutItem(record) => (item_key(record.id).to_vec(), Some(record.encode_to_vec())),
-                Op::DeleteItem(id) => (item_key(id).to_vec(), None),
-            })
-            .collect();
-        let mut pending = self.inner.pending.lock().unwrap_or_else(|e| e.into_inner());
-        // Read under the lock: frames are ordered by it, so the counter values in the
-        // log only increase; each is at least every id handed out before it.
-        let counter = self.inner.next_id.load(Ordering::SeqCst).to_le_bytes();
-        wal::frame(
-            encoded
-                .iter()
-                .map(|(k, v)| (k.as_slice(), v.as_deref()))
-                .chain(std::iter::once((NEXT_ID_KEY, Some(&counter[..])))),
-            &mut pending.bytes,
+        // Framed outside the lock; under it, one copy. The id counter rides along: it
+        // is read after every id in this batch was handed out, and recovery takes the
+        // highest value it finds, so ids never repeat after a restart.
+        let mut frame = Vec::with_capacity(
+            ops.iter()
+                .map(|op| match op {
+                    Op::PutItem { record, .. } => record.len() + 22,
+                    _ => 64,
+                })
+                .sum::<usize>()
+                + 32,
         );
+        let start = wal::begin_frame(&mut frame);
+        for op in &ops {
+            match op {
+                Op::PutQueue(record) => {
+                    wal::push_put_with(&mut frame, &queue_key(&record.name), |buf| {
+                        record.encode_raw(buf)
+                    })
+                }
+                Op::DeleteQueue(name) => wal::push_op(&mut frame, &queue_key(name), None),
+                Op::PutItem { id, record } => {
+                    wal::push_op(&mut frame, &item_key(*id), Some(record))
+                }
+                Op::DeleteItem(id) => wal::push_op(&mut frame, &item_key(*id), None),
+            }
+        }
+        let counter = self.inner.next_id.load(Ordering::SeqCst).to_le_bytes();
+        wal::push_op(&mut frame, NEXT_ID_KEY, Some(&counter));
+        wal::end_frame(&mut frame, start);
+        let mut pending = self.inner.pending.lock().unwrap_or_else(|e| e.into_inner());
+        pending.bytes.extend_from_slice(&frame);
         pending.ticket += 1;
         Ok(Ticket(pending.ticket))
     }
@@ -556,8 +572,10 @@ impl SnapshotWriter {
         self.file.put_queue(record);
     }
 
-    pub fn put_item(&mut self, record: &ItemRecord) {
-        self.file.put_item(record);
+    /// Appends `item` of `queue`, encoded straight into the snapshot's buffer.
+    pub fn put_item(&mut self, queue: &str, item: &Item) {
+        self.file
+            .put_with(&item_key(item.id), |buf| encode_item(queue, item, buf));
     }
 
     /// Writes what is buffered to the file once there is enough of it. Call outside
@@ -589,6 +607,8 @@ pub(super) struct SnapshotFile {
     frame: Option<(usize, usize)>,
     records: u64,
     bytes: u64,
+    /// Bytes written since the last sync.
+    unsynced: u64,
 }
 
 impl SnapshotFile {
@@ -606,6 +626,7 @@ impl SnapshotFile {
             frame: None,
             records: 0,
             bytes: 0,
+            unsynced: 0,
         };
         snapshot.put(SNAPSHOT_HEADER_KEY, b"1");
         Ok(snapshot)
@@ -615,16 +636,20 @@ impl SnapshotFile {
         self.put(&queue_key(&record.name), &record.encode_to_vec());
     }
 
-    pub fn put_item(&mut self, record: &ItemRecord) {
+    pub fn put_item_record(&mut self, record: &ItemRecord) {
         self.put(&item_key(record.id), &record.encode_to_vec());
     }
 
     fn put(&mut self, key: &[u8], value: &[u8]) {
+        self.put_with(key, |buf| buf.extend_from_slice(value));
+    }
+
+    fn put_with(&mut self, key: &[u8], encode: impl FnOnce(&mut Vec<u8>)) {
         let (start, count) = match self.frame {
             Some(open) => open,
             None => (wal::begin_frame(&mut self.buf), 0),
         };
-        wal::push_op(&mut self.buf, key, Some(value));
+        wal::push_put_with(&mut self.buf, key, encode);
         self.records += 1;
         self.frame = Some((start, count + 1));
         if count + 1 >= SNAPSHOT_FRAME_RECORDS {
@@ -651,6 +676,14 @@ impl SnapshotFile {
         file.write_all(&self.buf[..closed])
             .map_err(|e| storage_error("cannot write the snapshot", e))?;
         self.bytes += closed as u64;
+        self.unsynced += closed as u64;
+        if self.unsynced >= SNAPSHOT_SYNC_BYTES {
+            // Write back as we go: one sync of the whole file at the end would queue
+            // every log `fdatasync` behind it for as long as it takes.
+            file.sync_data()
+                .map_err(|e| storage_error("cannot sync the snapshot", e))?;
+            self.unsynced = 0;
+        }
         self.buf.drain(..closed);
         if let Some((start, _)) = &mut self.frame {
             *start -= closed;

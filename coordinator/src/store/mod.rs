@@ -27,7 +27,11 @@ pub use record::{ItemRecord, QueueRecord};
 pub enum Op {
     PutQueue(QueueRecord),
     DeleteQueue(String),
-    PutItem(ItemRecord),
+    /// An item's record, already encoded ([`record::encode_item`]).
+    PutItem {
+        id: u64,
+        record: Vec<u8>,
+    },
     DeleteItem(u64),
 }
 

@@ -10,9 +10,10 @@ use std::fs::{File, OpenOptions};
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 
-/// Appends one framed batch, written straight from borrowed keys and values (no
-/// intermediate copies on the hot path). Body: per op `[key len u32][key][tag u8]` and,
-/// for tag 1 (put), `[value len u32][value]`; tag 0 is a delete.
+/// Appends one framed batch. Body: per op `[key len u32][key][tag u8]` and, for tag 1
+/// (put), `[value len u32][value]`; tag 0 is a delete. (The store builds frames op by
+/// op with [`begin_frame`], [`push_op`] and [`end_frame`].)
+#[cfg(test)]
 pub fn frame<'a>(ops: impl Iterator<Item = OpRef<'a>>, buf: &mut Vec<u8>) {
     let start = begin_frame(buf);
     for (key, value) in ops {
@@ -40,6 +41,18 @@ pub fn push_op(buf: &mut Vec<u8>, key: &[u8], value: Option<&[u8]>) {
         }
         None => buf.push(0),
     }
+}
+
+/// Adds a put whose value `encode` appends to `buf` (no intermediate buffer).
+pub fn push_put_with(buf: &mut Vec<u8>, key: &[u8], encode: impl FnOnce(&mut Vec<u8>)) {
+    buf.extend_from_slice(&(key.len() as u32).to_le_bytes());
+    buf.extend_from_slice(key);
+    buf.push(1);
+    let len_at = buf.len();
+    buf.extend_from_slice(&[0u8; 4]);
+    encode(buf);
+    let len = (buf.len() - len_at - 4) as u32;
+    buf[len_at..len_at + 4].copy_from_slice(&len.to_le_bytes());
 }
 
 /// Closes the frame that `begin_frame` opened at `start`: fills in length and checksum.
