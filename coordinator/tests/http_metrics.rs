@@ -6,6 +6,8 @@ mod http_common;
 use std::collections::BTreeMap;
 
 use http_common::Server;
+use workq_coordinator::auth::Auth;
+use workq_coordinator::store::{Durability, Store};
 
 /// One sample: metric name plus its sorted labels.
 type Key = (String, Vec<(String, String)>);
@@ -167,6 +169,43 @@ async fn scrape(server: &Server) -> BTreeMap<Key, f64> {
         Some("text/plain; version=0.0.4; charset=utf-8")
     );
     parse(&reply.text())
+}
+
+/// On disk: group commits, snapshots, and the log a restart would replay.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn store_metrics_count_flushes_and_snapshots() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open_disk(dir.path(), Durability::Strict).unwrap();
+    let server = Server::start_on(store, Auth::disabled()).await;
+    server
+        .send("PUT", "/memq/server/queues/disk", &[], b"")
+        .await;
+    server
+        .post("/memq/server/queues/disk/enqueue", b"one")
+        .await;
+    let before = scrape(&server).await;
+    assert!(sample(&before, "workq_store_flush_duration_seconds_count", &[]) >= 2.0);
+    assert_eq!(
+        sample(&before, "workq_store_snapshot_duration_seconds_count", &[]),
+        0.0
+    );
+    assert!(sample(&before, "workq_store_log_bytes", &[]) > 0.0);
+
+    server.engine.checkpoint().await.unwrap().unwrap();
+    let after = scrape(&server).await;
+    assert_eq!(
+        sample(&after, "workq_store_snapshot_duration_seconds_count", &[]),
+        1.0
+    );
+    assert!(sample(&after, "workq_store_snapshot_duration_seconds_sum", &[]) > 0.0);
+    assert!(sample(&after, "workq_store_snapshot_bytes", &[]) > 0.0);
+    assert_eq!(sample(&after, "workq_store_log_bytes", &[]), 0.0);
+    server
+        .post("/memq/server/queues/disk/enqueue", b"two")
+        .await;
+    let later = scrape(&server).await;
+    assert!(sample(&later, "workq_store_log_bytes", &[]) > 0.0);
+    server.stop().await;
 }
 
 #[tokio::test]

@@ -278,6 +278,7 @@ impl Engine {
     /// `store::log_store`). Returns the snapshot's size; `None` when the store has no
     /// log or a snapshot is already being written.
     pub async fn checkpoint(self: &Arc<Self>) -> Result<Option<u64>> {
+        let started = std::time::Instant::now();
         // On its own thread at a lower CPU priority: a snapshot of a million items takes
         // about a second of CPU, which on a small machine would otherwise come out of
         // request latency.
@@ -302,6 +303,12 @@ impl Engine {
         let bytes = tokio::task::spawn_blocking(move || engine.store.finish_checkpoint(writer))
             .await
             .map_err(|e| Error::Storage(format!("snapshot task: {e}")))??;
+        if let Some(stats) = self.store.flush_stats() {
+            stats.snapshots.fetch_add(1, Ordering::Relaxed);
+            stats
+                .snapshot_micros
+                .fetch_add(started.elapsed().as_micros() as u64, Ordering::Relaxed);
+        }
         Ok(Some(bytes))
     }
 

@@ -299,6 +299,37 @@ pub fn exposition(state: &AppState) -> String {
         );
         let _ = writeln!(out, "# TYPE workq_store_flush_max_seconds gauge");
         let _ = writeln!(out, "workq_store_flush_max_seconds {}", seconds(max));
+        let snapshots = flush.snapshots.load(Ordering::Relaxed);
+        let _ = writeln!(
+            out,
+            "# HELP workq_store_snapshot_duration_seconds Snapshots written and their total time."
+        );
+        let _ = writeln!(out, "# TYPE workq_store_snapshot_duration_seconds summary");
+        let _ = writeln!(
+            out,
+            "workq_store_snapshot_duration_seconds_sum {}",
+            seconds(flush.snapshot_micros.load(Ordering::Relaxed))
+        );
+        let _ = writeln!(
+            out,
+            "workq_store_snapshot_duration_seconds_count {snapshots}"
+        );
+        for (name, help, value) in [
+            (
+                "workq_store_snapshot_bytes",
+                "Size of the newest snapshot.",
+                &flush.snapshot_bytes,
+            ),
+            (
+                "workq_store_log_bytes",
+                "Log written since the newest snapshot began (what a restart replays).",
+                &flush.log_bytes,
+            ),
+        ] {
+            let _ = writeln!(out, "# HELP {name} {help}");
+            let _ = writeln!(out, "# TYPE {name} gauge");
+            let _ = writeln!(out, "{name} {}", value.load(Ordering::Relaxed));
+        }
     }
     out
 }

@@ -123,10 +123,6 @@ struct Checkpoints {
     /// Notified when a snapshot is due; the engine's checkpointer waits on it.
     wanted: Arc<Notify>,
     running: AtomicBool,
-    /// Log bytes synced since the last snapshot started.
-    log_bytes: AtomicU64,
-    /// Size of the last snapshot.
-    snapshot_bytes: AtomicU64,
     last: Mutex<Instant>,
     every_ms: AtomicU64,
 }
@@ -315,14 +311,16 @@ impl LogStore {
                 kick: Arc::new(Notify::new()),
                 healthy: AtomicBool::new(true),
                 started: AtomicBool::new(false),
-                stats: FlushStats::default(),
+                stats: FlushStats {
+                    log_bytes: AtomicU64::new(log_bytes),
+                    snapshot_bytes: AtomicU64::new(snapshot_bytes),
+                    ..FlushStats::default()
+                },
                 next_id: AtomicU64::new(next_id),
                 recovered: Mutex::new(Some(recovered.into_snapshot())),
                 checkpoints: Checkpoints {
                     wanted: Arc::new(Notify::new()),
                     running: AtomicBool::new(false),
-                    log_bytes: AtomicU64::new(log_bytes),
-                    snapshot_bytes: AtomicU64::new(snapshot_bytes),
                     last: Mutex::new(Instant::now()),
                     every_ms: AtomicU64::new(DEFAULT_CHECKPOINT_EVERY.as_millis() as u64),
                 },
@@ -490,7 +488,7 @@ impl LogStore {
 
     /// Whether anything was logged since the last snapshot started.
     pub fn log_grew(&self) -> bool {
-        self.inner.checkpoints.log_bytes.load(Ordering::SeqCst) > 0
+        self.inner.stats.log_bytes.load(Ordering::SeqCst) > 0
     }
 
     /// Whether the log has grown enough since the last snapshot to write a new one.
@@ -512,7 +510,7 @@ impl LogStore {
             let fresh = Segment::create(&self.inner.dir, segment.number + 1)
                 .map_err(|e| storage_error("cannot start a new log file", e))?;
             *segment = fresh;
-            checkpoints.log_bytes.store(0, Ordering::SeqCst);
+            self.inner.stats.log_bytes.store(0, Ordering::SeqCst);
             segment.number
         };
         Ok(Some(SnapshotWriter {
@@ -532,9 +530,16 @@ impl LogStore {
         // What the new snapshot replaces. A failure here only leaves files the next
         // start removes.
         remove_before(&self.inner.dir, number);
-        let checkpoints = &self.inner.checkpoints;
-        checkpoints.snapshot_bytes.store(bytes, Ordering::SeqCst);
-        *checkpoints.last.lock().unwrap_or_else(|e| e.into_inner()) = Instant::now();
+        self.inner
+            .stats
+            .snapshot_bytes
+            .store(bytes, Ordering::SeqCst);
+        *self
+            .inner
+            .checkpoints
+            .last
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = Instant::now();
         Ok(bytes)
     }
 }
@@ -726,8 +731,8 @@ fn checkpoint_due(inner: &Inner) -> bool {
         return false;
     }
     let (log, snapshot) = (
-        c.log_bytes.load(Ordering::SeqCst),
-        c.snapshot_bytes.load(Ordering::SeqCst),
+        inner.stats.log_bytes.load(Ordering::SeqCst),
+        inner.stats.snapshot_bytes.load(Ordering::SeqCst),
     );
     let every = Duration::from_millis(c.every_ms.load(Ordering::Relaxed));
     let elapsed = c.last.lock().unwrap_or_else(|e| e.into_inner()).elapsed();
@@ -773,7 +778,7 @@ async fn flush_once(inner: &Arc<Inner>) -> Result<()> {
             .append_durably(&pending.bytes)
             .map_err(|e| storage_error("log write failed", e))?;
         owner
-            .checkpoints
+            .stats
             .log_bytes
             .fetch_add(pending.bytes.len() as u64, Ordering::SeqCst);
         Ok::<(), Error>(())

@@ -46,12 +46,17 @@ pub struct Snapshot {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub struct Ticket(pub u64);
 
-/// Flush timing, for `/metrics`.
+/// Flush and snapshot figures, for `/metrics`.
 #[derive(Debug, Default)]
 pub struct FlushStats {
     pub flushes: AtomicU64,
     pub total_micros: AtomicU64,
     pub max_micros: AtomicU64,
+    pub snapshots: AtomicU64,
+    pub snapshot_micros: AtomicU64,
+    pub snapshot_bytes: AtomicU64,
+    /// Log bytes synced since the last snapshot started.
+    pub log_bytes: AtomicU64,
 }
 
 pub enum Store {

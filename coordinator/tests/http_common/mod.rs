@@ -31,10 +31,14 @@ impl Server {
     }
 
     pub async fn start_with(auth: Auth) -> Server {
+        Self::start_on(Store::memory(), auth).await
+    }
+
+    pub async fn start_on(store: Store, auth: Auth) -> Server {
         let grpc = TcpListener::bind("127.0.0.1:0").await.expect("bind grpc");
         let http = TcpListener::bind("127.0.0.1:0").await.expect("bind http");
         let (grpc_addr, http_addr) = (grpc.local_addr().unwrap(), http.local_addr().unwrap());
-        let engine = Engine::open(Store::memory(), Clock::system()).expect("engine");
+        let engine = Engine::open(store, Clock::system()).expect("engine");
         let (stop, stopped) = oneshot::channel::<()>();
         let task = tokio::spawn(server::run(grpc, http, engine.clone(), auth, async move {
             let _ = stopped.await;
