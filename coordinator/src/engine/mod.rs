@@ -205,6 +205,15 @@ impl Engine {
             queue.counters = record.counters();
             queues.insert(record.name.clone(), queue);
         }
+        let mut per_queue: HashMap<&str, usize> = HashMap::new();
+        for record in &snapshot.items {
+            *per_queue.entry(record.queue.as_str()).or_default() += 1;
+        }
+        for (name, count) in per_queue {
+            if let Some(queue) = queues.get_mut(name) {
+                queue.reserve(count);
+            }
+        }
         let (mut items, mut orphans) = (0u64, 0u64);
         for record in snapshot.items {
             match (queues.get_mut(&record.queue), record.into_item()) {
@@ -322,7 +331,7 @@ impl Engine {
             return Ok(None);
         };
         for slot in self.slots() {
-            let ids = {
+            let mut ids = {
                 let queue = slot.lock();
                 if queue.deleted {
                     continue;
@@ -330,6 +339,8 @@ impl Engine {
                 writer.put_queue(&queue_record(&queue));
                 queue.all_ids()
             };
+            // In id order, so a restart loads and indexes them fast.
+            ids.sort_unstable();
             for chunk in ids.chunks(CHUNK) {
                 {
                     let queue = slot.lock();

@@ -279,6 +279,11 @@ impl Queue {
         self.items.insert(item.id, Box::new(item));
     }
 
+    /// Room for `additional` more items without growing the id map (recovery).
+    pub fn reserve(&mut self, additional: usize) {
+        self.items.reserve(additional);
+    }
+
     /// Takes the changes recorded since the last call.
     pub fn take_journal(&mut self) -> Vec<Change> {
         std::mem::take(&mut self.journal)

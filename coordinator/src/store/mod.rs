@@ -39,6 +39,7 @@ pub enum Op {
 #[derive(Debug, Default)]
 pub struct Snapshot {
     pub queues: Vec<QueueRecord>,
+    /// In id order.
     pub items: Vec<ItemRecord>,
 }
 
