@@ -205,27 +205,31 @@ impl Engine {
             queue.counters = record.counters();
             queues.insert(record.name.clone(), queue);
         }
-        let mut per_queue: HashMap<&str, usize> = HashMap::new();
-        for record in &snapshot.items {
-            *per_queue.entry(record.queue.as_str()).or_default() += 1;
+        // Items name their queue by an index into `queue_names`.
+        let mut counts = vec![0usize; snapshot.queue_names.len()];
+        for (queue, _) in &snapshot.items {
+            counts[*queue as usize] += 1;
         }
-        for (name, count) in per_queue {
+        for (name, count) in snapshot.queue_names.iter().zip(counts) {
             if let Some(queue) = queues.get_mut(name) {
                 queue.reserve(count);
             }
         }
-        let (mut items, mut orphans) = (0u64, 0u64);
-        for record in snapshot.items {
-            match (queues.get_mut(&record.queue), record.into_item()) {
-                (Some(queue), Some(item)) => {
+        let (mut items, mut orphans) = (0u64, snapshot.unreadable);
+        for (queue, item) in snapshot.items {
+            match queues.get_mut(&snapshot.queue_names[queue as usize]) {
+                Some(queue) => {
                     queue.restore(item);
                     items += 1;
                 }
-                _ => orphans += 1,
+                None => orphans += 1,
             }
         }
         if orphans > 0 {
-            tracing::warn!(orphans, "ignored item records without a queue");
+            tracing::warn!(
+                orphans,
+                "ignored item records without a queue or with an unknown state"
+            );
         }
         tracing::info!(
             queues = queues.len(),

@@ -268,7 +268,7 @@ impl Queue {
     }
 
     /// Puts a recovered item back in place (start-up only; journals nothing).
-    pub fn restore(&mut self, item: Item) {
+    pub fn restore(&mut self, item: Box<Item>) {
         if let Some(lease) = &item.lease {
             self.workers
                 .entry(lease.worker.clone())
@@ -276,7 +276,7 @@ impl Queue {
                 .in_flight += 1;
         }
         self.index(&item);
-        self.items.insert(item.id, Box::new(item));
+        self.items.insert(item.id, item);
     }
 
     /// Room for `additional` more items without growing the id map (recovery).

@@ -47,8 +47,8 @@ pub(super) fn import_sled(data_dir: &Path, wal_dir: &Path) -> Result<()> {
         for record in state.queues.values() {
             snapshot.put_queue(record);
         }
-        for record in state.items.values() {
-            snapshot.put_item_record(record);
+        for (queue, item) in state.items.values() {
+            snapshot.put_item(&state.names[*queue as usize], item);
         }
         snapshot.finish(state.highest + 1)?;
         remove_before(wal_dir, number);
@@ -129,7 +129,7 @@ mod tests {
             .load()
             .items
             .iter()
-            .map(|i| (i.id, i.attempts))
+            .map(|(_, i)| (i.id, i.attempts))
             .collect();
         items.sort();
         items

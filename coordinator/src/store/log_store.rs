@@ -131,13 +131,19 @@ fn storage_error(context: &str, e: impl std::fmt::Display) -> Error {
     Error::Storage(format!("{context}: {e}"))
 }
 
-/// The state read back at start-up, key by key.
+/// The state read back at start-up, key by key. Items are turned into the engine's
+/// boxed items as they are read: the boxes are the ones the engine keeps, so a restart
+/// needs little memory beyond the final state.
 #[derive(Default)]
 pub(super) struct Recovered {
     pub queues: HashMap<String, QueueRecord>,
     /// In id order: snapshots list items by id, so loading one appends at the end, and
     /// the engine then builds its indexes in id order too (much faster than at random).
-    pub items: BTreeMap<u64, ItemRecord>,
+    pub items: BTreeMap<u64, (u32, Box<Item>)>,
+    /// Names of the queues items belong to (items hold an index into this).
+    pub names: Vec<String>,
+    name_index: HashMap<String, u32>,
+    pub unreadable: u64,
     /// The highest id or token seen anywhere.
     pub highest: u64,
 }
@@ -174,7 +180,16 @@ impl Recovered {
                             .max(record.id)
                             .max(record.lease_token)
                             .max(record.done_token);
-                        self.items.insert(id, record);
+                        let queue = self.name_of(&record.queue);
+                        match record.into_item() {
+                            Some(item) => {
+                                self.items.insert(id, (queue, Box::new(item)));
+                            }
+                            None => {
+                                self.items.remove(&id);
+                                self.unreadable += 1;
+                            }
+                        }
                     }
                     None => {
                         self.items.remove(&id);
@@ -243,10 +258,22 @@ impl Recovered {
         Ok(())
     }
 
+    fn name_of(&mut self, queue: &str) -> u32 {
+        if let Some(index) = self.name_index.get(queue) {
+            return *index;
+        }
+        let index = self.names.len() as u32;
+        self.names.push(queue.to_string());
+        self.name_index.insert(queue.to_string(), index);
+        index
+    }
+
     pub fn into_snapshot(self) -> Snapshot {
         Snapshot {
             queues: self.queues.into_values().collect(),
             items: self.items.into_values().collect(),
+            queue_names: self.names,
+            unreadable: self.unreadable,
         }
     }
 }
@@ -581,8 +608,7 @@ impl SnapshotWriter {
 
     /// Appends `item` of `queue`, encoded straight into the snapshot's buffer.
     pub fn put_item(&mut self, queue: &str, item: &Item) {
-        self.file
-            .put_with(&item_key(item.id), |buf| encode_item(queue, item, buf));
+        self.file.put_item(queue, item);
     }
 
     /// Writes what is buffered to the file once there is enough of it. Call outside
@@ -643,8 +669,8 @@ impl SnapshotFile {
         self.put(&queue_key(&record.name), &record.encode_to_vec());
     }
 
-    pub fn put_item_record(&mut self, record: &ItemRecord) {
-        self.put(&item_key(record.id), &record.encode_to_vec());
+    pub fn put_item(&mut self, queue: &str, item: &Item) {
+        self.put_with(&item_key(item.id), |buf| encode_item(queue, item, buf));
     }
 
     fn put(&mut self, key: &[u8], value: &[u8]) {

@@ -39,8 +39,12 @@ pub enum Op {
 #[derive(Debug, Default)]
 pub struct Snapshot {
     pub queues: Vec<QueueRecord>,
-    /// In id order.
-    pub items: Vec<ItemRecord>,
+    /// Every item, already in the engine's form, in id order: (the queue's name as an
+    /// index into `queue_names`, the item).
+    pub items: Vec<(u32, Box<crate::engine::queue::Item>)>,
+    pub queue_names: Vec<String>,
+    /// Item records that could not be read back (an unknown state).
+    pub unreadable: u64,
 }
 
 /// A position in the write order; [`Store::sync`] waits until it is durable.
