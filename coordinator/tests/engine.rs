@@ -241,7 +241,18 @@ async fn disk_store_restores_queues_items_and_live_leases() {
         // No close: a crash.
         (lc, a, b)
     };
-    let store = open_store().unwrap();
+    // The dropped engine's flusher may still hold the data dir's lock for a moment.
+    let mut tries = 0;
+    let store = loop {
+        match open_store() {
+            Ok(store) => break store,
+            Err(e) if e.to_string().contains("in use") && tries < 500 => {
+                tries += 1;
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            Err(e) => panic!("reopen: {e}"),
+        }
+    };
     let engine = Engine::open(store, Clock::system()).unwrap();
     let stats = engine.stats("q").unwrap();
     assert_eq!((stats.done, stats.dead, stats.leased), (1, 1, 1));

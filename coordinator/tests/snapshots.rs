@@ -12,12 +12,24 @@ use workq_coordinator::engine::queue::Counters;
 use workq_coordinator::engine::{Item, LeaseRequest, NewItem, OptionsPatch, State as ItemState};
 use workq_coordinator::store::{Durability, Store};
 
-fn open(dir: &Path) -> Arc<Engine> {
-    Engine::open(
-        Store::open_disk(dir, Durability::Strict).unwrap(),
-        Clock::system(),
-    )
-    .unwrap()
+async fn open(dir: &Path) -> Arc<Engine> {
+    open_with(dir, Durability::Strict).await
+}
+
+/// Opens the data dir, waiting while the engine dropped just before still holds it:
+/// its flusher may be finishing a sync, and the store keeps the data dir locked until
+/// it is gone.
+async fn open_with(dir: &Path, durability: Durability) -> Arc<Engine> {
+    let start = std::time::Instant::now();
+    loop {
+        match Store::open_disk(dir, durability) {
+            Ok(store) => return Engine::open(store, Clock::system()).unwrap(),
+            Err(e) if e.to_string().contains("in use") && start.elapsed().as_secs() < 10 => {
+                tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+            }
+            Err(e) => panic!("cannot open {}: {e}", dir.display()),
+        }
+    }
 }
 
 /// Everything a restart must bring back: every queue's counters and every item.
@@ -73,7 +85,7 @@ fn worker(name: &str) -> LeaseRequest {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn snapshots_taken_while_writers_run_lose_nothing() {
     let dir = tempfile::tempdir().unwrap();
-    let engine = open(dir.path());
+    let engine = open(dir.path()).await;
     for q in ["a", "b"] {
         engine
             .create_queue(q, &OptionsPatch::default(), false)
@@ -153,7 +165,7 @@ async fn snapshots_taken_while_writers_run_lose_nothing() {
     drop(engine); // a crash: no close
 
     assert_eq!(files(dir.path(), ".snap").len(), 1, "older snapshots go");
-    let engine = open(dir.path());
+    let engine = open(dir.path()).await;
     assert_same(&state(&engine), &before);
 }
 
@@ -177,7 +189,7 @@ fn assert_same(after: &State, before: &State) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_clean_shutdown_leaves_one_snapshot_and_an_empty_log() {
     let dir = tempfile::tempdir().unwrap();
-    let engine = open(dir.path());
+    let engine = open(dir.path()).await;
     engine
         .create_queue("q", &OptionsPatch::default(), false)
         .await
@@ -211,7 +223,7 @@ async fn a_clean_shutdown_leaves_one_snapshot_and_an_empty_log() {
             0
         );
     }
-    let engine = open(dir.path());
+    let engine = open(dir.path()).await;
     assert_same(&state(&engine), &before);
     // A second clean stop with nothing new writes no new snapshot.
     engine.close().await.unwrap();
@@ -222,7 +234,7 @@ async fn a_clean_shutdown_leaves_one_snapshot_and_an_empty_log() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_interrupted_snapshot_is_ignored_and_a_damaged_one_stops_the_start() {
     let dir = tempfile::tempdir().unwrap();
-    let engine = open(dir.path());
+    let engine = open(dir.path()).await;
     engine
         .create_queue("q", &OptionsPatch::default(), false)
         .await
@@ -239,7 +251,7 @@ async fn an_interrupted_snapshot_is_ignored_and_a_damaged_one_stops_the_start() 
     let wal = dir.path().join("wal");
     let tmp = wal.join("snapshot-0000000099.snap.tmp");
     std::fs::write(&tmp, b"half a snapshot").unwrap();
-    let engine = open(dir.path());
+    let engine = open(dir.path()).await;
     assert_same(&state(&engine), &before);
     assert!(!tmp.exists());
     drop(engine);
@@ -267,14 +279,7 @@ async fn an_interrupted_snapshot_is_ignored_and_a_damaged_one_stops_the_start() 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn relaxed_mode_syncs_on_its_timer_and_at_a_clean_stop() {
     let dir = tempfile::tempdir().unwrap();
-    let open_relaxed = || {
-        Engine::open(
-            Store::open_disk(dir.path(), Durability::Relaxed).unwrap(),
-            Clock::system(),
-        )
-        .unwrap()
-    };
-    let engine = open_relaxed();
+    let engine = open_with(dir.path(), Durability::Relaxed).await;
     engine
         .create_queue("q", &OptionsPatch::default(), false)
         .await
@@ -305,7 +310,7 @@ async fn relaxed_mode_syncs_on_its_timer_and_at_a_clean_stop() {
         .expect("the 500 ms timer syncs the log");
     let before = state(&engine);
     drop(engine); // a crash
-    let engine = open_relaxed();
+    let engine = open_with(dir.path(), Durability::Relaxed).await;
     assert_same(&state(&engine), &before);
 
     engine
@@ -315,7 +320,38 @@ async fn relaxed_mode_syncs_on_its_timer_and_at_a_clean_stop() {
     let before = state(&engine);
     engine.close().await.unwrap();
     drop(engine);
-    let engine = open_relaxed();
+    let engine = open_with(dir.path(), Durability::Relaxed).await;
     assert_same(&state(&engine), &before);
     assert_eq!(before["q"].1.len(), 15);
+}
+
+/// One data dir serves one coordinator: a second store on it is refused, names the
+/// holder, and changes nothing; once the first is gone it opens.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_coordinator_on_the_same_data_dir_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let engine = open(dir.path()).await;
+    engine
+        .create_queue("q", &OptionsPatch::default(), false)
+        .await
+        .unwrap();
+    let listing = (files(dir.path(), ".snap"), files(dir.path(), ".log"));
+    let err = Store::open_disk(dir.path(), Durability::Strict).expect_err("the data dir is taken");
+    let message = err.to_string();
+    assert!(
+        message.contains("in use by another coordinator"),
+        "{message}"
+    );
+    assert!(
+        message.contains(&format!("pid {}", std::process::id())),
+        "{message}"
+    );
+    assert_eq!(
+        (files(dir.path(), ".snap"), files(dir.path(), ".log")),
+        listing
+    );
+    engine.close().await.unwrap();
+    drop(engine);
+    let engine = open(dir.path()).await;
+    assert_eq!(engine.queue_names(), vec!["q".to_string()]);
 }

@@ -98,6 +98,8 @@ struct Pending {
 }
 
 struct Inner {
+    /// Held for the store's life: one coordinator per data dir.
+    _lock: File,
     dir: PathBuf,
     durability: Durability,
     pending: Mutex<Pending>,
@@ -282,6 +284,7 @@ impl LogStore {
     /// Opens (or creates) the store under `data_dir`: imports a sled data dir left by
     /// an older version, loads the newest snapshot and replays the log after it.
     pub fn open(data_dir: &Path, durability: Durability) -> Result<LogStore> {
+        let lock = lock_data_dir(data_dir)?;
         let dir = data_dir.join("wal");
         std::fs::create_dir_all(&dir).map_err(|e| storage_error("cannot create the log dir", e))?;
         super::import::import_sled(data_dir, &dir)?;
@@ -332,6 +335,7 @@ impl LogStore {
         let next_id = recovered.highest + 1;
         let store = LogStore {
             inner: Arc::new(Inner {
+                _lock: lock,
                 dir,
                 durability,
                 pending: Mutex::new(Pending::default()),
@@ -847,6 +851,43 @@ fn fail(inner: &Inner, error: Error) -> Error {
     inner.healthy.store(false, Ordering::SeqCst);
     inner.durable.send_modify(|_| {});
     error
+}
+
+/// Takes `<data-dir>/LOCK` (an advisory lock the kernel drops when the process dies),
+/// so a second coordinator on the same data dir (say, two pods of a StatefulSet during
+/// a botched rollout) stops at start-up instead of interleaving its log with ours.
+fn lock_data_dir(data_dir: &Path) -> Result<File> {
+    let path = data_dir.join("LOCK");
+    let mut file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&path)
+        .map_err(|e| storage_error(&format!("cannot open {}", path.display()), e))?;
+    match file.try_lock() {
+        Ok(()) => {}
+        Err(std::fs::TryLockError::WouldBlock) => {
+            let holder = std::fs::read_to_string(&path).unwrap_or_default();
+            return Err(Error::Storage(format!(
+                "data dir {} is in use by another coordinator ({}); \
+                 one data dir serves one coordinator",
+                data_dir.display(),
+                match holder.trim() {
+                    "" => "pid unknown".to_string(),
+                    pid => format!("pid {pid}"),
+                }
+            )));
+        }
+        Err(std::fs::TryLockError::Error(e)) => {
+            return Err(storage_error(&format!("cannot lock {}", path.display()), e));
+        }
+    }
+    // Who holds it, for the message above.
+    file.set_len(0)
+        .and_then(|()| file.write_all(format!("{}\n", std::process::id()).as_bytes()))
+        .map_err(|e| storage_error(&format!("cannot write {}", path.display()), e))?;
+    Ok(file)
 }
 
 fn file_len(path: &Path) -> u64 {
