@@ -960,7 +960,7 @@ fn spawn_checkpointer(engine: &Arc<Engine>) {
             let Some(engine) = weak.upgrade() else { break };
             let started = std::time::Instant::now();
             match engine.checkpoint().await {
-                Ok(Some(bytes)) => tracing::debug!(
+                Ok(Some(bytes)) => tracing::info!(
                     bytes,
                     millis = started.elapsed().as_millis() as u64,
                     "snapshot written"
