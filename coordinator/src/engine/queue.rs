@@ -417,7 +417,6 @@ impl Queue {
         mut tokens: impl FnMut() -> u64,
     ) -> Vec<Granted> {
         self.promote_due(now);
-        self.touch_worker(worker, now);
         let timeout_ms = if timeout_ms == 0 {
             self.options.lease_timeout_ms
         } else {
@@ -425,10 +424,9 @@ impl Queue {
         };
         let mut granted = Vec::new();
         while granted.len() < max {
-            let Some(&(prio, id)) = self.ready.first() else {
+            let Some((_, id)) = self.ready.pop_first() else {
                 break;
             };
-            self.ready.remove(&(prio, id));
             let deadline_ms = now + timeout_ms;
             let token = tokens();
             let item = self.items.get_mut(&id).expect("indexed item exists");
@@ -458,11 +456,24 @@ impl Queue {
                 enqueued_ms: item.enqueued_ms,
             });
         }
-        if !granted.is_empty() {
-            self.workers
-                .entry(worker.to_string())
-                .or_default()
-                .in_flight += granted.len() as u64;
+        // One lookup for both: the worker was seen now, and holds what it got.
+        let (seen, held) = ((!worker.is_empty()).then_some(now), granted.len() as u64);
+        match self.workers.get_mut(worker) {
+            Some(w) => {
+                w.last_seen_ms = seen.unwrap_or(w.last_seen_ms);
+                w.in_flight += held;
+            }
+            None if seen.is_some() || held > 0 => {
+                self.workers.insert(
+                    worker.to_string(),
+                    WorkerInfo {
+                        last_seen_ms: seen.unwrap_or(0),
+                        in_flight: held,
+                        completed: 0,
+                    },
+                );
+            }
+            None => {}
         }
         granted
     }
@@ -491,27 +502,42 @@ impl Queue {
     /// Completes a leased item. A retried ack of the lease that already completed it
     /// succeeds without counting again.
     pub fn ack(&mut self, now: u64, id: u64, token: u64, result: Vec<u8>) -> Result<()> {
-        if let Some(item) = self.items.get(&id)
-            && item.state == State::Done
-            && item.done_token() == token
-            && token != 0
-        {
+        // The hottest settle: one lookup of the item and one of its worker.
+        let Some(item) = self.items.get_mut(&id) else {
+            return Err(self.not_found(id));
+        };
+        if item.state == State::Done && item.done_token() == token && token != 0 {
             return Ok(());
         }
-        let worker = self.end_lease(id, token)?;
-        let item = self.items.get_mut(&id).expect("checked");
+        lease_matches(id, item, token)?;
+        let lease = item.lease.take().expect("checked");
         item.state = State::Done;
         let outcome = item.outcome_mut();
         outcome.done_token = token;
         outcome.done_ms = now;
         outcome.result = result;
+        self.leased.remove(&(lease.deadline_ms, id));
         self.done.insert((now, id));
         self.counters.completed += 1;
         self.journal.push(Change::Put(id));
         self.record_completion(now);
-        let w = self.workers.entry(worker).or_default();
-        w.completed += 1;
-        w.last_seen_ms = now;
+        match self.workers.get_mut(&lease.worker) {
+            Some(w) => {
+                w.in_flight = w.in_flight.saturating_sub(1);
+                w.completed += 1;
+                w.last_seen_ms = now;
+            }
+            None => {
+                self.workers.insert(
+                    lease.worker,
+                    WorkerInfo {
+                        last_seen_ms: now,
+                        in_flight: 0,
+                        completed: 1,
+                    },
+                );
+            }
+        }
         Ok(())
     }
 
@@ -864,23 +890,14 @@ impl Queue {
 
     /// Verifies `token` is the item's current lease.
     fn check_lease(&self, id: u64, token: u64) -> Result<()> {
-        let item = self.items.get(&id).ok_or_else(|| Error::ItemNotFound {
+        let item = self.items.get(&id).ok_or_else(|| self.not_found(id))?;
+        lease_matches(id, item, token)
+    }
+
+    fn not_found(&self, id: u64) -> Error {
+        Error::ItemNotFound {
             queue: self.name.clone(),
             id,
-        })?;
-        match (&item.state, &item.lease) {
-            (State::Leased, Some(lease)) if lease.token == token => Ok(()),
-            (State::Leased, Some(_)) => Err(Error::LeaseLost(format!(
-                "item {id} was re-leased (attempt {}); token {token} is no longer valid",
-                item.attempts
-            ))),
-            (State::Done, _) => Err(Error::LeaseLost(format!(
-                "item {id} was already completed under another lease"
-            ))),
-            (State::Dead, _) => Err(Error::LeaseLost(format!("item {id} is dead"))),
-            _ => Err(Error::LeaseLost(format!(
-                "item {id} went back to the queue (its lease expired or was released)"
-            ))),
         }
     }
 
@@ -984,6 +1001,24 @@ pub fn state_name(state: State) -> &'static str {
         State::Leased => "leased",
         State::Done => "done",
         State::Dead => "dead",
+    }
+}
+
+/// Whether `token` is `item`'s current lease, with the reason when it is not.
+fn lease_matches(id: u64, item: &Item, token: u64) -> Result<()> {
+    match (&item.state, &item.lease) {
+        (State::Leased, Some(lease)) if lease.token == token => Ok(()),
+        (State::Leased, Some(_)) => Err(Error::LeaseLost(format!(
+            "item {id} was re-leased (attempt {}); token {token} is no longer valid",
+            item.attempts
+        ))),
+        (State::Done, _) => Err(Error::LeaseLost(format!(
+            "item {id} was already completed under another lease"
+        ))),
+        (State::Dead, _) => Err(Error::LeaseLost(format!("item {id} is dead"))),
+        _ => Err(Error::LeaseLost(format!(
+            "item {id} went back to the queue (its lease expired or was released)"
+        ))),
     }
 }
 
