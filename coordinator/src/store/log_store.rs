@@ -585,10 +585,28 @@ pub(super) fn remove_before(dir: &Path, number: u64) {
         .flatten()
         .filter(|(n, _)| *n < number);
     for (_, old) in stale {
-        if let Err(e) = std::fs::remove_file(&old) {
+        if let Err(e) = shrink_then_remove(&old) {
             tracing::warn!(error = %e, file = %old.display(), "cannot remove a file a snapshot replaces");
         }
     }
+}
+
+/// Removes a file that may be hundreds of MB. Unlinking it at once frees all its blocks
+/// in one filesystem journal transaction, which stalls the log's `fdatasync` for tens
+/// of milliseconds (strict p99 21 ms instead of 5 ms in an e2e run right after a
+/// million-item queue went); truncating it a few MiB at a time, with a pause between
+/// steps, spreads that work out.
+fn shrink_then_remove(path: &Path) -> std::io::Result<()> {
+    const STEP: u64 = 4 << 20;
+    let file = std::fs::OpenOptions::new().write(true).open(path)?;
+    let mut len = file.metadata()?.len();
+    while len > STEP {
+        len -= STEP;
+        file.set_len(len)?;
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    drop(file);
+    std::fs::remove_file(path)
 }
 
 impl Drop for LogStore {
