@@ -107,6 +107,15 @@ mod tests {
             tree.insert(b"mnext_id", &40u64.to_le_bytes()).unwrap();
             db.flush().unwrap();
         }
+        // sled's background threads let go of its file lock a moment after the handle
+        // is dropped; the import would find the database still locked.
+        let lock = std::fs::File::open(dir.join("sled").join("db")).unwrap();
+        let start = std::time::Instant::now();
+        while lock.try_lock().is_err() {
+            assert!(start.elapsed().as_secs() < 20, "sled keeps its lock");
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        drop(lock);
         let wal_dir = dir.join("wal");
         std::fs::create_dir_all(&wal_dir).unwrap();
         let mut buf = Vec::new();
