@@ -32,6 +32,13 @@ async fn open_with(dir: &Path, durability: Durability) -> Arc<Engine> {
     }
 }
 
+async fn create(engine: &Engine, name: &str) {
+    engine
+        .create_queue(name, &OptionsPatch::default(), false)
+        .await
+        .unwrap();
+}
+
 /// Everything a restart must bring back: every queue's counters and every item.
 type State = BTreeMap<String, (Counters, Vec<Item>)>;
 
@@ -87,10 +94,7 @@ async fn snapshots_taken_while_writers_run_lose_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let engine = open(dir.path()).await;
     for q in ["a", "b"] {
-        engine
-            .create_queue(q, &OptionsPatch::default(), false)
-            .await
-            .unwrap();
+        create(&engine, q).await;
     }
     let mut tasks = Vec::new();
     for t in 0..4u32 {
@@ -121,10 +125,7 @@ async fn snapshots_taken_while_writers_run_lose_nothing() {
                 if i % 50 == 0 {
                     // A short-lived queue: created and deleted between snapshots.
                     let name = format!("tmp{t}");
-                    engine
-                        .create_queue(&name, &OptionsPatch::default(), false)
-                        .await
-                        .unwrap();
+                    create(&engine, &name).await;
                     engine
                         .enqueue(&name, vec![NewItem::default()], false)
                         .await
@@ -190,10 +191,7 @@ fn assert_same(after: &State, before: &State) {
 async fn a_clean_shutdown_leaves_one_snapshot_and_an_empty_log() {
     let dir = tempfile::tempdir().unwrap();
     let engine = open(dir.path()).await;
-    engine
-        .create_queue("q", &OptionsPatch::default(), false)
-        .await
-        .unwrap();
+    create(&engine, "q").await;
     let items = (0..5000)
         .map(|i| NewItem {
             payload: format!("item {i}").into_bytes(),
@@ -235,10 +233,7 @@ async fn a_clean_shutdown_leaves_one_snapshot_and_an_empty_log() {
 async fn an_interrupted_snapshot_is_ignored_and_a_damaged_one_stops_the_start() {
     let dir = tempfile::tempdir().unwrap();
     let engine = open(dir.path()).await;
-    engine
-        .create_queue("q", &OptionsPatch::default(), false)
-        .await
-        .unwrap();
+    create(&engine, "q").await;
     engine
         .enqueue("q", vec![NewItem::default()], false)
         .await
@@ -280,10 +275,7 @@ async fn an_interrupted_snapshot_is_ignored_and_a_damaged_one_stops_the_start() 
 async fn relaxed_mode_syncs_on_its_timer_and_at_a_clean_stop() {
     let dir = tempfile::tempdir().unwrap();
     let engine = open_with(dir.path(), Durability::Relaxed).await;
-    engine
-        .create_queue("q", &OptionsPatch::default(), false)
-        .await
-        .unwrap();
+    create(&engine, "q").await;
     // Everything so far on disk; then the next sync that writes anything is the one
     // that carries the enqueue (a sync with nothing new is not counted).
     let store = engine.store();
@@ -331,10 +323,7 @@ async fn relaxed_mode_syncs_on_its_timer_and_at_a_clean_stop() {
 async fn a_second_coordinator_on_the_same_data_dir_is_refused() {
     let dir = tempfile::tempdir().unwrap();
     let engine = open(dir.path()).await;
-    engine
-        .create_queue("q", &OptionsPatch::default(), false)
-        .await
-        .unwrap();
+    create(&engine, "q").await;
     let listing = (files(dir.path(), ".snap"), files(dir.path(), ".log"));
     let err = Store::open_disk(dir.path(), Durability::Strict).expect_err("the data dir is taken");
     let message = err.to_string();

@@ -211,30 +211,9 @@ impl Recovered {
         Ok(())
     }
 
-    /// Replays one log file; a torn tail (a crash mid-write, never acknowledged) ends it.
-    pub fn replay_log(&mut self, path: &Path) -> Result<()> {
-        let mut failed = None;
-        let ending = wal::replay(path, |ops| {
-            for (key, value) in ops {
-                if failed.is_none()
-                    && let Err(e) = self.apply(key, *value)
-                {
-                    failed = Some(e);
-                }
-            }
-        })
-        .map_err(|e| storage_error(&format!("cannot read {}", path.display()), e))?;
-        if let Some(e) = failed {
-            return Err(e);
-        }
-        if let Ending::Damaged { offset } = ending {
-            tracing::warn!(file = %path.display(), offset, "log ends in a torn or corrupt record; ignoring the rest of this file");
-        }
-        Ok(())
-    }
-
-    /// Loads a snapshot, which must be whole: it was synced before it got its name.
-    fn load_snapshot(&mut self, path: &Path) -> Result<()> {
+    /// Applies every intact batch of a log or snapshot file. Returns how the file
+    /// ended and whether its last record was a snapshot's end mark.
+    fn replay_file(&mut self, path: &Path) -> Result<(Ending, bool)> {
         let (mut failed, mut ended) = (None, false);
         let ending = wal::replay(path, |ops| {
             for (key, value) in ops {
@@ -247,9 +226,23 @@ impl Recovered {
             }
         })
         .map_err(|e| storage_error(&format!("cannot read {}", path.display()), e))?;
-        if let Some(e) = failed {
-            return Err(e);
+        match failed {
+            Some(e) => Err(e),
+            None => Ok((ending, ended)),
         }
+    }
+
+    /// Replays one log file; a torn tail (a crash mid-write, never acknowledged) ends it.
+    pub fn replay_log(&mut self, path: &Path) -> Result<()> {
+        if let (Ending::Damaged { offset }, _) = self.replay_file(path)? {
+            tracing::warn!(file = %path.display(), offset, "log ends in a torn or corrupt record; ignoring the rest of this file");
+        }
+        Ok(())
+    }
+
+    /// Loads a snapshot, which must be whole: it was synced before it got its name.
+    fn load_snapshot(&mut self, path: &Path) -> Result<()> {
+        let (ending, ended) = self.replay_file(path)?;
         if ending != Ending::Clean || !ended {
             return Err(Error::Storage(format!(
                 "snapshot {} is damaged (it was complete when written; the disk changed it). \
