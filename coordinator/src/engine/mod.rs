@@ -21,6 +21,7 @@
 //! not all wake for each item. Watch streams wait on a version channel that every
 //! change bumps.
 
+pub mod items;
 pub mod limits;
 pub mod queue;
 #[cfg(test)]
@@ -207,7 +208,7 @@ impl Engine {
         }
         // Items name their queue by an index into `queue_names`.
         let mut counts = vec![0usize; snapshot.queue_names.len()];
-        for (queue, _) in &snapshot.items {
+        for (queue, _) in snapshot.items.values() {
             counts[*queue as usize] += 1;
         }
         for (name, count) in snapshot.queue_names.iter().zip(counts) {
@@ -216,7 +217,7 @@ impl Engine {
             }
         }
         let (mut items, mut orphans) = (0u64, snapshot.unreadable);
-        for (queue, item) in snapshot.items {
+        for (queue, item) in snapshot.items.into_values() {
             match queues.get_mut(&snapshot.queue_names[queue as usize]) {
                 Some(queue) => {
                     queue.restore(item);
@@ -730,10 +731,13 @@ impl Engine {
     pub fn get_item(&self, name: &str, id: u64) -> Result<Item> {
         let slot = self.slot(name)?;
         let queue = slot.lock();
-        queue.item(id).cloned().ok_or_else(|| Error::ItemNotFound {
-            queue: name.to_string(),
-            id,
-        })
+        queue
+            .item(id)
+            .map(|item| item.to_item())
+            .ok_or_else(|| Error::ItemNotFound {
+                queue: name.to_string(),
+                id,
+            })
     }
 
     /// A page of items in id order; returns the items and the id to continue after.
@@ -764,7 +768,7 @@ impl Engine {
             .into_iter()
             .take(limit)
             .map(|item| {
-                let mut item = item.clone();
+                let mut item = item.to_item();
                 if !with_payloads {
                     item.payload = Vec::new();
                     if let Some(outcome) = &mut item.outcome {

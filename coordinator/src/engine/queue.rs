@@ -15,10 +15,10 @@
 //! - a LEASED item has a lease, and only LEASED items have one;
 //! - `keys` maps each dedup key to the one live item that carries it.
 
-use std::cmp::Reverse;
 use std::collections::{BTreeSet, HashMap};
-use std::hash::{BuildHasherDefault, Hasher};
+use std::hash::Hasher;
 
+use super::items::{Extras, Header, ItemView, Items, ReadyIndex, Stored};
 use crate::error::{Error, Result};
 
 /// Queue options (PRODUCT.md "Queue options"); durations in milliseconds.
@@ -68,8 +68,8 @@ pub struct LeaseInfo {
     pub worker: String,
 }
 
-/// One item. Kept small, since a queue may hold millions: what only some items have
-/// (a live lease, what past deliveries left) lives behind a pointer.
+/// One item, owned: as recovered from storage, and as the APIs hand it out. A queue
+/// stores its items more compactly ([`Items`]).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Item {
     pub id: u64,
@@ -123,6 +123,21 @@ impl Item {
 
     pub fn outcome_mut(&mut self) -> &mut Outcome {
         self.outcome.get_or_insert_with(Box::default)
+    }
+
+    pub fn view(&self) -> ItemView<'_> {
+        ItemView {
+            id: self.id,
+            state: self.state,
+            priority: self.priority,
+            attempts: self.attempts,
+            enqueued_ms: self.enqueued_ms,
+            ready_at_ms: self.ready_at_ms,
+            payload: &self.payload,
+            key: &self.key,
+            lease: self.lease.as_deref(),
+            outcome: self.outcome.as_deref(),
+        }
     }
 }
 
@@ -225,11 +240,8 @@ pub struct Queue {
     pub counters: Counters,
     /// Set when the queue is deleted, so calls racing the delete change nothing.
     pub deleted: bool,
-    /// Boxed: a map's buckets are sized for the whole table, at least twice the
-    /// items held, so keeping only a pointer in them saves about half the memory.
-    items: HashMap<u64, Box<Item>, BuildHasherDefault<IdHasher>>,
-    /// Highest priority first, then lowest id (FIFO).
-    ready: BTreeSet<(Reverse<i32>, u64)>,
+    items: Items,
+    ready: ReadyIndex,
     /// (ready_at, id)
     delayed: BTreeSet<(u64, u64)>,
     /// (deadline, id)
@@ -254,8 +266,8 @@ impl Queue {
             created_ms: now,
             counters: Counters::default(),
             deleted: false,
-            items: HashMap::default(),
-            ready: BTreeSet::new(),
+            items: Items::default(),
+            ready: ReadyIndex::default(),
             delayed: BTreeSet::new(),
             leased: BTreeSet::new(),
             done: BTreeSet::new(),
@@ -268,15 +280,16 @@ impl Queue {
     }
 
     /// Puts a recovered item back in place (start-up only; journals nothing).
-    pub fn restore(&mut self, item: Box<Item>) {
-        if let Some(lease) = &item.lease {
+    pub fn restore(&mut self, item: Stored) {
+        let view = item.view();
+        if let Some(lease) = view.lease {
             self.workers
                 .entry(lease.worker.clone())
                 .or_default()
                 .in_flight += 1;
         }
-        self.index(&item);
-        self.items.insert(item.id, item);
+        self.index(view);
+        self.items.insert_stored(item);
     }
 
     /// Room for `additional` more items without growing the id map (recovery).
@@ -289,8 +302,8 @@ impl Queue {
         std::mem::take(&mut self.journal)
     }
 
-    pub fn item(&self, id: u64) -> Option<&Item> {
-        self.items.get(&id).map(|item| &**item)
+    pub fn item(&self, id: u64) -> Option<ItemView<'_>> {
+        self.items.get(id)
     }
 
     pub fn item_count(&self) -> usize {
@@ -361,7 +374,7 @@ impl Queue {
         for new in batch {
             if let Some(&existing) = self.keys.get(&new.key).filter(|_| !new.key.is_empty()) {
                 self.counters.deduplicated += 1;
-                let enqueued_ms = self.items[&existing].enqueued_ms;
+                let enqueued_ms = self.items.header(existing).map_or(0, |h| h.enqueued_ms);
                 results.push(Enqueued {
                     id: existing,
                     deduplicated: true,
@@ -375,23 +388,26 @@ impl Queue {
             } else {
                 (State::Ready, now)
             };
-            let item = Item {
-                id,
+            let header = Header {
                 state,
-                payload: new.payload,
                 priority: new.priority,
-                key: new.key,
                 attempts: 0,
                 enqueued_ms: now,
                 ready_at_ms,
-                lease: None,
-                outcome: None,
             };
-            if !item.key.is_empty() {
-                self.keys.insert(item.key.clone(), id);
+            if state == State::Delayed {
+                self.delayed.insert((ready_at_ms, id));
+            } else {
+                self.ready.insert(new.priority, id);
             }
-            self.index(&item);
-            self.items.insert(id, Box::new(item));
+            if !new.key.is_empty() {
+                self.keys.insert(new.key.clone(), id);
+            }
+            let extras = Extras {
+                key: new.key,
+                ..Extras::default()
+            };
+            self.items.insert(id, header, &new.payload, extras);
             self.journal.push(Change::Put(id));
             self.counters.enqueued += 1;
             results.push(Enqueued {
@@ -424,37 +440,41 @@ impl Queue {
         };
         let mut granted = Vec::new();
         while granted.len() < max {
-            let Some((_, id)) = self.ready.pop_first() else {
+            let Some(id) = self.ready.pop_first() else {
                 break;
             };
             let deadline_ms = now + timeout_ms;
             let token = tokens();
-            let item = self.items.get_mut(&id).expect("indexed item exists");
-            item.state = State::Leased;
-            item.attempts += 1;
-            let outcome = item.outcome_mut();
+            let mut item = self.items.get_mut(id).expect("indexed item exists");
+            let header = item.update(|h| {
+                h.state = State::Leased;
+                h.attempts += 1;
+            });
+            let extras = item.extras_mut();
+            let outcome = extras.outcome_mut();
             if outcome.worker != worker {
                 outcome.worker = worker.to_string();
             }
-            item.lease = Some(Box::new(LeaseInfo {
+            extras.lease = Some(LeaseInfo {
                 token,
                 deadline_ms,
                 timeout_ms,
                 worker: worker.to_string(),
-            }));
-            self.leased.insert((deadline_ms, id));
-            self.counters.deliveries += 1;
-            self.journal.push(Change::Put(id));
+            });
+            let key = extras.key.clone();
             granted.push(Granted {
                 id,
                 token,
-                attempt: item.attempts,
-                payload: item.payload.clone(),
-                priority: item.priority,
+                attempt: header.attempts,
+                payload: item.payload().to_vec(),
+                priority: header.priority,
                 deadline_ms,
-                key: item.key.clone(),
-                enqueued_ms: item.enqueued_ms,
+                key,
+                enqueued_ms: header.enqueued_ms,
             });
+            self.leased.insert((deadline_ms, id));
+            self.counters.deliveries += 1;
+            self.journal.push(Change::Put(id));
         }
         // One lookup for both: the worker was seen now, and holds what it got.
         let (seen, held) = ((!worker.is_empty()).then_some(now), granted.len() as u64);
@@ -481,8 +501,8 @@ impl Queue {
     /// Pushes a lease's deadline out; returns the new deadline.
     pub fn extend(&mut self, now: u64, id: u64, token: u64, timeout_ms: u64) -> Result<u64> {
         self.check_lease(id, token)?;
-        let item = self.items.get_mut(&id).expect("checked");
-        let lease = item.lease.as_mut().expect("checked");
+        let mut item = self.items.get_mut(id).expect("checked");
+        let lease = item.extras_mut().lease.as_mut().expect("checked");
         let timeout_ms = if timeout_ms == 0 {
             lease.timeout_ms
         } else {
@@ -503,16 +523,18 @@ impl Queue {
     /// succeeds without counting again.
     pub fn ack(&mut self, now: u64, id: u64, token: u64, result: Vec<u8>) -> Result<()> {
         // The hottest settle: one lookup of the item and one of its worker.
-        let Some(item) = self.items.get_mut(&id) else {
+        let Some(mut item) = self.items.get_mut(id) else {
             return Err(self.not_found(id));
         };
-        if item.state == State::Done && item.done_token() == token && token != 0 {
+        let view = item.view();
+        if view.state == State::Done && view.done_token() == token && token != 0 {
             return Ok(());
         }
-        lease_matches(id, item, token)?;
-        let lease = item.lease.take().expect("checked");
-        item.state = State::Done;
-        let outcome = item.outcome_mut();
+        lease_matches(view, token)?;
+        item.update(|h| h.state = State::Done);
+        let extras = item.extras_mut();
+        let lease = extras.lease.take().expect("checked");
+        let outcome = extras.outcome_mut();
         outcome.done_token = token;
         outcome.done_ms = now;
         outcome.result = result;
@@ -556,24 +578,26 @@ impl Queue {
         self.touch_worker(&worker, now);
         self.counters.failed += 1;
         let max_attempts = self.options.max_attempts;
-        let item = self.items.get_mut(&id).expect("checked");
-        item.outcome_mut().last_error = error;
-        let outcome = if permanent || item.attempts >= max_attempts {
+        let mut item = self.items.get_mut(id).expect("checked");
+        item.extras_mut().outcome_mut().last_error = error;
+        let attempts = item.header().attempts;
+        let outcome = if permanent || attempts >= max_attempts {
             FailOutcome::Dead
         } else {
             let delay = if retry_delay_ms > 0 {
                 retry_delay_ms
             } else {
-                backoff(&self.options, item.attempts)
+                backoff(&self.options, attempts)
             };
             FailOutcome::Retry { at_ms: now + delay }
         };
         match outcome {
             FailOutcome::Dead => self.bury(id),
             FailOutcome::Retry { at_ms } => {
-                let item = self.items.get_mut(&id).expect("checked");
-                item.state = State::Delayed;
-                item.ready_at_ms = at_ms;
+                item.update(|h| {
+                    h.state = State::Delayed;
+                    h.ready_at_ms = at_ms;
+                });
                 self.delayed.insert((at_ms, id));
             }
         }
@@ -585,11 +609,12 @@ impl Queue {
     pub fn release(&mut self, now: u64, id: u64, token: u64) -> Result<()> {
         let worker = self.end_lease(id, token)?;
         self.touch_worker(&worker, now);
-        let item = self.items.get_mut(&id).expect("checked");
-        item.attempts = item.attempts.saturating_sub(1);
-        item.state = State::Ready;
-        item.ready_at_ms = now;
-        self.ready.insert((Reverse(item.priority), id));
+        let header = self.items.get_mut(id).expect("checked").update(|h| {
+            h.attempts = h.attempts.saturating_sub(1);
+            h.state = State::Ready;
+            h.ready_at_ms = now;
+        });
+        self.ready.insert(header.priority, id);
         self.journal.push(Change::Put(id));
         Ok(())
     }
@@ -601,7 +626,7 @@ impl Queue {
             self.dead.iter().copied().collect()
         } else {
             for &id in ids {
-                match self.items.get(&id) {
+                match self.items.header(id) {
                     None => {
                         return Err(Error::ItemNotFound {
                             queue: self.name.clone(),
@@ -624,11 +649,16 @@ impl Queue {
         };
         for &id in &targets {
             self.dead.remove(&id);
-            let item = self.items.get_mut(&id).expect("dead item exists");
-            item.state = State::Ready;
-            item.attempts = 0;
-            item.ready_at_ms = now;
-            self.ready.insert((Reverse(item.priority), id));
+            let header = self
+                .items
+                .get_mut(id)
+                .expect("dead item exists")
+                .update(|h| {
+                    h.state = State::Ready;
+                    h.attempts = 0;
+                    h.ready_at_ms = now;
+                });
+            self.ready.insert(header.priority, id);
             self.journal.push(Change::Put(id));
         }
         Ok(targets.len() as u64)
@@ -639,7 +669,6 @@ impl Queue {
         let ids: Vec<u64> = self
             .ready
             .iter()
-            .map(|&(_, id)| id)
             .chain(self.delayed.iter().map(|&(_, id)| id))
             .collect();
         self.ready.clear();
@@ -653,7 +682,7 @@ impl Queue {
 
     /// Every item id, for deleting the queue.
     pub fn all_ids(&self) -> Vec<u64> {
-        self.items.keys().copied().collect()
+        self.items.ids().collect()
     }
 
     /// Runs the timers due at `now`: DELAYED → READY, expired leases → READY or DEAD,
@@ -667,22 +696,24 @@ impl Queue {
             changed = true;
             self.leased.remove(&(deadline, id));
             self.counters.expired += 1;
-            let item = self.items.get_mut(&id).expect("leased item exists");
-            let lease = item.lease.take().expect("leased item has a lease");
-            if let Some(w) = self.workers.get_mut(&lease.worker) {
-                w.in_flight = w.in_flight.saturating_sub(1);
-            }
-            item.outcome_mut().last_error = format!(
+            let mut item = self.items.get_mut(id).expect("leased item exists");
+            let extras = item.extras_mut();
+            let lease = extras.lease.take().expect("leased item has a lease");
+            extras.outcome_mut().last_error = format!(
                 "lease expired (worker '{}' held it past its deadline)",
                 lease.worker
             );
-            if item.attempts >= self.options.max_attempts {
+            if item.header().attempts >= self.options.max_attempts {
                 self.bury(id);
             } else {
-                let item = self.items.get_mut(&id).expect("exists");
-                item.state = State::Ready;
-                item.ready_at_ms = now;
-                self.ready.insert((Reverse(item.priority), id));
+                let header = item.update(|h| {
+                    h.state = State::Ready;
+                    h.ready_at_ms = now;
+                });
+                self.ready.insert(header.priority, id);
+            }
+            if let Some(w) = self.workers.get_mut(&lease.worker) {
+                w.in_flight = w.in_flight.saturating_sub(1);
             }
             self.journal.push(Change::Put(id));
         }
@@ -713,9 +744,10 @@ impl Queue {
 
     pub fn stats(&self, now: u64) -> Stats {
         let oldest_ready_age_ms = self
-            .oldest_ready()
-            .map(|item| now.saturating_sub(item.enqueued_ms))
-            .unwrap_or(0);
+            .ready
+            .oldest()
+            .and_then(|id| self.items.header(id))
+            .map_or(0, |h| now.saturating_sub(h.enqueued_ms));
         let rate_10s = self.completions_since(now, 10) as f64 / 10.0;
         let rate_1m = self.completions_since(now, 60) as f64 / 60.0;
         let unfinished = self.unfinished();
@@ -749,14 +781,9 @@ impl Queue {
     }
 
     /// Items in id order after `after_id`, optionally of one state.
-    pub fn list(&self, state: Option<State>, after_id: u64, limit: usize) -> Vec<&Item> {
+    pub fn list(&self, state: Option<State>, after_id: u64, limit: usize) -> Vec<ItemView<'_>> {
         let mut ids: Vec<u64> = match state {
-            Some(State::Ready) => self
-                .ready
-                .iter()
-                .map(|&(_, id)| id)
-                .filter(|&id| id > after_id)
-                .collect(),
+            Some(State::Ready) => self.ready.iter().filter(|&id| id > after_id).collect(),
             Some(State::Delayed) => self
                 .delayed
                 .iter()
@@ -780,21 +807,14 @@ impl Queue {
                 .range(after_id.saturating_add(1)..)
                 .copied()
                 .collect(),
-            None => self
-                .items
-                .keys()
-                .copied()
-                .filter(|&id| id > after_id)
-                .collect(),
+            None => self.items.ids().filter(|&id| id > after_id).collect(),
         };
         if ids.len() > limit {
             ids.select_nth_unstable(limit);
             ids.truncate(limit);
         }
         ids.sort_unstable();
-        ids.iter()
-            .filter_map(|id| self.items.get(id).map(|item| &**item))
-            .collect()
+        ids.iter().filter_map(|&id| self.items.get(id)).collect()
     }
 
     /// Workers seen recently or holding leases, forgetting long-idle ones.
@@ -830,33 +850,18 @@ impl Queue {
         }
     }
 
-    /// The READY item enqueued first: the smallest id over each priority class, found
-    /// by jumping from class to class (O(priorities · log n), not a scan).
-    fn oldest_ready(&self) -> Option<&Item> {
-        let mut best: Option<u64> = None;
-        let mut cursor = self.ready.first().copied();
-        while let Some((Reverse(priority), id)) = cursor {
-            best = Some(best.map_or(id, |b| b.min(id)));
-            cursor = match priority.checked_sub(1) {
-                Some(lower) => self.ready.range((Reverse(lower), 0)..).next().copied(),
-                None => None,
-            };
-        }
-        best.and_then(|id| self.item(id))
-    }
-
     // ---- internals -------------------------------------------------------------
 
-    fn index(&mut self, item: &Item) {
+    fn index(&mut self, item: ItemView<'_>) {
         match item.state {
             State::Ready => {
-                self.ready.insert((Reverse(item.priority), item.id));
+                self.ready.insert(item.priority, item.id);
             }
             State::Delayed => {
                 self.delayed.insert((item.ready_at_ms, item.id));
             }
             State::Leased => {
-                let deadline = item.lease.as_ref().map(|l| l.deadline_ms).unwrap_or(0);
+                let deadline = item.lease.map_or(0, |l| l.deadline_ms);
                 self.leased.insert((deadline, item.id));
             }
             State::Done => {
@@ -867,7 +872,7 @@ impl Queue {
             }
         }
         if !item.key.is_empty() {
-            self.keys.insert(item.key.clone(), item.id);
+            self.keys.insert(item.key.to_string(), item.id);
         }
     }
 
@@ -879,9 +884,12 @@ impl Queue {
                 break;
             }
             self.delayed.remove(&(at, id));
-            let item = self.items.get_mut(&id).expect("delayed item exists");
-            item.state = State::Ready;
-            self.ready.insert((Reverse(item.priority), id));
+            let header = self
+                .items
+                .get_mut(id)
+                .expect("delayed item exists")
+                .update(|h| h.state = State::Ready);
+            self.ready.insert(header.priority, id);
             self.journal.push(Change::Put(id));
             changed = true;
         }
@@ -890,8 +898,8 @@ impl Queue {
 
     /// Verifies `token` is the item's current lease.
     fn check_lease(&self, id: u64, token: u64) -> Result<()> {
-        let item = self.items.get(&id).ok_or_else(|| self.not_found(id))?;
-        lease_matches(id, item, token)
+        let item = self.items.get(id).ok_or_else(|| self.not_found(id))?;
+        lease_matches(item, token)
     }
 
     fn not_found(&self, id: u64) -> Error {
@@ -905,8 +913,8 @@ impl Queue {
     /// The item is left out of every index; the caller puts it in its next state.
     fn end_lease(&mut self, id: u64, token: u64) -> Result<String> {
         self.check_lease(id, token)?;
-        let item = self.items.get_mut(&id).expect("checked");
-        let lease = item.lease.take().expect("checked");
+        let mut item = self.items.get_mut(id).expect("checked");
+        let lease = item.extras_mut().lease.take().expect("checked");
         self.leased.remove(&(lease.deadline_ms, id));
         if let Some(w) = self.workers.get_mut(&lease.worker) {
             w.in_flight = w.in_flight.saturating_sub(1);
@@ -915,17 +923,17 @@ impl Queue {
     }
 
     fn bury(&mut self, id: u64) {
-        let item = self.items.get_mut(&id).expect("exists");
-        item.state = State::Dead;
+        let mut item = self.items.get_mut(id).expect("exists");
+        item.update(|h| h.state = State::Dead);
         self.dead.insert(id);
         self.counters.dead += 1;
     }
 
     /// Deletes an item that is already out of the state indexes.
     fn forget(&mut self, id: u64) {
-        if let Some(item) = self.items.remove(&id) {
-            if !item.key.is_empty() && self.keys.get(&item.key) == Some(&id) {
-                self.keys.remove(&item.key);
+        if let Some(extras) = self.items.remove(id) {
+            if !extras.key.is_empty() && self.keys.get(&extras.key) == Some(&id) {
+                self.keys.remove(&extras.key);
             }
             self.journal.push(Change::Delete(id));
         }
@@ -953,12 +961,12 @@ impl Queue {
     #[cfg(test)]
     pub fn check_invariants(&self) {
         let mut counted = 0;
-        for item in self.items.values() {
+        for item in self.items.iter() {
             let indexed = match item.state {
-                State::Ready => self.ready.contains(&(Reverse(item.priority), item.id)),
+                State::Ready => self.ready.contains(item.priority, item.id),
                 State::Delayed => self.delayed.contains(&(item.ready_at_ms, item.id)),
                 State::Leased => {
-                    let lease = item.lease.as_ref().expect("leased item has a lease");
+                    let lease = item.lease.expect("leased item has a lease");
                     self.leased.contains(&(lease.deadline_ms, item.id))
                 }
                 State::Done => self.done.contains(&(item.done_ms(), item.id)),
@@ -980,7 +988,7 @@ impl Queue {
             + self.dead.len();
         assert_eq!(counted, indexed, "items and indexes disagree");
         for (key, id) in &self.keys {
-            assert_eq!(&self.items[id].key, key);
+            assert_eq!(self.items.get(*id).expect("keyed item exists").key, key);
         }
     }
 }
@@ -1005,7 +1013,8 @@ pub fn state_name(state: State) -> &'static str {
 }
 
 /// Whether `token` is `item`'s current lease, with the reason when it is not.
-fn lease_matches(id: u64, item: &Item, token: u64) -> Result<()> {
+fn lease_matches(item: ItemView<'_>, token: u64) -> Result<()> {
+    let id = item.id;
     match (&item.state, &item.lease) {
         (State::Leased, Some(lease)) if lease.token == token => Ok(()),
         (State::Leased, Some(_)) => Err(Error::LeaseLost(format!(

@@ -48,7 +48,7 @@ pub(super) fn import_sled(data_dir: &Path, wal_dir: &Path) -> Result<()> {
             snapshot.put_queue(record);
         }
         for (queue, item) in state.items.values() {
-            snapshot.put_item(&state.names[*queue as usize], item);
+            snapshot.put_item(&state.names[*queue as usize], item.view());
         }
         snapshot.finish(state.highest + 1)?;
         remove_before(wal_dir, number);
@@ -138,7 +138,7 @@ mod tests {
             .load()
             .items
             .iter()
-            .map(|(_, i)| (i.id, i.attempts))
+            .map(|(_, (_, i))| (i.view().id, i.view().attempts))
             .collect();
         items.sort();
         items

@@ -48,7 +48,7 @@ use tokio::sync::{Notify, watch};
 use super::record::encode_item;
 use super::wal::{self, Ending, Segment};
 use super::{FlushStats, ItemRecord, Op, QueueRecord, Snapshot, Ticket};
-use crate::engine::queue::Item;
+use crate::engine::items::{ItemView, Stored};
 use crate::error::{Error, Result};
 
 /// How long relaxed mode may hold unsynced writes.
@@ -134,14 +134,14 @@ fn storage_error(context: &str, e: impl std::fmt::Display) -> Error {
 }
 
 /// The state read back at start-up, key by key. Items are turned into the engine's
-/// boxed items as they are read: the boxes are the ones the engine keeps, so a restart
-/// needs little memory beyond the final state.
+/// stored form as they are read: the allocations are the ones the engine keeps, so a
+/// restart needs little memory beyond the final state.
 #[derive(Default)]
 pub(super) struct Recovered {
     pub queues: HashMap<String, QueueRecord>,
     /// In id order: snapshots list items by id, so loading one appends at the end, and
     /// the engine then builds its indexes in id order too (much faster than at random).
-    pub items: BTreeMap<u64, (u32, Box<Item>)>,
+    pub items: BTreeMap<u64, (u32, Stored)>,
     /// Names of the queues items belong to (items hold an index into this).
     pub names: Vec<String>,
     name_index: HashMap<String, u32>,
@@ -185,7 +185,7 @@ impl Recovered {
                         let queue = self.name_of(&record.queue);
                         match record.into_item() {
                             Some(item) => {
-                                self.items.insert(id, (queue, Box::new(item)));
+                                self.items.insert(id, (queue, Stored::new(item)));
                             }
                             None => {
                                 self.items.remove(&id);
@@ -266,7 +266,7 @@ impl Recovered {
     pub fn into_snapshot(self) -> Snapshot {
         Snapshot {
             queues: self.queues.into_values().collect(),
-            items: self.items.into_values().collect(),
+            items: self.items,
             queue_names: self.names,
             unreadable: self.unreadable,
         }
@@ -622,7 +622,7 @@ impl SnapshotWriter {
     }
 
     /// Appends `item` of `queue`, encoded straight into the snapshot's buffer.
-    pub fn put_item(&mut self, queue: &str, item: &Item) {
+    pub fn put_item(&mut self, queue: &str, item: ItemView<'_>) {
         self.file.put_item(queue, item);
     }
 
@@ -684,7 +684,7 @@ impl SnapshotFile {
         self.put(&queue_key(&record.name), &record.encode_to_vec());
     }
 
-    pub fn put_item(&mut self, queue: &str, item: &Item) {
+    pub fn put_item(&mut self, queue: &str, item: ItemView<'_>) {
         self.put_with(&item_key(item.id), |buf| encode_item(queue, item, buf));
     }
 

@@ -1,6 +1,7 @@
 //! On-disk records, encoded with prost so fields can be added without a migration.
 //! These types are private to the coordinator; clients never see them.
 
+use crate::engine::items::ItemView;
 use crate::engine::queue::{Counters, Item, LeaseInfo, Options, Outcome, State};
 
 #[derive(Clone, PartialEq, prost::Message)]
@@ -139,7 +140,7 @@ pub struct ItemRecord {
 /// and strings into an `ItemRecord` first (this runs for every change in strict mode
 /// and for every item in a snapshot). Fields in tag order, defaults left out, as prost
 /// does.
-pub fn encode_item(queue: &str, item: &Item, buf: &mut Vec<u8>) {
+pub fn encode_item(queue: &str, item: ItemView<'_>, buf: &mut Vec<u8>) {
     use prost::encoding::{WireType, encode_key, encode_varint};
     fn varint(tag: u32, value: u64, buf: &mut Vec<u8>) {
         if value != 0 {
@@ -154,12 +155,11 @@ pub fn encode_item(queue: &str, item: &Item, buf: &mut Vec<u8>) {
             buf.extend_from_slice(value);
         }
     }
-    let lease = item.lease.as_deref();
-    let outcome = item.outcome.as_deref();
+    let (lease, outcome) = (item.lease, item.outcome);
     bytes(1, queue.as_bytes(), buf);
     varint(2, item.id, buf);
     varint(3, u64::from(state_code(item.state)), buf);
-    bytes(4, &item.payload, buf);
+    bytes(4, item.payload, buf);
     // int32: negative values are sign-extended to 64 bits.
     varint(5, i64::from(item.priority) as u64, buf);
     bytes(6, item.key.as_bytes(), buf);
@@ -331,7 +331,7 @@ mod tests {
     fn direct_encoding_matches_prost_byte_for_byte_and_decodes_back() {
         for item in items() {
             let mut direct = Vec::new();
-            encode_item("queue", &item, &mut direct);
+            encode_item("queue", item.view(), &mut direct);
             let record = ItemRecord::from_item("queue", &item);
             assert_eq!(direct, record.encode_to_vec(), "{item:?}");
             let decoded = ItemRecord::decode(&direct[..]).unwrap();
