@@ -39,13 +39,21 @@ async fn create(engine: &Engine, name: &str) {
         .unwrap();
 }
 
-/// Everything a restart must bring back: every queue's counters and every item.
-type State = BTreeMap<String, (Counters, Vec<Item>)>;
+/// Everything a restart must bring back: every queue's counters, its items by state
+/// (READY and DELAYED together: a delayed retry turns ready on the clock, restart or
+/// not) and every item.
+type State = BTreeMap<String, (Counters, [u64; 4], Vec<Item>)>;
 
 fn state(engine: &Engine) -> State {
     let mut state = State::new();
     for name in engine.queue_names() {
-        let counters = engine.stats(&name).unwrap().counters;
+        let stats = engine.stats(&name).unwrap();
+        let by_state = [
+            stats.ready + stats.delayed,
+            stats.leased,
+            stats.done,
+            stats.dead,
+        ];
         let mut items = Vec::new();
         let mut after = 0;
         loop {
@@ -62,7 +70,7 @@ fn state(engine: &Engine) -> State {
             }
             after = next;
         }
-        state.insert(name, (counters, items));
+        state.insert(name, (stats.counters, by_state, items));
     }
     state
 }
@@ -155,14 +163,33 @@ async fn snapshots_taken_while_writers_run_lose_nothing() {
         snapshotter.await.unwrap() > 10,
         "snapshots raced the writers"
     );
-    // Writes after the last snapshot, so the log matters too.
+    // Changes after a last snapshot, so recovery must apply the log to items the
+    // snapshot holds: lease, complete, retry, and delete them (purge), and add one.
+    let three = (0..3).map(|_| NewItem::default()).collect();
+    engine.enqueue("a", three, false).await.unwrap();
+    let items_before_purge = state(&engine);
+    engine.checkpoint().await.unwrap();
+    let leased = engine.lease("a", worker("late")).await.unwrap().granted;
+    assert_eq!(leased.len(), 3);
+    engine
+        .ack("a", leased[0].id, leased[0].token, vec![])
+        .await
+        .unwrap();
+    engine
+        .fail("a", leased[1].id, leased[1].token, "y".into(), false, 0)
+        .await
+        .unwrap();
+    let purged = engine.purge("b").await.unwrap();
+    assert!(purged > 0);
     engine
         .enqueue("a", vec![NewItem::default()], false)
         .await
         .unwrap();
     let before = state(&engine);
     assert_eq!(before.len(), 2);
-    assert_eq!(before["a"].1.len() + before["b"].1.len(), 4 * 150 * 3 + 1);
+    let count = |s: &State| s["a"].2.len() + s["b"].2.len();
+    assert_eq!(count(&items_before_purge), 4 * 150 * 3 + 3);
+    assert_eq!(count(&before), 4 * 150 * 3 + 3 + 1 - purged as usize);
     drop(engine); // a crash: no close
 
     assert_eq!(files(dir.path(), ".snap").len(), 1, "older snapshots go");
@@ -177,9 +204,10 @@ fn assert_same(after: &State, before: &State) {
         after.keys().collect::<Vec<_>>(),
         before.keys().collect::<Vec<_>>()
     );
-    for (name, (counters, items)) in before {
-        let (counters_after, items_after) = &after[name];
+    for (name, (counters, by_state, items)) in before {
+        let (counters_after, by_state_after, items_after) = &after[name];
         assert_eq!(counters_after, counters, "queue {name}'s counters");
+        assert_eq!(by_state_after, by_state, "queue {name}'s items by state");
         assert_eq!(items_after.len(), items.len(), "queue {name}'s item count");
         for (a, b) in items_after.iter().zip(items) {
             assert_eq!(a, b, "queue {name}");
@@ -314,7 +342,7 @@ async fn relaxed_mode_syncs_on_its_timer_and_at_a_clean_stop() {
     drop(engine);
     let engine = open_with(dir.path(), Durability::Relaxed).await;
     assert_same(&state(&engine), &before);
-    assert_eq!(before["q"].1.len(), 15);
+    assert_eq!(before["q"].2.len(), 15);
 }
 
 /// One data dir serves one coordinator: a second store on it is refused, names the

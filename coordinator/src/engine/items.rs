@@ -280,12 +280,12 @@ impl Stored {
         }
     }
 
+    pub fn id(&self) -> u64 {
+        record_id(&self.record)
+    }
+
     pub fn view(&self) -> ItemView<'_> {
-        ItemView::new(
-            record_id(&self.record),
-            &self.record,
-            self.extras.as_deref(),
-        )
+        ItemView::new(self.id(), &self.record, self.extras.as_deref())
     }
 }
 

@@ -208,7 +208,7 @@ impl Engine {
         }
         // Items name their queue by an index into `queue_names`.
         let mut counts = vec![0usize; snapshot.queue_names.len()];
-        for (queue, _) in snapshot.items.values() {
+        for (queue, _) in &snapshot.items {
             counts[*queue as usize] += 1;
         }
         for (name, count) in snapshot.queue_names.iter().zip(counts) {
@@ -217,7 +217,7 @@ impl Engine {
             }
         }
         let (mut items, mut orphans) = (0u64, snapshot.unreadable);
-        for (queue, item) in snapshot.items.into_values() {
+        for (queue, item) in snapshot.items {
             match queues.get_mut(&snapshot.queue_names[queue as usize]) {
                 Some(queue) => {
                     queue.restore(item);

@@ -47,14 +47,14 @@ pub(super) fn import_sled(data_dir: &Path, wal_dir: &Path) -> Result<()> {
         for record in state.queues.values() {
             snapshot.put_queue(record);
         }
-        for (queue, item) in state.items.values() {
+        for (queue, item) in state.items() {
             snapshot.put_item(&state.names[*queue as usize], item.view());
         }
         snapshot.finish(state.highest + 1)?;
         remove_before(wal_dir, number);
         tracing::info!(
             queues = state.queues.len(),
-            items = state.items.len(),
+            items = state.item_count(),
             "imported the sled data dir of an earlier workq"
         );
     }
@@ -138,7 +138,7 @@ mod tests {
             .load()
             .items
             .iter()
-            .map(|(_, (_, i))| (i.view().id, i.view().attempts))
+            .map(|(_, i)| (i.view().id, i.view().attempts))
             .collect();
         items.sort();
         items

@@ -34,8 +34,10 @@
 //! 0.34.7 deadlocks under sustained heavy writes (spacejam/sled#1412). A data dir
 //! written by that store is imported on first start ([`super::import`]).
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
+use std::collections::hash_map::Entry;
 use std::fs::File;
+use std::hash::BuildHasherDefault;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -49,6 +51,7 @@ use super::record::encode_item;
 use super::wal::{self, Ending, Segment};
 use super::{FlushStats, ItemRecord, Op, QueueRecord, Snapshot, Ticket};
 use crate::engine::items::{ItemView, Stored};
+use crate::engine::queue::IdHasher;
 use crate::error::{Error, Result};
 
 /// How long relaxed mode may hold unsynced writes.
@@ -134,14 +137,22 @@ fn storage_error(context: &str, e: impl std::fmt::Display) -> Error {
 }
 
 /// The state read back at start-up, key by key. Items are turned into the engine's
-/// stored form as they are read: the allocations are the ones the engine keeps, so a
-/// restart needs little memory beyond the final state.
+/// stored form as they are read: the allocations are the ones the engine keeps. What
+/// recovery needs on top (the list and the id lookup) are two large arrays, which the
+/// allocator hands back to the system once the engine has taken the items, so a
+/// restarted coordinator is no bigger than the state it holds.
 #[derive(Default)]
 pub(super) struct Recovered {
     pub queues: HashMap<String, QueueRecord>,
-    /// In id order: snapshots list items by id, so loading one appends at the end, and
-    /// the engine then builds its indexes in id order too (much faster than at random).
-    pub items: BTreeMap<u64, (u32, Stored)>,
+    /// In the order first read, with `None` where an item was deleted later. Snapshots
+    /// list each queue's items by id, so the engine builds its indexes in id order
+    /// (much faster than at random).
+    items: Vec<Option<(u32, Stored)>>,
+    /// Where each item of `items[..indexed]` is. A snapshot's items are listed without
+    /// (its ids are distinct), and looked up only if a log file then changes items.
+    positions: HashMap<u64, usize, BuildHasherDefault<IdHasher>>,
+    indexed: usize,
+    loading_snapshot: bool,
     /// Names of the queues items belong to (items hold an index into this).
     pub names: Vec<String>,
     name_index: HashMap<String, u32>,
@@ -185,17 +196,15 @@ impl Recovered {
                         let queue = self.name_of(&record.queue);
                         match record.into_item() {
                             Some(item) => {
-                                self.items.insert(id, (queue, Stored::new(item)));
+                                self.put_item(id, queue, Stored::new(item));
                             }
                             None => {
-                                self.items.remove(&id);
+                                self.delete_item(id);
                                 self.unreadable += 1;
                             }
                         }
                     }
-                    None => {
-                        self.items.remove(&id);
-                    }
+                    None => self.delete_item(id),
                 }
             }
             _ if key == NEXT_ID_KEY => {
@@ -242,7 +251,12 @@ impl Recovered {
 
     /// Loads a snapshot, which must be whole: it was synced before it got its name.
     fn load_snapshot(&mut self, path: &Path) -> Result<()> {
-        let (ending, ended) = self.replay_file(path)?;
+        // Ids are distinct within a snapshot; with nothing read before it, they need no
+        // lookup while it loads.
+        self.loading_snapshot = self.items.is_empty();
+        let loaded = self.replay_file(path);
+        self.loading_snapshot = false;
+        let (ending, ended) = loaded?;
         if ending != Ending::Clean || !ended {
             return Err(Error::Storage(format!(
                 "snapshot {} is damaged (it was complete when written; the disk changed it). \
@@ -263,10 +277,54 @@ impl Recovered {
         index
     }
 
+    fn put_item(&mut self, id: u64, queue: u32, item: Stored) {
+        if self.loading_snapshot {
+            self.items.push(Some((queue, item)));
+            return;
+        }
+        self.index_listed();
+        match self.positions.entry(id) {
+            Entry::Occupied(at) => self.items[*at.get()] = Some((queue, item)),
+            Entry::Vacant(at) => {
+                at.insert(self.items.len());
+                self.items.push(Some((queue, item)));
+                self.indexed = self.items.len();
+            }
+        }
+    }
+
+    fn delete_item(&mut self, id: u64) {
+        self.index_listed();
+        if let Some(at) = self.positions.remove(&id) {
+            self.items[at] = None;
+        }
+    }
+
+    /// Adds the items listed without a position to `positions`.
+    fn index_listed(&mut self) {
+        let listed = &self.items[self.indexed..];
+        self.positions.reserve(listed.len());
+        for (at, entry) in listed.iter().enumerate() {
+            if let Some((_, item)) = entry {
+                self.positions.insert(item.id(), self.indexed + at);
+            }
+        }
+        self.indexed = self.items.len();
+    }
+
+    /// Every item read, with its queue's index into `names`.
+    pub fn items(&self) -> impl Iterator<Item = &(u32, Stored)> {
+        self.items.iter().flatten()
+    }
+
+    pub fn item_count(&self) -> usize {
+        self.items().count()
+    }
+
     pub fn into_snapshot(self) -> Snapshot {
         Snapshot {
             queues: self.queues.into_values().collect(),
-            items: self.items,
+            items: self.items.into_iter().flatten().collect(),
             queue_names: self.names,
             unreadable: self.unreadable,
         }

@@ -39,9 +39,10 @@ pub enum Op {
 #[derive(Debug, Default)]
 pub struct Snapshot {
     pub queues: Vec<QueueRecord>,
-    /// Every item by id, already in the engine's form: (the queue's name as an index
-    /// into `queue_names`, the item).
-    pub items: std::collections::BTreeMap<u64, (u32, crate::engine::items::Stored)>,
+    /// Every item, already in the engine's form: (the queue's name as an index into
+    /// `queue_names`, the item); each queue's items in id order, as a snapshot lists
+    /// them, then those only the log holds.
+    pub items: Vec<(u32, crate::engine::items::Stored)>,
     pub queue_names: Vec<String>,
     /// Item records that could not be read back (an unknown state).
     pub unreadable: u64,
