@@ -138,7 +138,7 @@ pub fn item_pb(queue: &str, item: engine::Item) -> pb::Item {
             0
         },
         lease_deadline_at_ms: lease.map_or(0, |l| l.deadline_ms),
-        worker_id: outcome.worker,
+        worker_id: outcome.worker.to_string(),
         done_at_ms: outcome.done_ms,
         payload: item.payload,
         key: item.key,

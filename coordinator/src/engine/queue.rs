@@ -17,6 +17,7 @@
 
 use std::collections::{BTreeSet, HashMap};
 use std::hash::Hasher;
+use std::sync::Arc;
 
 use super::items::{Extras, Header, ItemView, Items, ReadyIndex, Stored};
 use crate::error::{Error, Result};
@@ -65,7 +66,9 @@ pub struct LeaseInfo {
     pub deadline_ms: u64,
     /// The lease length granted, reused by `extend` without an explicit length.
     pub timeout_ms: u64,
-    pub worker: String,
+    /// Shared with the queue's worker list and the items' outcomes: a lease copies a
+    /// pointer, not the id.
+    pub worker: Arc<str>,
 }
 
 /// One item, owned: as recovered from storage, and as the APIs hand it out. A queue
@@ -91,7 +94,7 @@ pub struct Item {
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Outcome {
     /// The worker that last held the item.
-    pub worker: String,
+    pub worker: Arc<str>,
     /// The token of the lease that completed a DONE item, so a retried ack of the same
     /// lease is answered OK instead of "lease lost".
     pub done_token: u64,
@@ -250,7 +253,7 @@ pub struct Queue {
     done: BTreeSet<(u64, u64)>,
     dead: BTreeSet<u64>,
     keys: HashMap<String, u64>,
-    workers: HashMap<String, WorkerInfo>,
+    workers: HashMap<Arc<str>, WorkerInfo>,
     /// Completions per second: (unix second, count), a ring of RATE_BUCKETS.
     completions: [(u64, u32); RATE_BUCKETS],
     /// Items changed since the engine last took the journal.
@@ -438,6 +441,10 @@ impl Queue {
         } else {
             timeout_ms
         };
+        let worker_id: Arc<str> = match self.workers.get_key_value(worker) {
+            Some((id, _)) => id.clone(),
+            None => Arc::from(worker),
+        };
         let mut granted = Vec::new();
         while granted.len() < max {
             let Some(id) = self.ready.pop_first() else {
@@ -452,14 +459,14 @@ impl Queue {
             });
             let extras = item.extras_mut();
             let outcome = extras.outcome_mut();
-            if outcome.worker != worker {
-                outcome.worker = worker.to_string();
+            if *outcome.worker != *worker {
+                outcome.worker = worker_id.clone();
             }
             extras.lease = Some(LeaseInfo {
                 token,
                 deadline_ms,
                 timeout_ms,
-                worker: worker.to_string(),
+                worker: worker_id.clone(),
             });
             let key = extras.key.clone();
             granted.push(Granted {
@@ -485,7 +492,7 @@ impl Queue {
             }
             None if seen.is_some() || held > 0 => {
                 self.workers.insert(
-                    worker.to_string(),
+                    worker_id,
                     WorkerInfo {
                         last_seen_ms: seen.unwrap_or(0),
                         in_flight: held,
@@ -543,7 +550,7 @@ impl Queue {
         self.counters.completed += 1;
         self.journal.push(Change::Put(id));
         self.record_completion(now);
-        match self.workers.get_mut(&lease.worker) {
+        match self.workers.get_mut(&*lease.worker) {
             Some(w) => {
                 w.in_flight = w.in_flight.saturating_sub(1);
                 w.completed += 1;
@@ -712,7 +719,7 @@ impl Queue {
                 });
                 self.ready.insert(header.priority, id);
             }
-            if let Some(w) = self.workers.get_mut(&lease.worker) {
+            if let Some(w) = self.workers.get_mut(&*lease.worker) {
                 w.in_flight = w.in_flight.saturating_sub(1);
             }
             self.journal.push(Change::Put(id));
@@ -825,7 +832,7 @@ impl Queue {
         let mut list: Vec<_> = self
             .workers
             .iter()
-            .map(|(id, w)| (id.clone(), w.clone()))
+            .map(|(id, w)| (id.to_string(), w.clone()))
             .collect();
         list.sort_by(|a, b| a.0.cmp(&b.0));
         list
@@ -840,7 +847,7 @@ impl Queue {
             Some(w) => w.last_seen_ms = now,
             None => {
                 self.workers.insert(
-                    worker.to_string(),
+                    Arc::from(worker),
                     WorkerInfo {
                         last_seen_ms: now,
                         ..WorkerInfo::default()
@@ -911,7 +918,7 @@ impl Queue {
 
     /// Ends the current lease after checking the token; returns the worker that held it.
     /// The item is left out of every index; the caller puts it in its next state.
-    fn end_lease(&mut self, id: u64, token: u64) -> Result<String> {
+    fn end_lease(&mut self, id: u64, token: u64) -> Result<Arc<str>> {
         self.check_lease(id, token)?;
         let mut item = self.items.get_mut(id).expect("checked");
         let lease = item.extras_mut().lease.take().expect("checked");

@@ -238,7 +238,7 @@ fn workers(engine: &Engine, name: Option<&str>) -> ApiResult<WorkerList> {
             for item in items {
                 if let Some(lease) = item.lease {
                     let ids = holding
-                        .entry((queue.to_string(), lease.worker))
+                        .entry((queue.to_string(), lease.worker.to_string()))
                         .or_default();
                     if ids.len() < HOLDING_SHOWN {
                         ids.push(item.id);
@@ -367,7 +367,7 @@ async fn list_items(
                 payload_preview: preview(&item.payload),
                 result_preview: preview(&outcome.result),
                 key: item.key,
-                worker: outcome.worker,
+                worker: outcome.worker.to_string(),
                 last_error: outcome.last_error,
             }
         })

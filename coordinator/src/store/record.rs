@@ -199,7 +199,7 @@ impl ItemRecord {
             lease_token: lease.map_or(0, |l| l.token),
             lease_deadline_ms: lease.map_or(0, |l| l.deadline_ms),
             lease_timeout_ms: lease.map_or(0, |l| l.timeout_ms),
-            lease_worker: lease.map_or_else(String::new, |l| l.worker.clone()),
+            lease_worker: lease.map_or_else(String::new, |l| l.worker.to_string()),
             done_token: item.done_token(),
             done_ms: item.done_ms(),
             result: item.result().to_vec(),
@@ -223,11 +223,11 @@ impl ItemRecord {
                 token: self.lease_token,
                 deadline_ms: self.lease_deadline_ms,
                 timeout_ms: self.lease_timeout_ms,
-                worker: self.lease_worker,
+                worker: self.lease_worker.into(),
             })
         });
         let outcome = Outcome {
-            worker: self.worker,
+            worker: self.worker.into(),
             done_token: self.done_token,
             done_ms: self.done_ms,
             result: self.result,
