@@ -1,21 +1,23 @@
-//! `bench-compare`: workq against beanstalkd and Redis on one machine, in one run,
-//! under the same closed-loop workloads, in memory and durable.
+//! `bench-compare`: workq against beanstalkd, Redis and NATS JetStream on one
+//! machine, in one run, under the same closed-loop workloads, in memory and durable.
 //!
 //! It starts every server itself on 127.0.0.1 (free ports, temp dirs), installing
-//! beanstalkd and redis-server from Debian's packages when missing, drives the peers
-//! with its own clients (`beanstalk`, `redis`, `peer`) and workq with `queue-cli
-//! bench` (`workq`), prints items/s and latency percentiles per system and the
-//! workq/peer ratios, and checks the targets of issue 7. Every server is killed by
-//! pid when its section ends (or when this process unwinds); every peer run is
-//! bounded by a time budget.
+//! beanstalkd, redis-server and nats-server from Debian's packages when missing,
+//! drives the peers with its own clients (`beanstalk`, `redis`, `nats`, `peer`) and
+//! workq with `queue-cli bench` (`workq`), prints items/s and latency percentiles
+//! per system and the workq/peer ratios, and checks the targets of issue 7. Every
+//! server is killed by pid when its section ends (or when this process unwinds);
+//! every peer run is bounded by a time budget.
 
 mod beanstalk;
+mod nats;
 mod peer;
 mod redis;
 mod sample;
 mod servers;
 mod workq;
 
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -23,19 +25,21 @@ use anyhow::{Context, Result};
 use clap::{Parser, ValueEnum};
 use serde_json::{Value, json};
 
+use crate::nats::Storage;
 use crate::peer::{Measured, Peer, Shape};
 use crate::servers::Server;
 
-/// Compare workq with beanstalkd and Redis side by side (see BENCHMARKS.md).
+/// Compare workq with beanstalkd, Redis and NATS JetStream side by side (see
+/// BENCHMARKS.md).
 ///
 /// Sections: `single` (32 clients, one item per operation: enqueue, then drain of
 /// the same items), `batch` (8 clients, 100 items per request), `e2e` (8 producers
 /// offering --rate items/s and 8 consumers; enqueue→ack latency), `scale` (workq
 /// only: 1,000,000 queued items; RSS and restart recovery strict, drain rate at 1M
 /// vs 10k in memory).
-/// Durability: `memory` (beanstalkd, Redis without persistence, workq --in-memory)
-/// and `durable` (beanstalkd -b with -f 50 and -f 0, Redis appendfsync always,
-/// workq --durability strict).
+/// Durability: `memory` (beanstalkd, Redis without persistence, a JetStream memory
+/// stream, workq --in-memory) and `durable` (beanstalkd -b with -f 50 and -f 0,
+/// Redis appendfsync always, a JetStream file stream, workq --durability strict).
 #[derive(Parser, Debug)]
 #[command(name = "bench-compare", version, max_term_width = 100)]
 struct Args {
@@ -210,6 +214,7 @@ async fn main() -> Result<()> {
                 "seconds": started.elapsed().as_secs(),
                 "payload_size": args.payload_size,
                 "runs": rows.iter().map(Row::json).collect::<Vec<_>>(),
+                "notes": notes(&rows),
                 "scale": scale,
                 "targets": targets.iter().map(|t| json!({
                     "target": t.name, "measured": t.measured, "met": t.met
@@ -227,6 +232,9 @@ async fn main() -> Result<()> {
                 started.elapsed().as_secs()
             );
             print_rows(&rows);
+            for note in notes(&rows) {
+                println!("note: {note}");
+            }
             print_ratios(&rows);
             if let Some(scale) = &scale {
                 println!("\nscale (workq): {scale}");
@@ -266,28 +274,25 @@ fn loadavg() -> String {
 
 /// The peers of one durability mode, started fresh.
 fn start_peers(durability: Durability) -> Result<Vec<(Server, Peer)>> {
-    let servers = match durability {
+    fn with(server: Server, peer: impl FnOnce(SocketAddr) -> Peer) -> (Server, Peer) {
+        let peer = peer(server.addr);
+        (server, peer)
+    }
+    Ok(match durability {
         Durability::Memory => vec![
-            (servers::beanstalkd(None)?, true),
-            (servers::redis(false)?, false),
+            with(servers::beanstalkd(None)?, Peer::Beanstalkd),
+            with(servers::redis(false)?, Peer::Redis),
+            with(servers::nats(false)?, |addr| {
+                Peer::Nats(addr, Storage::Memory)
+            }),
         ],
         Durability::Durable => vec![
-            (servers::beanstalkd(Some(50))?, true),
-            (servers::beanstalkd(Some(0))?, true),
-            (servers::redis(true)?, false),
+            with(servers::beanstalkd(Some(50))?, Peer::Beanstalkd),
+            with(servers::beanstalkd(Some(0))?, Peer::Beanstalkd),
+            with(servers::redis(true)?, Peer::Redis),
+            with(servers::nats(true)?, |addr| Peer::Nats(addr, Storage::File)),
         ],
-    };
-    Ok(servers
-        .into_iter()
-        .map(|(server, is_beanstalkd)| {
-            let peer = if is_beanstalkd {
-                Peer::Beanstalkd(server.addr)
-            } else {
-                Peer::Redis(server.addr)
-            };
-            (server, peer)
-        })
-        .collect())
+    })
 }
 
 async fn run_durability(
@@ -534,7 +539,7 @@ fn ms(us: u32) -> String {
 
 fn print_rows(rows: &[Row]) {
     println!(
-        "\n{:<8} {:<8} {:<7} {:<5} {:<16} {:>9} {:>9} {:>9} {:>9}  CHECK",
+        "\n{:<8} {:<8} {:<7} {:<5} {:<19} {:>9} {:>9} {:>9} {:>9}  CHECK",
         "MODE", "WORKLOAD", "CLIENTS", "BATCH", "SYSTEM", "ITEMS/S", "P50", "P99", "P99.9"
     );
     for r in rows {
@@ -551,7 +556,7 @@ fn print_rows(rows: &[Row]) {
             "ok".to_string()
         };
         println!(
-            "{:<8} {:<8} {:<7} {:<5} {:<16} {:>9} {:>9} {:>9} {:>9}  {check}",
+            "{:<8} {:<8} {:<7} {:<5} {:<19} {:>9} {:>9} {:>9} {:>9}  {check}",
             r.durability,
             r.workload,
             r.clients,
@@ -563,6 +568,15 @@ fn print_rows(rows: &[Row]) {
             ms(m.latency.p999),
         );
     }
+}
+
+/// What a reader needs to know about rows in this run, one line each.
+fn notes(rows: &[Row]) -> Vec<&'static str> {
+    let mut notes = Vec::new();
+    if rows.iter().any(|r| r.system == servers::NATS_FILE) {
+        notes.push(servers::NATS_FILE_NOTE);
+    }
+    notes
 }
 
 /// The best workq row of a group: most items/s, or for e2e the lowest p99.
@@ -602,7 +616,7 @@ fn print_ratios(rows: &[Row]) {
             )
         };
         println!(
-            "  {:<8} {:<8} c{:<5} b{:<4} {} vs {:<16} {text}",
+            "  {:<8} {:<8} c{:<5} b{:<4} {} vs {:<19} {text}",
             peer.durability, peer.workload, peer.clients, peer.batch, best.system, peer.system
         );
     }

@@ -1,9 +1,10 @@
 //! The same closed-loop workloads as `queue-cli bench`, driven against a peer
-//! (beanstalkd or Redis) through one connection per client.
+//! (beanstalkd, Redis or NATS JetStream) through one connection per client.
 //!
 //! - enqueue: C clients each put their share of N items, B per request (a pipelined
-//!   round trip for beanstalkd, one `LPUSH` of B values for Redis). Latency per
-//!   request. Stops early at the time budget; the items put so far are the drain's.
+//!   round trip for beanstalkd and NATS, one `LPUSH` of B values for Redis). Latency
+//!   per request. Stops early at the time budget; the items put so far are the
+//!   drain's.
 //! - drain: the items of the enqueue run, C clients each leasing up to B and
 //!   completing them one step at a time, until the queue is empty. Latency per item
 //!   from the lease request to the completed delete.
@@ -23,6 +24,7 @@ use anyhow::{Context, Result};
 use tokio::task::JoinSet;
 
 use crate::beanstalk::Beanstalk;
+use crate::nats::{Nats, Storage};
 use crate::redis::Redis;
 use crate::sample::{self, Percentiles, check_acks, micros};
 
@@ -31,17 +33,23 @@ use crate::sample::{self, Percentiles, check_acks, micros};
 pub enum Peer {
     Beanstalkd(SocketAddr),
     Redis(SocketAddr),
+    /// nats-server with JetStream; the run's stream is kept in this storage.
+    Nats(SocketAddr, Storage),
 }
 
-/// One client connection to a peer, on the run's tube or lists.
+/// One client connection to a peer, on the run's tube, lists or stream.
 enum Conn {
     Beanstalkd(Beanstalk),
     Redis(Redis),
+    Nats(Nats),
 }
 
 /// A leased item: the handle to complete it with and its payload.
 struct Leased {
+    /// beanstalkd's job id (0 for the others).
     job: u64,
+    /// NATS's ack subject (empty for the others).
+    ack: String,
     payload: Vec<u8>,
 }
 
@@ -59,6 +67,15 @@ impl Conn {
                 redis.ping().await?;
                 Conn::Redis(redis)
             }
+            Peer::Nats(addr, storage) => {
+                let mut nats = Nats::connect(addr, namespace).await?;
+                // Clients connect one after another (connect_all), so client 0 has
+                // created the stream and consumer before any client uses them.
+                if client == 0 {
+                    nats.setup(storage).await?;
+                }
+                Conn::Nats(nats)
+            }
         })
     }
 
@@ -66,6 +83,7 @@ impl Conn {
         match self {
             Conn::Beanstalkd(b) => b.put(payloads).await,
             Conn::Redis(r) => r.enqueue(payloads).await,
+            Conn::Nats(n) => n.enqueue(payloads).await,
         }
     }
 
@@ -75,13 +93,31 @@ impl Conn {
                 .reserve(max, wait_secs)
                 .await?
                 .into_iter()
-                .map(|(job, payload)| Leased { job, payload })
+                .map(|(job, payload)| Leased {
+                    job,
+                    ack: String::new(),
+                    payload,
+                })
                 .collect(),
             Conn::Redis(r) => r
                 .lease(max, wait_secs)
                 .await?
                 .into_iter()
-                .map(|payload| Leased { job: 0, payload })
+                .map(|payload| Leased {
+                    job: 0,
+                    ack: String::new(),
+                    payload,
+                })
+                .collect(),
+            Conn::Nats(n) => n
+                .lease(max, wait_secs)
+                .await?
+                .into_iter()
+                .map(|(ack, payload)| Leased {
+                    job: 0,
+                    ack,
+                    payload,
+                })
                 .collect(),
         })
     }
@@ -95,6 +131,10 @@ impl Conn {
             Conn::Redis(r) => {
                 let items: Vec<Vec<u8>> = leased.iter().map(|l| l.payload.clone()).collect();
                 r.complete(&items).await
+            }
+            Conn::Nats(n) => {
+                let subjects: Vec<String> = leased.iter().map(|l| l.ack.clone()).collect();
+                n.ack(&subjects).await
             }
         }
     }

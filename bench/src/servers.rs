@@ -1,5 +1,6 @@
-//! The servers a comparison runs: beanstalkd, redis-server and workq-coordinator,
-//! each on 127.0.0.1 on a free port, in its own temp dir, logging to a file there.
+//! The servers a comparison runs: beanstalkd, redis-server, nats-server and
+//! workq-coordinator, each on 127.0.0.1 on a free port, in its own temp dir,
+//! logging to a file there.
 //! A [`Server`] kills its process by pid when stopped or dropped.
 
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -104,12 +105,13 @@ impl Drop for Server {
     }
 }
 
-/// Installs beanstalkd and redis-server from Debian's packages when either is
-/// missing (`apt-get update` once first).
+/// Installs beanstalkd, redis-server and nats-server from Debian's packages when
+/// any is missing (`apt-get update` once first).
 pub fn ensure_installed() -> Result<()> {
     let missing: Vec<&str> = [
         ("beanstalkd", "beanstalkd"),
         ("redis-server", "redis-server"),
+        ("nats-server", "nats-server"),
     ]
     .into_iter()
     .filter(|(binary, _)| which(binary).is_none())
@@ -221,6 +223,36 @@ pub fn redis(aof_always: bool) -> Result<Server> {
     } else {
         command.args(["--appendonly", "no"]);
         "redis"
+    };
+    spawn(label, command, dir, ([127, 0, 0, 1], port).into())
+}
+
+/// Label of the NATS JetStream row with file storage.
+pub const NATS_FILE: &str = "nats jetstream file";
+
+/// What NATS JetStream's file storage guarantees, printed under the table.
+/// (Seen with strace on 2.9.10: no fsync per publish or ack, fsyncs of the block
+/// files 120 s after the stream was created; 2.9.10 rejects `sync_interval`, which
+/// came later with nats-server PR 4483, 2023.)
+pub const NATS_FILE_NOTE: &str = "nats jetstream file: nats-server 2.9 answers publishes and \
+     acks once they are in the page cache and fsyncs its file store only every 2 minutes (it \
+     has no sync_interval option): not fsync-per-write durable";
+
+/// nats-server with JetStream, its store dir in its temp dir. The storage (memory
+/// or file) is per stream, so `file_storage` only names the row; the peer's streams
+/// must be created with the same storage.
+pub fn nats(file_storage: bool) -> Result<Server> {
+    let dir = tempfile::tempdir()?;
+    let port = free_port()?;
+    let mut command = Command::new("nats-server");
+    command
+        .args(["-js", "-a", "127.0.0.1", "-p", &port.to_string()])
+        .arg("-sd")
+        .arg(dir.path().join("jetstream"));
+    let label = if file_storage {
+        NATS_FILE
+    } else {
+        "nats jetstream"
     };
     spawn(label, command, dir, ([127, 0, 0, 1], port).into())
 }
