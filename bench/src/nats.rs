@@ -34,6 +34,7 @@ use serde_json::{Value, json};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::sync::mpsc;
 use tokio::time::Instant;
 
 /// The run's one durable pull consumer.
@@ -53,6 +54,11 @@ const ANSWER_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// The id of a connection's one subscription, its inbox.
 const SID: u64 = 1;
+
+/// How long past its own expiry a pull request may stay unanswered before the client
+/// stops waiting for it. Its messages, should they still come, are taken by later
+/// requests (every delivered message is leased, whichever request it answers).
+const PULL_PATIENCE: Duration = Duration::from_secs(1);
 
 /// How long a drain's pull request waits for messages at most. The drain asks
 /// `no_wait` (answer with what is there), but nats-server 2.9 never ends a `no_wait`
@@ -164,7 +170,74 @@ struct Message {
 
 enum Incoming {
     Msg(Message),
+    Ping,
     Pong,
+}
+
+/// Reads the connection into `incoming` until it closes or breaks; runs as its own
+/// task, so waiting for the next message can time out without losing a half-read one.
+async fn read_incoming(
+    mut reader: BufReader<OwnedReadHalf>,
+    incoming: mpsc::UnboundedSender<Result<Incoming>>,
+) {
+    let mut line = Vec::with_capacity(128);
+    loop {
+        let next = read_one(&mut reader, &mut line).await;
+        let failed = next.is_err();
+        if let Some(next) = next.transpose()
+            && (incoming.send(next).is_err() || failed)
+        {
+            return;
+        }
+    }
+}
+
+/// The next message, PING or PONG; `None` for lines that need nothing (INFO, +OK).
+async fn read_one(
+    reader: &mut BufReader<OwnedReadHalf>,
+    line: &mut Vec<u8>,
+) -> Result<Option<Incoming>> {
+    let line = read_line(reader, line).await?;
+    if line.starts_with("MSG ") || line.starts_with("HMSG ") {
+        let head = parse_msg_line(&line)?;
+        ensure!(
+            head.sid == SID,
+            "message for subscription {} in '{line}'",
+            head.sid
+        );
+        let mut data = vec![0; head.total_len + 2];
+        reader.read_exact(&mut data).await?;
+        ensure!(
+            data.ends_with(b"\r\n"),
+            "message without CRLF after '{line}'"
+        );
+        data.truncate(head.total_len);
+        let payload = data.split_off(head.header_len);
+        Ok(Some(Incoming::Msg(Message {
+            subject: head.subject,
+            reply: head.reply,
+            status: parse_status(&data),
+            payload,
+        })))
+    } else if line == "PING" {
+        Ok(Some(Incoming::Ping))
+    } else if line == "PONG" {
+        Ok(Some(Incoming::Pong))
+    } else if line.starts_with("-ERR") {
+        bail!("nats-server: {line}")
+    } else if line == "+OK" || line.starts_with("INFO ") {
+        Ok(None)
+    } else {
+        bail!("unexpected line from nats-server: '{line}'")
+    }
+}
+
+async fn read_line(reader: &mut BufReader<OwnedReadHalf>, line: &mut Vec<u8>) -> Result<String> {
+    line.clear();
+    if reader.read_until(b'\n', line).await? == 0 {
+        bail!("nats-server closed the connection");
+    }
+    Ok(String::from_utf8_lossy(line).trim_end().to_string())
 }
 
 /// Appends `PUB <subject> [reply] <#bytes>\r\n<payload>\r\n`.
@@ -181,10 +254,12 @@ fn publish(out: &mut Vec<u8>, subject: &str, reply: Option<&str>, payload: &[u8]
 }
 
 pub struct Nats {
-    reader: BufReader<OwnedReadHalf>,
+    incoming: mpsc::UnboundedReceiver<Result<Incoming>>,
     writer: OwnedWriteHalf,
     out: Vec<u8>,
-    line: Vec<u8>,
+    /// Messages delivered for a pull request the client had stopped waiting for,
+    /// kept for the next pull.
+    stash: Vec<(String, Vec<u8>)>,
     /// `_INBOX.<id>.`: reply subjects are this and a number.
     inbox: String,
     next_token: u64,
@@ -202,19 +277,22 @@ impl Nats {
             .with_context(|| format!("connect to nats-server at {addr}"))?;
         tcp.set_nodelay(true)?;
         let (read, write) = tcp.into_split();
+        let mut reader = BufReader::with_capacity(64 * 1024, read);
+        let info = read_line(&mut reader, &mut Vec::new()).await?;
+        let (tx, incoming) = mpsc::unbounded_channel();
+        tokio::spawn(read_incoming(reader, tx));
         let id = CONNECTIONS.fetch_add(1, Ordering::Relaxed);
         let mut conn = Nats {
-            reader: BufReader::with_capacity(64 * 1024, read),
+            incoming,
             writer: write,
             out: Vec::with_capacity(64 * 1024),
-            line: Vec::with_capacity(128),
+            stash: Vec::new(),
             inbox: format!("_INBOX.bench{}c{id}.", std::process::id()),
             next_token: 0,
             stream: stream.to_string(),
             subject: format!("{stream}.jobs"),
             next_subject: format!("$JS.API.CONSUMER.MSG.NEXT.{stream}.{DURABLE}"),
         };
-        let info = conn.read_line().await?;
         let info: Value = info
             .strip_prefix("INFO ")
             .and_then(|json| serde_json::from_str(json).ok())
@@ -247,6 +325,7 @@ impl Nats {
         match conn.next_before(deadline, || "PONG".into()).await? {
             Incoming::Pong => Ok(conn),
             Incoming::Msg(msg) => bail!("message on {} before PONG", msg.subject),
+            Incoming::Ping => unreachable!("next answers PINGs"),
         }
     }
 
@@ -285,47 +364,13 @@ impl Nats {
         Ok(())
     }
 
-    async fn read_line(&mut self) -> Result<String> {
-        self.line.clear();
-        if self.reader.read_until(b'\n', &mut self.line).await? == 0 {
-            bail!("nats-server closed the connection");
-        }
-        Ok(String::from_utf8_lossy(&self.line).trim_end().to_string())
-    }
-
-    /// The next message or PONG; answers the server's PINGs and skips INFO and +OK.
+    /// The next message or PONG; answers the server's PINGs. Cancel-safe.
     async fn next(&mut self) -> Result<Incoming> {
         loop {
-            let line = self.read_line().await?;
-            if line.starts_with("MSG ") || line.starts_with("HMSG ") {
-                let head = parse_msg_line(&line)?;
-                ensure!(
-                    head.sid == SID,
-                    "message for subscription {} in '{line}'",
-                    head.sid
-                );
-                let mut data = vec![0; head.total_len + 2];
-                self.reader.read_exact(&mut data).await?;
-                ensure!(
-                    data.ends_with(b"\r\n"),
-                    "message without CRLF after '{line}'"
-                );
-                data.truncate(head.total_len);
-                let payload = data.split_off(head.header_len);
-                return Ok(Incoming::Msg(Message {
-                    subject: head.subject,
-                    reply: head.reply,
-                    status: parse_status(&data),
-                    payload,
-                }));
-            } else if line == "PING" {
-                self.writer.write_all(b"PONG\r\n").await?;
-            } else if line == "PONG" {
-                return Ok(Incoming::Pong);
-            } else if line.starts_with("-ERR") {
-                bail!("nats-server: {line}");
-            } else if !(line == "+OK" || line.starts_with("INFO ")) {
-                bail!("unexpected line from nats-server: '{line}'");
+            match self.incoming.recv().await {
+                Some(Ok(Incoming::Ping)) => self.writer.write_all(b"PONG\r\n").await?,
+                Some(next) => return next,
+                None => bail!("nats-server closed the connection"),
             }
         }
     }
@@ -353,6 +398,17 @@ impl Nats {
         subject.strip_prefix(&self.inbox)?.parse().ok()
     }
 
+    /// Keeps a message an abandoned pull request got, for the next pull.
+    fn stash_lease(&mut self, msg: Message) -> Result<()> {
+        match msg.reply {
+            Some(ack) if ack.starts_with("$JS.ACK.") => {
+                self.stash.push((ack, msg.payload));
+                Ok(())
+            }
+            _ => bail!("unexpected message on {}", msg.subject),
+        }
+    }
+
     /// Reads the answers to the `n` requests whose reply tokens start at `first`,
     /// returned in request order. Statuses addressed to earlier requests are
     /// skipped; any other message fails.
@@ -376,7 +432,7 @@ impl Nats {
                 }
                 Some(Some(_)) => bail!("two answers on {}", msg.subject),
                 None if msg.status.is_some() => {}
-                None => bail!("unexpected message on {}", msg.subject),
+                None => self.stash_lease(msg)?,
             }
         }
         Ok(answers.into_iter().flatten().collect())
@@ -441,8 +497,14 @@ impl Nats {
             json!({"batch": max, "no_wait": true, "expires": NO_WAIT_EXPIRES.as_nanos() as u64});
         loop {
             let leased = self.pull(max, &request, NO_WAIT_EXPIRES).await?;
-            if !leased.is_empty() || self.undelivered().await? == 0 {
+            if !leased.is_empty() {
                 return Ok(leased);
+            }
+            // Messages delivered before the consumer's info was read come before its
+            // answer, into the stash; with none undelivered, no more can come.
+            if self.undelivered().await? == 0 {
+                let n = self.stash.len().min(max);
+                return Ok(self.stash.drain(..n).collect());
             }
         }
     }
@@ -472,12 +534,16 @@ impl Nats {
             request.to_string().as_bytes(),
         );
         self.flush().await?;
-        let deadline = Instant::now() + expires + ANSWER_TIMEOUT;
-        let mut leased = Vec::with_capacity(max);
+        let n = self.stash.len().min(max);
+        let mut leased: Vec<_> = self.stash.drain(..n).collect();
+        let deadline = Instant::now() + expires + PULL_PATIENCE;
         while leased.len() < max {
-            let got = leased.len();
-            let awaited = || format!("pull request {token} ({request}) had {got} messages");
-            let Incoming::Msg(msg) = self.next_before(deadline, awaited).await? else {
+            // nats-server 2.9 can leave a request unanswered (see NO_WAIT_EXPIRES):
+            // stop waiting and let the caller ask again.
+            let Ok(next) = tokio::time::timeout_at(deadline, self.next()).await else {
+                break;
+            };
+            let Incoming::Msg(msg) = next? else {
                 continue;
             };
             let Some(status) = msg.status else {
