@@ -398,6 +398,24 @@ impl Items {
         Some(extras.map(|e| *e).unwrap_or_default())
     }
 
+    /// Every record's extras slot holds its extras, and the slab holds nothing else.
+    #[cfg(test)]
+    pub fn check(&self) {
+        let mut with_extras = 0;
+        for record in self.records.iter() {
+            let slot = extras_slot(record);
+            if slot != 0 {
+                assert!(
+                    self.extras.get(slot).is_some(),
+                    "item {}: empty slot {slot}",
+                    record_id(record)
+                );
+                with_extras += 1;
+            }
+        }
+        assert_eq!(self.extras.len(), with_extras, "extras without an item");
+    }
+
     fn record(&self, id: u64) -> Option<&[u8]> {
         self.records
             .find(hash_id(id), |r| record_id(r) == id)

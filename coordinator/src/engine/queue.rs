@@ -967,6 +967,7 @@ impl Queue {
 
     #[cfg(test)]
     pub fn check_invariants(&self) {
+        self.items.check();
         let mut counted = 0;
         for item in self.items.iter() {
             let indexed = match item.state {

@@ -594,3 +594,120 @@ fn id_hashes_spread_strided_ids_over_the_low_bits() {
         buckets.len()
     );
 }
+
+/// Thousands of random operations (enqueue with priorities, dedup keys and delays,
+/// lease, ack, fail, release, extend with current and stale tokens, timers, purge,
+/// requeue), checking after each one that every item is in exactly the index its state
+/// names, and that what a lease hands out is what was enqueued under that id.
+#[test]
+fn random_operations_keep_items_and_indexes_in_step() {
+    let mut f = Fixture::with(Options {
+        lease_timeout_ms: 40,
+        max_attempts: 3,
+        backoff_base_ms: 5,
+        backoff_cap_ms: 20,
+        retention_ms: 300,
+        ..Options::default()
+    });
+    let mut seed = 0x2545_f491_4f6c_dd1d_u64;
+    let mut random = move |below: u64| {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        seed % below
+    };
+    // What each live id was enqueued with: (payload, priority, key).
+    let mut enqueued: std::collections::HashMap<u64, (Vec<u8>, i32, String)> =
+        std::collections::HashMap::new();
+    let mut held: Vec<Granted> = Vec::new();
+    let mut now = T0;
+    let mut leased_total = 0;
+    for step in 0..10_000u64 {
+        now += random(4);
+        match random(20) {
+            0..=5 => {
+                let batch: Vec<NewItem> = (0..1 + random(4))
+                    .map(|k| NewItem {
+                        payload: format!("{step}-{k}").repeat(random(30) as usize).into(),
+                        priority: random(5) as i32 - 2,
+                        delay_ms: if random(4) == 0 { random(30) } else { 0 },
+                        key: if random(3) == 0 {
+                            format!("key-{}", random(40))
+                        } else {
+                            String::new()
+                        },
+                    })
+                    .collect();
+                let mut next = f.next_id;
+                let results =
+                    f.q.enqueue(now, batch.clone(), false, || {
+                        next += 1;
+                        next
+                    })
+                    .unwrap();
+                f.next_id = next;
+                for (new, result) in batch.into_iter().zip(results) {
+                    if !result.deduplicated {
+                        enqueued.insert(result.id, (new.payload, new.priority, new.key));
+                    }
+                }
+            }
+            6..=10 => {
+                for g in f.lease_n(now, 1 + random(6) as usize) {
+                    let (payload, priority, key) = &enqueued[&g.id];
+                    assert_eq!(
+                        (&g.payload, g.priority, &g.key),
+                        (payload, *priority, key),
+                        "item {}",
+                        g.id
+                    );
+                    leased_total += 1;
+                    held.push(g);
+                }
+            }
+            11..=16 if !held.is_empty() => {
+                // Sometimes a stale lease: its item expired and may be leased again.
+                let g = held.swap_remove(random(held.len() as u64) as usize);
+                let current = f.q.item(g.id).is_some_and(|item| {
+                    item.state == State::Leased && item.lease.is_some_and(|l| l.token == g.token)
+                });
+                let outcome = match random(6) {
+                    0..=2 => f.q.ack(now, g.id, g.token, b"done".to_vec()),
+                    3 => {
+                        f.q.fail(now, g.id, g.token, "x".into(), random(2) == 0, 0)
+                            .map(|_| ())
+                    }
+                    4 => f.q.release(now, g.id, g.token),
+                    _ => {
+                        let extended = f.q.extend(now, g.id, g.token, 0).map(|_| ());
+                        if extended.is_ok() {
+                            held.push(g.clone());
+                        }
+                        extended
+                    }
+                };
+                assert_eq!(outcome.is_ok(), current, "item {} step {step}", g.id);
+            }
+            17 => {
+                f.q.tick(now);
+            }
+            18 if random(20) == 0 => {
+                f.q.purge();
+            }
+            19 if random(10) == 0 => {
+                f.q.requeue(now, &[]).unwrap();
+            }
+            _ => {}
+        }
+        f.q.check_invariants();
+        // Items deleted (purged, past retention) leave the model too.
+        if step % 500 == 0 {
+            enqueued.retain(|id, _| f.q.item(*id).is_some());
+            let stats = f.stats(now);
+            let by_state = stats.ready + stats.delayed + stats.leased + stats.done + stats.dead;
+            assert_eq!(by_state as usize, f.q.item_count());
+            assert_eq!(enqueued.len(), f.q.item_count());
+        }
+    }
+    assert!(leased_total > 5_000, "the run leased {leased_total} items");
+}
