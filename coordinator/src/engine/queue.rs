@@ -104,28 +104,25 @@ pub struct Outcome {
 }
 
 impl Item {
+    /// The worker that last held the item.
     pub fn worker(&self) -> &str {
-        self.outcome.as_ref().map_or("", |o| &o.worker)
+        self.view().worker()
     }
 
     pub fn done_token(&self) -> u64 {
-        self.outcome.as_ref().map_or(0, |o| o.done_token)
+        self.view().done_token()
     }
 
     pub fn done_ms(&self) -> u64 {
-        self.outcome.as_ref().map_or(0, |o| o.done_ms)
+        self.view().done_ms()
     }
 
     pub fn result(&self) -> &[u8] {
-        self.outcome.as_ref().map_or(&[], |o| &o.result)
+        self.view().result()
     }
 
     pub fn last_error(&self) -> &str {
-        self.outcome.as_ref().map_or("", |o| &o.last_error)
-    }
-
-    pub fn outcome_mut(&mut self) -> &mut Outcome {
-        self.outcome.get_or_insert_with(Box::default)
+        self.view().last_error()
     }
 
     pub fn view(&self) -> ItemView<'_> {
