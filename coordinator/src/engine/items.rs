@@ -132,7 +132,8 @@ impl Header {
         let u32_at = |at: usize| u32::from_le_bytes(record[at..at + 4].try_into().expect("4"));
         let u64_at = |at: usize| u64::from_le_bytes(record[at..at + 8].try_into().expect("8"));
         Header {
-            state: state_from_byte(record[STATE]),
+            state: State::from_code(record[STATE].into())
+                .expect("records are only written by Header::write"),
             priority: u32_at(PRIORITY) as i32,
             attempts: u32_at(ATTEMPTS),
             enqueued_ms: u64_at(ENQUEUED),
@@ -142,34 +143,11 @@ impl Header {
 
     /// Writes the header into `record` (after its id).
     fn write(&self, record: &mut [u8]) {
-        record[STATE] = state_byte(self.state);
+        record[STATE] = self.state.code();
         record[PRIORITY..PRIORITY + 4].copy_from_slice(&self.priority.to_le_bytes());
         record[ATTEMPTS..ATTEMPTS + 4].copy_from_slice(&self.attempts.to_le_bytes());
         record[ENQUEUED..ENQUEUED + 8].copy_from_slice(&self.enqueued_ms.to_le_bytes());
         record[READY_AT..READY_AT + 8].copy_from_slice(&self.ready_at_ms.to_le_bytes());
-    }
-}
-
-fn state_byte(state: State) -> u8 {
-    match state {
-        State::Ready => 1,
-        State::Delayed => 2,
-        State::Leased => 3,
-        State::Done => 4,
-        State::Dead => 5,
-    }
-}
-
-fn state_from_byte(byte: u8) -> State {
-    match byte {
-        1 => State::Ready,
-        2 => State::Delayed,
-        3 => State::Leased,
-        4 => State::Done,
-        5 => State::Dead,
-        other => unreachable!(
-            "item record with state byte {other}: records are only written by Header::write"
-        ),
     }
 }
 

@@ -59,6 +59,32 @@ pub enum State {
     Dead,
 }
 
+impl State {
+    /// The state's number where items are stored (the engine's records, the disk
+    /// records): 1 ready, 2 delayed, 3 leased, 4 done, 5 dead, as in workq.proto.
+    pub fn code(self) -> u8 {
+        match self {
+            State::Ready => 1,
+            State::Delayed => 2,
+            State::Leased => 3,
+            State::Done => 4,
+            State::Dead => 5,
+        }
+    }
+
+    /// The state numbered `code`; `None` for a number no state has.
+    pub fn from_code(code: u32) -> Option<State> {
+        Some(match code {
+            1 => State::Ready,
+            2 => State::Delayed,
+            3 => State::Leased,
+            4 => State::Done,
+            5 => State::Dead,
+            _ => return None,
+        })
+    }
+}
+
 /// A live lease on an item.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct LeaseInfo {

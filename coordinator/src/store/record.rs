@@ -158,7 +158,7 @@ pub fn encode_item(queue: &str, item: ItemView<'_>, buf: &mut Vec<u8>) {
     let (lease, outcome) = (item.lease, item.outcome);
     bytes(1, queue.as_bytes(), buf);
     varint(2, item.id, buf);
-    varint(3, u64::from(state_code(item.state)), buf);
+    varint(3, u64::from(item.state.code()), buf);
     bytes(4, item.payload, buf);
     // int32: negative values are sign-extended to 64 bits.
     varint(5, i64::from(item.priority) as u64, buf);
@@ -189,7 +189,7 @@ impl ItemRecord {
         ItemRecord {
             queue: queue.to_string(),
             id: item.id,
-            state: state_code(item.state),
+            state: u32::from(item.state.code()),
             payload: item.payload.clone(),
             priority: item.priority,
             key: item.key.clone(),
@@ -210,14 +210,7 @@ impl ItemRecord {
 
     /// Back to an engine item; `None` for a record with an unknown state.
     pub fn into_item(self) -> Option<Item> {
-        let state = match self.state {
-            1 => State::Ready,
-            2 => State::Delayed,
-            3 => State::Leased,
-            4 => State::Done,
-            5 => State::Dead,
-            _ => return None,
-        };
+        let state = State::from_code(self.state)?;
         let lease = (state == State::Leased).then(|| {
             Box::new(LeaseInfo {
                 token: self.lease_token,
@@ -245,16 +238,6 @@ impl ItemRecord {
             lease,
             outcome: (outcome != Outcome::default()).then(|| Box::new(outcome)),
         })
-    }
-}
-
-pub fn state_code(state: State) -> u32 {
-    match state {
-        State::Ready => 1,
-        State::Delayed => 2,
-        State::Leased => 3,
-        State::Done => 4,
-        State::Dead => 5,
     }
 }
 
