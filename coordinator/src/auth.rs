@@ -57,7 +57,24 @@ impl Auth {
             .strip_prefix(b"Bearer ")
             .or_else(|| header.strip_prefix(b"bearer "))
             .ok_or("malformed authorization header: expected 'Bearer <token>'")?;
-        if bool::from(presented.ct_eq(expected.as_slice())) {
+        Self::compare(expected, presented)
+    }
+
+    /// Checks a bare token (the wire protocol's hello); empty means none was sent.
+    pub fn check_token(&self, presented: &str) -> Result<(), &'static str> {
+        let Some(expected) = &self.token else {
+            return Ok(());
+        };
+        if presented.is_empty() {
+            return Err(
+                "missing token: the wire hello carries none (queue-cli --token or WORKQ_TOKEN)",
+            );
+        }
+        Self::compare(expected, presented.as_bytes())
+    }
+
+    fn compare(expected: &[u8], presented: &[u8]) -> Result<(), &'static str> {
+        if bool::from(presented.ct_eq(expected)) {
             Ok(())
         } else {
             Err("invalid token")

@@ -504,12 +504,11 @@ impl pb::work_q_server::WorkQ for Service {
         &self,
         request: Request<tonic::Streaming<pb::EnqueueRequest>>,
     ) -> Reply<Self::EnqueueStreamStream> {
-        let (tx, rx) = tokio::sync::mpsc::channel(64);
-        tokio::spawn(crate::stream::enqueue_stream(
-            self.engine.clone(),
-            request.into_inner(),
-            tx,
-        ));
+        let (mut tx, rx) = tokio::sync::mpsc::channel(64);
+        let engine = self.engine.clone();
+        tokio::spawn(async move {
+            crate::stream::enqueue_stream(engine, request.into_inner(), &mut tx).await
+        });
         Ok(Response::new(Box::pin(
             tokio_stream::wrappers::ReceiverStream::new(rx),
         )))
@@ -521,12 +520,11 @@ impl pb::work_q_server::WorkQ for Service {
         &self,
         request: Request<tonic::Streaming<pb::WorkRequest>>,
     ) -> Reply<Self::WorkStream> {
-        let (tx, rx) = tokio::sync::mpsc::channel(16);
-        tokio::spawn(crate::stream::work_session(
-            self.engine.clone(),
-            request.into_inner(),
-            tx,
-        ));
+        let (mut tx, rx) = tokio::sync::mpsc::channel(16);
+        let engine = self.engine.clone();
+        tokio::spawn(async move {
+            crate::stream::work_session(engine, request.into_inner(), &mut tx).await
+        });
         Ok(Response::new(Box::pin(
             tokio_stream::wrappers::ReceiverStream::new(rx),
         )))

@@ -5,6 +5,7 @@
 //! - [`store`]: memory, or a write-ahead log with group commit and snapshots;
 //! - [`grpc`]: the `workq.v1` service, mapping domain errors to status codes;
 //! - [`auth`]: bearer-token checks shared by gRPC and HTTP;
+//! - [`wire`]: the streaming calls framed straight on TCP, on the gRPC port;
 //! - [`server`]: wires it together over listeners the caller binds.
 
 pub mod auth;
@@ -16,6 +17,7 @@ pub mod http;
 pub mod server;
 pub mod store;
 pub mod stream;
+pub mod wire;
 
 pub use engine::Engine;
 pub use error::{Error, Result};

@@ -3,13 +3,19 @@
 //!
 //! Shutdown order: stop long polls and mark health NOT_SERVING, stop accepting, let
 //! in-flight calls finish, then flush the store one last time.
+//!
+//! The gRPC port also speaks the wire protocol (`crate::wire`): the accept loop peeks
+//! at each new connection's first bytes and keeps the wire ones, passing the others
+//! on to tonic.
 
 use std::future::Future;
 use std::sync::Arc;
 
 use tokio::net::TcpListener;
+use tokio::net::TcpStream;
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinSet;
 use tonic::service::interceptor::InterceptedService;
-use tonic::transport::server::TcpIncoming;
 use workq_proto::pb::work_q_server::WorkQServer;
 
 use crate::auth::Auth;
@@ -64,7 +70,16 @@ pub async fn run(
         let _ = rx.wait_for(|stop| *stop).await;
     };
 
-    let incoming = TcpIncoming::from(grpc).with_nodelay(Some(true));
+    // One port, two protocols: wire connections are served here, the rest by tonic.
+    let (grpc_tx, grpc_rx) = tokio::sync::mpsc::channel(64);
+    let accept = tokio::spawn(accept(
+        grpc,
+        grpc_tx,
+        engine.clone(),
+        auth.clone(),
+        stop_rx.clone(),
+    ));
+    let incoming = tokio_stream::wrappers::ReceiverStream::new(grpc_rx);
     let grpc_server = tonic::transport::Server::builder()
         .add_service(health_service)
         .add_service(reflection)
@@ -78,11 +93,64 @@ pub async fn run(
     )
     .with_graceful_shutdown(wait_stop(stop_rx));
 
-    let (grpc_result, http_result) = tokio::join!(grpc_server, http_server);
+    let (grpc_result, http_result, accept_result) = tokio::join!(grpc_server, http_server, accept);
+    // Every wire call has ended (accept waits for them) before the last flush.
     let flushed = engine.close().await;
+    accept_result?;
     grpc_result?;
     http_result?;
     flushed?;
     tracing::info!("stopped cleanly");
     Ok(())
+}
+
+/// Accepts connections on the gRPC port until shutdown; wire connections are served
+/// here, everything else goes to tonic through `grpc`. Returns once every wire call
+/// has ended.
+async fn accept(
+    listener: TcpListener,
+    grpc: mpsc::Sender<std::io::Result<TcpStream>>,
+    engine: Arc<Engine>,
+    auth: Auth,
+    mut stop: watch::Receiver<bool>,
+) {
+    let mut calls = JoinSet::new();
+    loop {
+        let accepted = tokio::select! {
+            _ = stop.wait_for(|stop| *stop) => break,
+            Some(_) = calls.join_next(), if !calls.is_empty() => continue,
+            accepted = listener.accept() => accepted,
+        };
+        let stream = match accepted {
+            Ok((stream, _)) => stream,
+            Err(e) => {
+                // Out of file descriptors and the like: wait, do not spin.
+                tracing::warn!("accept failed: {e}");
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let _ = stream.set_nodelay(true);
+        let (grpc, engine, auth, mut stop) =
+            (grpc.clone(), engine.clone(), auth.clone(), stop.clone());
+        calls.spawn(async move {
+            let sniff =
+                tokio::time::timeout(crate::wire::HELLO_TIMEOUT, crate::wire::is_wire(&stream));
+            let sniffed = tokio::select! {
+                sniffed = sniff => sniffed,
+                // Shutting down before the connection said anything.
+                _ = stop.wait_for(|stop| *stop) => return,
+            };
+            match sniffed {
+                Ok(Ok(true)) => crate::wire::serve(stream, engine, auth, stop).await,
+                Ok(Ok(false)) => {
+                    let _ = grpc.send(Ok(stream)).await;
+                }
+                // Nothing recognisable within the timeout, or a broken socket.
+                Ok(Err(_)) | Err(_) => {}
+            }
+        });
+    }
+    drop(grpc);
+    while calls.join_next().await.is_some() {}
 }

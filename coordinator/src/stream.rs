@@ -1,6 +1,9 @@
-//! The streaming half of the gRPC API: pipelined enqueue and the worker session.
+//! The streaming calls: pipelined enqueue and the worker session.
 //!
-//! Both keep one HTTP/2 stream open so each item costs a message, not a call.
+//! Both keep one stream open so each item costs a message, not a call. The same
+//! session code serves the gRPC streams (requests from `tonic::Streaming`, answers
+//! through a channel to the response body) and the wire protocol (`crate::wire`:
+//! frames read from and written to the connection by the session's own task).
 //!
 //! Work session ownership: one task per stream owns the session state (credit, the
 //! pending lease poll). It asks the engine for leases and settlements like any other
@@ -15,8 +18,8 @@ use std::sync::Arc;
 
 use futures_util::stream::FuturesOrdered;
 use tokio::sync::mpsc;
-use tokio_stream::StreamExt;
-use tonic::{Status, Streaming};
+use tokio_stream::{Stream, StreamExt};
+use tonic::Status;
 use workq_proto::pb;
 
 use crate::engine::{self, Engine, LeaseOutcome, LeaseRequest};
@@ -27,15 +30,28 @@ const SESSION_POLL_MS: u64 = 30_000;
 /// Enqueue requests of one stream processed concurrently (they share flushes).
 const ENQUEUE_PIPELINE: usize = 64;
 
-type Outbox<T> = mpsc::Sender<Result<T, Status>>;
+/// Where a streaming call's answers go.
+pub trait Replies<T>: Send {
+    /// Sends one answer, or the status that ends the call; false when the client is
+    /// gone.
+    fn send(&mut self, reply: Result<T, Status>) -> impl Future<Output = bool> + Send;
+}
+
+/// The gRPC way: a channel whose receiver is the response stream.
+impl<T: Send + 'static> Replies<T> for mpsc::Sender<Result<T, Status>> {
+    fn send(&mut self, reply: Result<T, Status>) -> impl Future<Output = bool> + Send {
+        let sender = &*self;
+        async move { sender.send(reply).await.is_ok() }
+    }
+}
 
 /// Answers each enqueue request in order, running up to `ENQUEUE_PIPELINE` at once so
 /// a pipelining producer shares group commits. The first refused request ends the
 /// stream with its status (nothing of that request was added).
 pub async fn enqueue_stream(
     engine: Arc<Engine>,
-    mut requests: Streaming<pb::EnqueueRequest>,
-    out: Outbox<pb::EnqueueResponse>,
+    mut requests: impl Stream<Item = Result<pb::EnqueueRequest, Status>> + Unpin + Send,
+    out: &mut impl Replies<pb::EnqueueResponse>,
 ) {
     let mut pending: FuturesOrdered<BoxedEnqueue> = FuturesOrdered::new();
     let mut input_open = true;
@@ -56,7 +72,7 @@ pub async fn enqueue_stream(
             Some(done) = pending.next(), if !pending.is_empty() => {
                 let message = done.map(crate::grpc::enqueue_response).map_err(status);
                 let failed = message.is_err();
-                if out.send(message).await.is_err() || failed {
+                if !out.send(message).await || failed {
                     return;
                 }
             }
@@ -72,8 +88,8 @@ type LeasePoll = Pin<Box<dyn Future<Output = crate::Result<LeaseOutcome>> + Send
 /// Runs one worker session until the worker closes its side or an error ends it.
 pub async fn work_session(
     engine: Arc<Engine>,
-    mut requests: Streaming<pb::WorkRequest>,
-    out: Outbox<pb::WorkResponse>,
+    mut requests: impl Stream<Item = Result<pb::WorkRequest, Status>> + Unpin + Send,
+    out: &mut impl Replies<pb::WorkResponse>,
 ) {
     let first = match requests.next().await {
         Some(Ok(first)) => first,
@@ -145,7 +161,7 @@ pub async fn work_session(
                     Err(e) => Err(status(e)),
                 };
                 let failed = reply.is_err();
-                if out.send(reply).await.is_err() || failed {
+                if !out.send(reply).await || failed {
                     return;
                 }
             }
@@ -190,7 +206,7 @@ pub async fn work_session(
                             drained,
                             sealed: outcome.sealed,
                         };
-                        if out.send(Ok(reply)).await.is_err() {
+                        if !out.send(Ok(reply)).await {
                             return;
                         }
                     }

@@ -17,7 +17,9 @@ use tonic::service::Interceptor;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Channel, Endpoint};
 
+use crate::pb;
 use crate::pb::work_q_client::WorkQClient;
+use crate::wire::{WireReceiver, WireSender};
 
 /// The default coordinator address clients use.
 pub const DEFAULT_SERVER: &str = "http://127.0.0.1:7070";
@@ -130,6 +132,8 @@ type Inner = WorkQClient<InterceptedService<Channel, Auth>>;
 pub struct Client {
     inner: Inner,
     url: String,
+    token: Option<String>,
+    connect_timeout: Duration,
 }
 
 impl Client {
@@ -191,12 +195,47 @@ impl Client {
         Ok(Client {
             inner,
             url: options.url.clone(),
+            token: options.token.clone(),
+            connect_timeout: options.connect_timeout,
         })
     }
 
     /// The address this client talks to.
     pub fn url(&self) -> &str {
         &self.url
+    }
+
+    /// Opens `EnqueueStream` over the wire protocol ([`crate::wire`]) on a connection
+    /// of its own to the same address: the same messages and answers, without HTTP/2.
+    pub async fn wire_enqueue_stream(
+        &self,
+    ) -> Result<
+        (
+            WireSender<pb::EnqueueRequest>,
+            WireReceiver<pb::EnqueueResponse>,
+        ),
+        ClientError,
+    > {
+        self.wire_open(pb::WireCall::EnqueueStream).await
+    }
+
+    /// Opens a `Work` session over the wire protocol ([`crate::wire`]); the first
+    /// request names the queue and the worker, as on the gRPC stream.
+    pub async fn wire_work(
+        &self,
+    ) -> Result<(WireSender<pb::WorkRequest>, WireReceiver<pb::WorkResponse>), ClientError> {
+        self.wire_open(pb::WireCall::Work).await
+    }
+
+    async fn wire_open<Req: prost::Message, Resp: prost::Message + Default>(
+        &self,
+        call: pb::WireCall,
+    ) -> Result<(WireSender<Req>, WireReceiver<Resp>), ClientError> {
+        let addr = crate::wire::host_port(&self.url).ok_or_else(|| ClientError::InvalidUrl {
+            url: self.url.clone(),
+            reason: "the wire protocol needs an http://host:port address".into(),
+        })?;
+        crate::wire::open(addr, call, self.token.as_deref(), self.connect_timeout).await
     }
 }
 

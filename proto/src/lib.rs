@@ -5,6 +5,7 @@
 
 pub mod client;
 pub mod duration;
+pub mod wire;
 
 /// Generated `workq.v1` messages, client and server.
 #[allow(clippy::all, missing_docs)]

@@ -13,11 +13,11 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
 use anyhow::{Context, Result, anyhow};
-use tokio::sync::{mpsc, watch};
-use tokio_stream::wrappers::ReceiverStream;
+use tokio::sync::watch;
 use workq_proto::{Client, pb};
 
 use super::Mode;
+use super::calls;
 use super::latency::sample;
 use super::payload;
 
@@ -125,7 +125,7 @@ impl Consumer {
     pub async fn run(self, client: Client) -> Result<Consumed> {
         match self.mode {
             Mode::Unary => self.unary(client).await,
-            Mode::Stream => self.stream(client).await,
+            Mode::Stream | Mode::Wire => self.stream(client).await,
         }
     }
 
@@ -221,31 +221,19 @@ impl Consumer {
 
     async fn stream(self, mut client: Client) -> Result<Consumed> {
         let mut consumed = Consumed::default();
-        let (tx, rx) = mpsc::channel(64);
-        let send = |request: pb::WorkRequest| {
-            let tx = tx.clone();
-            async move {
-                tx.send(request)
-                    .await
-                    .map_err(|_| anyhow!("the work stream closed early"))
-            }
-        };
-        send(pb::WorkRequest {
-            queue: self.queue.clone(),
-            worker_id: self.worker_id.clone(),
-            credit: self.batch,
-            ..Default::default()
-        })
-        .await?;
+        let (mut requests, mut responses) = calls::work(&mut client, self.mode).await?;
+        requests
+            .send(pb::WorkRequest {
+                queue: self.queue.clone(),
+                worker_id: self.worker_id.clone(),
+                credit: self.batch,
+                ..Default::default()
+            })
+            .await?;
         // When each outstanding unit of credit was granted, oldest first: the lease
         // that uses it was asked for then.
         let mut granted: VecDeque<Instant> =
             std::iter::repeat_n(Instant::now(), self.batch as usize).collect();
-        let mut responses = client
-            .work(ReceiverStream::new(rx))
-            .await
-            .context("open work stream")?
-            .into_inner();
         // Leases whose ack is on its way: id → (decoded payload, asked at).
         let mut settling: HashMap<u64, (Option<(u64, u64)>, Instant)> = HashMap::new();
         loop {
@@ -268,12 +256,13 @@ impl Consumer {
                 }
                 let credit = settlements.len() as u32;
                 granted.extend(std::iter::repeat_n(Instant::now(), credit as usize));
-                send(pb::WorkRequest {
-                    credit,
-                    settlements,
-                    ..Default::default()
-                })
-                .await?;
+                requests
+                    .send(pb::WorkRequest {
+                        credit,
+                        settlements,
+                        ..Default::default()
+                    })
+                    .await?;
             }
             let acked_before = consumed.acked.len();
             for result in &message.settled {

@@ -15,6 +15,7 @@
 //! the end whatever happened. With `--queue` it uses (and creates if missing) the
 //! named queue and leaves it in place.
 
+mod calls;
 mod consume;
 mod latency;
 mod payload;
@@ -102,11 +103,13 @@ pub struct BenchArgs {
     #[arg(value_parser = clap::value_parser!(u32).range(16..=1_048_576))]
     pub payload_size: u32,
 
-    /// unary: one gRPC call per request; stream: EnqueueStream and Work streams.
+    /// unary: one gRPC call per request; stream: the EnqueueStream and Work streams;
+    /// wire: the same two streams over the wire protocol (no HTTP/2).
     #[arg(long, value_enum, default_value_t = Mode::Unary)]
     pub mode: Mode,
 
-    /// Enqueue requests outstanding at once per stream (--mode stream, closed loop).
+    /// Enqueue requests outstanding at once per stream (--mode stream or wire, closed
+    /// loop).
     #[arg(long, value_name = "W", default_value_t = 1)]
     #[arg(value_parser = clap::value_parser!(u32).range(1..=64))]
     pub pipeline: u32,
@@ -148,6 +151,8 @@ pub enum Mode {
     Unary,
     /// EnqueueStream for producers, a Work session for consumers.
     Stream,
+    /// The same streams over the wire protocol: frames on TCP, no HTTP/2.
+    Wire,
 }
 
 impl Workload {
@@ -165,6 +170,7 @@ impl Mode {
         match self {
             Mode::Unary => "unary",
             Mode::Stream => "stream",
+            Mode::Wire => "wire",
         }
     }
 }
@@ -610,7 +616,7 @@ fn report(args: &BenchArgs, queue: &str, mut outcome: Outcome, problems: Vec<Str
             format!("{producers} producers, {consumers} consumers, {offered}")
         }
     };
-    let pipeline = if args.mode == Mode::Stream && args.pipeline > 1 {
+    let pipeline = if args.mode != Mode::Unary && args.pipeline > 1 {
         format!(", pipeline {}", args.pipeline)
     } else {
         String::new()

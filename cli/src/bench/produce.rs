@@ -8,12 +8,11 @@ use std::ops::Range;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow, bail};
-use tokio::sync::mpsc;
 use tokio::task::JoinSet;
-use tokio_stream::wrappers::ReceiverStream;
 use workq_proto::{Client, pb};
 
 use super::Mode;
+use super::calls;
 use super::latency::sample;
 use super::payload;
 
@@ -111,14 +110,9 @@ pub async fn closed(
                 produced.ids.extend(response.results.iter().map(|r| r.id));
             }
         }
-        Mode::Stream => {
+        Mode::Stream | Mode::Wire => {
             let window = shape.pipeline.max(1);
-            let (tx, rx) = mpsc::channel(window);
-            let mut responses = client
-                .enqueue_stream(ReceiverStream::new(rx))
-                .await
-                .context("open enqueue stream")?
-                .into_inner();
+            let (mut tx, mut responses) = calls::enqueue_stream(&mut client, shape.mode).await?;
             let mut pending = batches(items, shape.batch);
             // (sent at, items in the request) of each unanswered request, in order.
             let mut outstanding: VecDeque<(Instant, usize)> = VecDeque::with_capacity(window);
@@ -128,9 +122,7 @@ pub async fn closed(
                     let expected = (range.end - range.start) as usize;
                     let req = request(queue, range, payload::now_us(), shape.payload_size);
                     outstanding.push_back((Instant::now(), expected));
-                    tx.send(req)
-                        .await
-                        .map_err(|_| anyhow!("the enqueue stream closed early"))?;
+                    tx.send(req).await?;
                 }
                 let Some((sent, expected)) = outstanding.pop_front() else {
                     break;
@@ -145,6 +137,10 @@ pub async fn closed(
                     .push(sample(sent.elapsed().as_micros() as u64));
                 check_answer(&response, expected)?;
                 produced.ids.extend(response.results.iter().map(|r| r.id));
+            }
+            tx.close().await?;
+            if let Some(extra) = responses.message().await.context("enqueue stream")? {
+                bail!("the enqueue stream answered more than was asked: {extra:?}");
             }
         }
     }
@@ -187,13 +183,8 @@ pub async fn paced(
                 produced.ids.extend(response.results.iter().map(|r| r.id));
             }
         }
-        Mode::Stream => {
-            let (tx, rx) = mpsc::channel(1024);
-            let mut responses = client
-                .enqueue_stream(ReceiverStream::new(rx))
-                .await
-                .context("open enqueue stream")?
-                .into_inner();
+        Mode::Stream | Mode::Wire => {
+            let (mut tx, mut responses) = calls::enqueue_stream(&mut client, shape.mode).await?;
             let queue = queue.to_string();
             let sender = tokio::spawn(async move {
                 let mut sent = Vec::new();
@@ -202,11 +193,14 @@ pub async fn paced(
                     tokio::time::sleep_until(at.into()).await;
                     let expected = (range.end - range.start) as usize;
                     let req = request(&queue, range, payload::us_at(at), shape.payload_size);
+                    let sent_at = Instant::now();
                     if tx.send(req).await.is_err() {
                         break;
                     }
-                    sent.push((Instant::now(), expected));
+                    sent.push((sent_at, expected));
                 }
+                // Ends the call: the coordinator answers the rest, then ends it.
+                let _ = tx.close().await;
                 sent
             });
             let mut answered = Vec::new();

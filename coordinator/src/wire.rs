@@ -1,0 +1,268 @@
+//! The wire protocol's server side: `EnqueueStream` and `Work` framed straight on a
+//! TCP connection (format in `workq.proto`, framing in `workq_proto::wire`).
+//!
+//! Connections reach here from the gRPC listener, which hands over every connection
+//! that starts with the wire preamble ([`is_wire`]); everything else goes to tonic.
+//! Each connection is one task: it reads the hello, checks the token, then runs the
+//! same session code as the gRPC streams (`crate::stream`), reading requests off the
+//! socket and writing each answer straight back, with no HTTP/2 framing, no extra
+//! task and no channel in between.
+//!
+//! Every call ends with a status frame: OK when the client closed its side and got
+//! every answer, the error otherwise. A client that sees the connection close without
+//! one knows the coordinator went away mid-call.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures_util::stream;
+use prost::Message;
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::sync::watch;
+use tokio_stream::Stream;
+use tonic::Status;
+use workq_proto::pb;
+use workq_proto::wire::{FrameReader, KIND_MESSAGE, KIND_STATUS, PREAMBLE, encode_frame};
+
+use crate::auth::Auth;
+use crate::engine::Engine;
+use crate::stream::Replies;
+
+/// How long a new connection may take to show its first bytes, and a wire client its
+/// hello, before the coordinator drops it.
+pub const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// True when the connection starts with the wire preamble, false for anything else
+/// (a gRPC client's HTTP/2 preface, a probe that connects and closes). Only peeks:
+/// the bytes stay for whoever serves the connection.
+pub async fn is_wire(stream: &TcpStream) -> std::io::Result<bool> {
+    let mut first = [0u8; PREAMBLE.len()];
+    loop {
+        let n = stream.peek(&mut first).await?;
+        if n == 0 || first[..n] != PREAMBLE[..n] {
+            return Ok(false);
+        }
+        if n == PREAMBLE.len() {
+            return Ok(true);
+        }
+        // Part of the preamble so far: peek again once more has arrived.
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+}
+
+/// Serves one wire connection (its preamble not yet read) until the call ends.
+pub async fn serve(
+    stream: TcpStream,
+    engine: Arc<Engine>,
+    auth: Auth,
+    stop: watch::Receiver<bool>,
+) {
+    let (read, write) = stream.into_split();
+    let mut frames = FrameReader::new(read);
+    let mut out = Out {
+        io: write,
+        buf: Vec::with_capacity(4096),
+        ended: false,
+    };
+    let call = match tokio::time::timeout(HELLO_TIMEOUT, hello(&mut frames, &auth)).await {
+        Ok(Ok(call)) => call,
+        Ok(Err(status)) => return out.end(status).await,
+        Err(_) => {
+            return out
+                .end(Status::deadline_exceeded("no wire hello within 10 s"))
+                .await;
+        }
+    };
+    let requests = Requests::new(frames, stop);
+    match call {
+        pb::WireCall::EnqueueStream => {
+            let mut requests = requests.messages::<pb::EnqueueRequest>();
+            crate::stream::enqueue_stream(engine.clone(), &mut requests, &mut out).await;
+            Replies::<pb::EnqueueResponse>::send(&mut out, Err(requests.ending())).await;
+        }
+        pb::WireCall::Work => {
+            let mut requests = requests.messages::<pb::WorkRequest>();
+            crate::stream::work_session(engine.clone(), &mut requests, &mut out).await;
+            Replies::<pb::WorkResponse>::send(&mut out, Err(requests.ending())).await;
+        }
+        pb::WireCall::Unspecified => unreachable!("hello() refuses it"),
+    }
+    let _ = out.io.shutdown().await;
+}
+
+/// Reads the preamble and the hello; the call it names, once the token checks out.
+async fn hello(
+    frames: &mut FrameReader<OwnedReadHalf>,
+    auth: &Auth,
+) -> Result<pb::WireCall, Status> {
+    let preamble = frames.read_raw(PREAMBLE.len()).await.map_err(gone)?;
+    if preamble[..] != PREAMBLE[..] {
+        return Err(Status::invalid_argument("not the workq wire preamble"));
+    }
+    let hello = match frames.read_frame().await {
+        Ok(Some((KIND_MESSAGE, body))) => pb::WireHello::decode(body)
+            .map_err(|e| Status::invalid_argument(format!("malformed WireHello: {e}")))?,
+        Ok(Some((kind, _))) => {
+            return Err(Status::invalid_argument(format!(
+                "a client frame of kind {kind} (only 0 is defined)"
+            )));
+        }
+        Ok(None) => return Err(Status::cancelled("the client closed before its hello")),
+        Err(e) => return Err(frame_error(e)),
+    };
+    auth.check_token(&hello.token)
+        .map_err(Status::unauthenticated)?;
+    match pb::WireCall::try_from(hello.call) {
+        Ok(pb::WireCall::Unspecified) | Err(_) => Err(Status::invalid_argument(format!(
+            "unknown wire call {} (1 = EnqueueStream, 2 = Work)",
+            hello.call
+        ))),
+        Ok(call) => Ok(call),
+    }
+}
+
+fn gone(error: std::io::Error) -> Status {
+    Status::cancelled(format!("the client went away: {error}"))
+}
+
+fn frame_error(error: std::io::Error) -> Status {
+    match error.kind() {
+        std::io::ErrorKind::InvalidData => {
+            Status::invalid_argument(format!("malformed frame: {error}"))
+        }
+        _ => gone(error),
+    }
+}
+
+/// Answers written straight to the connection.
+struct Out {
+    io: OwnedWriteHalf,
+    buf: Vec<u8>,
+    /// A status frame went out: the call is over and nothing more is written.
+    ended: bool,
+}
+
+impl Out {
+    async fn end(mut self, status: Status) {
+        Replies::<pb::WireStatus>::send(&mut self, Err(status)).await;
+        let _ = self.io.shutdown().await;
+    }
+}
+
+impl<T: Message + Send + 'static> Replies<T> for Out {
+    async fn send(&mut self, reply: Result<T, Status>) -> bool {
+        if self.ended {
+            return false;
+        }
+        self.buf.clear();
+        match reply {
+            Ok(message) => encode_frame(KIND_MESSAGE, &message, &mut self.buf),
+            Err(status) => {
+                self.ended = true;
+                let status = pb::WireStatus {
+                    code: status.code() as i32,
+                    message: status.message().to_string(),
+                };
+                encode_frame(KIND_STATUS, &status, &mut self.buf);
+            }
+        }
+        let written = self.io.write_all(&self.buf).await.is_ok();
+        if self.buf.capacity() > 1 << 20 {
+            self.buf = Vec::with_capacity(4096); // do not keep a big batch's buffer
+        }
+        written
+    }
+}
+
+/// The requests of a call, read off the connection until the client closes its side,
+/// sends something malformed, or the coordinator shuts down.
+struct Requests {
+    frames: FrameReader<OwnedReadHalf>,
+    stop: watch::Receiver<bool>,
+}
+
+/// Why the requests ended, for the call's final status.
+#[derive(Debug, Default)]
+struct Ending {
+    client_closed: bool,
+    problem: Option<Status>,
+}
+
+struct Messages<S> {
+    stream: S,
+    ending: Arc<Mutex<Ending>>,
+}
+
+impl Requests {
+    fn new(frames: FrameReader<OwnedReadHalf>, stop: watch::Receiver<bool>) -> Requests {
+        Requests { frames, stop }
+    }
+
+    fn messages<T: Message + Default + Send + 'static>(
+        self,
+    ) -> Messages<impl Stream<Item = Result<T, Status>> + Unpin + Send> {
+        let ending = Arc::new(Mutex::new(Ending::default()));
+        let record = ending.clone();
+        let stream = stream::unfold(Some(self), move |state| {
+            let record = record.clone();
+            async move {
+                let mut state = state?;
+                let outcome = tokio::select! {
+                    biased;
+                    _ = state.stop.wait_for(|stop| *stop) => {
+                        Err(Some(Status::unavailable("the coordinator is shutting down")))
+                    }
+                    frame = state.frames.read_frame() => match frame {
+                        Ok(Some((KIND_MESSAGE, body))) => T::decode(body).map_err(|e| {
+                            Some(Status::invalid_argument(format!("malformed request: {e}")))
+                        }),
+                        Ok(Some((kind, _))) => Err(Some(Status::invalid_argument(format!(
+                            "a client frame of kind {kind} (only 0 is defined)"
+                        )))),
+                        Ok(None) => Err(None),
+                        Err(e) => Err(Some(frame_error(e))),
+                    },
+                };
+                match outcome {
+                    Ok(message) => Some((Ok(message), Some(state))),
+                    Err(problem) => {
+                        let mut ending = record.lock().expect("ending lock");
+                        ending.client_closed = problem.is_none();
+                        ending.problem = problem;
+                        None
+                    }
+                }
+            }
+        });
+        Messages {
+            stream: Box::pin(stream),
+            ending,
+        }
+    }
+}
+
+impl<S: Stream + Unpin> Stream for Messages<S> {
+    type Item = S::Item;
+    fn poll_next(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<S::Item>> {
+        std::pin::Pin::new(&mut self.stream).poll_next(cx)
+    }
+}
+
+impl<S> Messages<S> {
+    /// The status that ends the call after the session returned: OK when the client
+    /// closed its side, the problem with its input when there was one, otherwise the
+    /// session stopped on its own, which it does only when the coordinator shuts down.
+    fn ending(&self) -> Status {
+        let ending = std::mem::take(&mut *self.ending.lock().expect("ending lock"));
+        match ending.problem {
+            Some(problem) => problem,
+            None if ending.client_closed => Status::ok(""),
+            None => Status::unavailable("the coordinator is shutting down"),
+        }
+    }
+}
