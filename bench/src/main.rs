@@ -340,7 +340,7 @@ async fn run_durability(
                     });
                 }
             }
-            for mode in ["unary", "stream"] {
+            for mode in ["unary", "stream", "wire"] {
                 for workload in ["enqueue", "drain"] {
                     eprintln!("{d}: {} {mode} {workload} c{clients} b{batch}", workq.label);
                     let flags = [
@@ -403,7 +403,7 @@ async fn run_durability(
                     measured,
                 });
             }
-            for mode in ["unary", "stream"] {
+            for mode in ["unary", "stream", "wire"] {
                 eprintln!("{d}: {} {mode} e2e", workq.label);
                 let flags = [
                     "--workload",

@@ -18,8 +18,9 @@ use workq_coordinator::{Engine, server};
 #[derive(Parser, Debug)]
 #[command(name = "workq-coordinator", version, about, long_about = None)]
 struct Args {
-    /// gRPC listen address (queue API, grpc.health.v1, reflection). Use 0.0.0.0:7070
-    /// in a pod so Kubernetes gRPC probes can reach it.
+    /// gRPC listen address (queue API, grpc.health.v1, reflection; the wire protocol
+    /// on the same port). Use 0.0.0.0:7070 in a pod so Kubernetes gRPC probes can
+    /// reach it.
     #[arg(long, default_value = "127.0.0.1:7070", env = "WORKQ_GRPC_ADDR")]
     grpc_addr: SocketAddr,
 
