@@ -12,6 +12,8 @@
 //! every answer, the error otherwise. A client that sees the connection close without
 //! one knows the coordinator went away mid-call.
 
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -180,7 +182,9 @@ impl<T: Message + Send + 'static> Replies<T> for Out {
 /// sends something malformed, or the coordinator shuts down.
 struct Requests {
     frames: FrameReader<OwnedReadHalf>,
-    stop: watch::Receiver<bool>,
+    /// Resolves when the coordinator shuts down. Made once per call, so each read
+    /// polls a registered waiter instead of registering a new one.
+    stopped: Pin<Box<dyn Future<Output = ()> + Send>>,
 }
 
 /// Why the requests ended, for the call's final status.
@@ -196,8 +200,11 @@ struct Messages<S> {
 }
 
 impl Requests {
-    fn new(frames: FrameReader<OwnedReadHalf>, stop: watch::Receiver<bool>) -> Requests {
-        Requests { frames, stop }
+    fn new(frames: FrameReader<OwnedReadHalf>, mut stop: watch::Receiver<bool>) -> Requests {
+        let stopped = Box::pin(async move {
+            let _ = stop.wait_for(|stop| *stop).await;
+        });
+        Requests { frames, stopped }
     }
 
     fn messages<T: Message + Default + Send + 'static>(
@@ -211,7 +218,7 @@ impl Requests {
                 let mut state = state?;
                 let outcome = tokio::select! {
                     biased;
-                    _ = state.stop.wait_for(|stop| *stop) => {
+                    () = &mut state.stopped => {
                         Err(Some(Status::unavailable("the coordinator is shutting down")))
                     }
                     frame = state.frames.read_frame() => match frame {
@@ -246,10 +253,10 @@ impl Requests {
 impl<S: Stream + Unpin> Stream for Messages<S> {
     type Item = S::Item;
     fn poll_next(
-        mut self: std::pin::Pin<&mut Self>,
+        mut self: Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<Option<S::Item>> {
-        std::pin::Pin::new(&mut self.stream).poll_next(cx)
+        Pin::new(&mut self.stream).poll_next(cx)
     }
 }
 
