@@ -8,6 +8,10 @@ use crate::error::{Error, Result};
 pub const MAX_BATCH_ITEMS: usize = 10_000;
 /// Items in one lease call.
 pub const MAX_LEASE_ITEMS: u32 = 1_000;
+/// Payload bytes in one lease answer: a lease call (or a session's push) stops adding
+/// items past this, so the answer stays well inside the 64 MiB message limit even with
+/// 32 MiB payloads (the first item always goes, whatever its size).
+pub const MAX_LEASE_BYTES: usize = 16 * 1024 * 1024;
 /// Longest long-poll: well under common proxy idle timeouts (60 s).
 pub const MAX_WAIT_MS: u64 = 60_000;
 /// Lease lengths: short enough for tests, at most SQS's 12 h visibility limit.

@@ -20,6 +20,7 @@ use std::hash::Hasher;
 use std::sync::Arc;
 
 use super::items::{Extras, Header, ItemView, Items, ReadyIndex, Stored};
+use super::limits;
 use crate::error::{Error, Result};
 
 /// Queue options (PRODUCT.md "Queue options"); durations in milliseconds.
@@ -469,13 +470,21 @@ impl Queue {
             None => Arc::from(worker),
         };
         let mut granted = Vec::new();
+        let mut bytes = 0;
         while granted.len() < max {
             let Some(id) = self.ready.pop_first() else {
                 break;
             };
+            let mut item = self.items.get_mut(id).expect("indexed item exists");
+            bytes += item.payload().len();
+            if bytes > limits::MAX_LEASE_BYTES && !granted.is_empty() {
+                // The answer is full: this one waits for the next lease.
+                let priority = item.header().priority;
+                self.ready.insert(priority, id);
+                break;
+            }
             let deadline_ms = now + timeout_ms;
             let token = tokens();
-            let mut item = self.items.get_mut(id).expect("indexed item exists");
             let header = item.update(|h| {
                 h.state = State::Leased;
                 h.attempts += 1;

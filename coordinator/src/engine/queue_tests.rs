@@ -711,3 +711,39 @@ fn random_operations_keep_items_and_indexes_in_step() {
     }
     assert!(leased_total > 5_000, "the run leased {leased_total} items");
 }
+
+#[test]
+fn a_lease_answer_stops_at_its_byte_budget_and_the_rest_keeps_its_place() {
+    let mut f = Fixture::with(Options {
+        max_payload_bytes: 8 * 1024 * 1024,
+        ..Options::default()
+    });
+    let big = "x".repeat(7 * 1024 * 1024);
+    let ids: Vec<u64> = (0..3).map(|_| f.enqueue(T0, &big)).collect();
+    let small = f.enqueue(T0, "small");
+
+    // Two 7 MiB payloads fit the 16 MiB budget, the third does not.
+    let first = f.lease_n(T0, 10);
+    assert_eq!(first.iter().map(|g| g.id).collect::<Vec<_>>(), ids[..2]);
+    f.q.check_invariants();
+    // The one left out is still first in line, then the small one.
+    let second = f.lease_n(T0, 10);
+    assert_eq!(
+        second.iter().map(|g| g.id).collect::<Vec<_>>(),
+        vec![ids[2], small]
+    );
+    assert_eq!(f.q.stats(T0).ready, 0);
+}
+
+#[test]
+fn a_payload_over_the_byte_budget_is_still_leased_alone() {
+    let mut f = Fixture::with(Options {
+        max_payload_bytes: 32 * 1024 * 1024,
+        ..Options::default()
+    });
+    let huge = f.enqueue(T0, &"y".repeat(20 * 1024 * 1024));
+    let after = f.enqueue(T0, "after");
+    let first = f.lease_n(T0, 10);
+    assert_eq!(first.iter().map(|g| g.id).collect::<Vec<_>>(), vec![huge]);
+    assert_eq!(f.lease_n(T0, 10)[0].id, after);
+}
