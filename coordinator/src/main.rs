@@ -56,6 +56,11 @@ struct Args {
     #[arg(long, hide = true)]
     cache_mb: Option<u64>,
 
+    /// After SIGTERM, how long calls may take to finish before they are cut and the
+    /// log is synced a last time. Keep it under the pod's termination grace period.
+    #[arg(long, default_value = "20s", value_parser = parse_duration)]
+    shutdown_grace: std::time::Duration,
+
     /// File holding the bearer token every API call must present.
     #[arg(long, env = "WORKQ_TOKEN_FILE")]
     token_file: Option<PathBuf>,
@@ -135,7 +140,15 @@ async fn run(args: Args) -> anyhow::Result<()> {
         std::fs::write(&tmp, json).with_context(|| format!("cannot write {}", tmp.display()))?;
         std::fs::rename(&tmp, path).with_context(|| format!("cannot write {}", path.display()))?;
     }
-    server::run(grpc, http, engine, auth, shutdown_signal()).await
+    server::run_with_grace(
+        grpc,
+        http,
+        engine,
+        auth,
+        shutdown_signal(),
+        args.shutdown_grace,
+    )
+    .await
 }
 
 fn parse_duration(text: &str) -> Result<std::time::Duration, String> {

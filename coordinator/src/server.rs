@@ -2,7 +2,8 @@
 //! The binary binds real addresses and passes a signal; tests bind port 0.
 //!
 //! Shutdown order: stop long polls and mark health NOT_SERVING, stop accepting, let
-//! in-flight calls finish, then flush the store one last time.
+//! in-flight calls finish (for at most the grace period), then flush the store one
+//! last time.
 //!
 //! The gRPC port also speaks the wire protocol (`crate::wire`): the accept loop peeks
 //! at each new connection's first bytes and keeps the wire ones, passing the others
@@ -10,6 +11,7 @@
 
 use std::future::Future;
 use std::sync::Arc;
+use std::time::Duration;
 
 use tokio::net::TcpListener;
 use tokio::net::TcpStream;
@@ -25,12 +27,29 @@ use crate::grpc::Service;
 /// Largest gRPC message accepted (a full enqueue batch).
 pub const MAX_MESSAGE_BYTES: usize = workq_proto::client::MAX_MESSAGE_BYTES;
 
+/// How long calls may take to finish once shutdown began (under Kubernetes' default
+/// 30 s termination grace period). Calls still open then, say a client that stopped
+/// reading its answers, are cut before the last sync.
+pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(20);
+
 pub async fn run(
     grpc: TcpListener,
     http: TcpListener,
     engine: Arc<Engine>,
     auth: Auth,
     shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    run_with_grace(grpc, http, engine, auth, shutdown, SHUTDOWN_GRACE).await
+}
+
+/// [`run`] with another shutdown grace period.
+pub async fn run_with_grace(
+    grpc: TcpListener,
+    http: TcpListener,
+    engine: Arc<Engine>,
+    auth: Auth,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+    grace: Duration,
 ) -> anyhow::Result<()> {
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
     health_reporter.set_serving::<WorkQServer<Service>>().await;
@@ -91,10 +110,29 @@ pub async fn run(
         http,
         http_app.into_make_service_with_connect_info::<std::net::SocketAddr>(),
     )
-    .with_graceful_shutdown(wait_stop(stop_rx));
+    .with_graceful_shutdown(wait_stop(stop_rx.clone()));
 
-    let (grpc_result, http_result, accept_result) = tokio::join!(grpc_server, http_server, accept);
-    // Every wire call has ended (accept waits for them) before the last flush.
+    let accept_abort = accept.abort_handle();
+    let grace_over = async {
+        wait_stop(stop_rx.clone()).await;
+        tokio::time::sleep(grace).await;
+    };
+    let (grpc_result, http_result, accept_result) = tokio::select! {
+        results = async { tokio::join!(grpc_server, http_server, accept) } => results,
+        () = grace_over => {
+            tracing::warn!(
+                ?grace,
+                "calls still open after the shutdown grace period (clients not reading \
+                 their answers?): closing them"
+            );
+            // Dropping the accept task drops its wire calls; tonic's and axum's
+            // connections go with the runtime.
+            accept_abort.abort();
+            (Ok(()), Ok(()), Ok(()))
+        }
+    };
+    // Every call has ended (accept waits for the wire ones) or was cut, before the
+    // last flush.
     let flushed = engine.close().await;
     accept_result?;
     grpc_result?;

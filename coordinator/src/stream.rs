@@ -45,26 +45,38 @@ impl<T: Send + 'static> Replies<T> for mpsc::Sender<Result<T, Status>> {
     }
 }
 
-/// Answers each enqueue request in order, running up to `ENQUEUE_PIPELINE` at once so
-/// a pipelining producer shares group commits. The first refused request ends the
-/// stream with its status (nothing of that request was added).
+/// Answers each enqueue request in order. Requests are applied one by one as they
+/// are read, and up to `ENQUEUE_PIPELINE` of them wait for their flush at once, so a
+/// pipelining producer shares group commits. The first refused request ends the
+/// stream with its status once everything before it is answered; nothing read after
+/// it is applied (nothing of it was added either), so every answer the producer got
+/// is exactly what is in the queue.
 pub async fn enqueue_stream(
     engine: Arc<Engine>,
     mut requests: impl Stream<Item = Result<pb::EnqueueRequest, Status>> + Unpin + Send,
     out: &mut impl Replies<pb::EnqueueResponse>,
 ) {
-    let mut pending: FuturesOrdered<BoxedEnqueue> = FuturesOrdered::new();
+    let mut pending: FuturesOrdered<BoxedSync> = FuturesOrdered::new();
     let mut input_open = true;
+    let mut refused = None;
     loop {
         tokio::select! {
             request = requests.next(), if input_open && pending.len() < ENQUEUE_PIPELINE => {
                 match request {
                     Some(Ok(r)) => {
-                        let engine = engine.clone();
-                        pending.push_back(Box::pin(async move {
-                            let items = r.items.into_iter().map(crate::grpc::new_item).collect();
-                            engine.enqueue(&r.queue, items, r.seal).await
-                        }));
+                        let items = r.items.into_iter().map(crate::grpc::new_item).collect();
+                        match engine.enqueue_unsynced(&r.queue, items, r.seal) {
+                            Ok((results, ticket)) => {
+                                let engine = engine.clone();
+                                pending.push_back(Box::pin(async move {
+                                    engine.sync(ticket).await.map(|()| results)
+                                }));
+                            }
+                            Err(e) => {
+                                refused = Some(status(e));
+                                input_open = false;
+                            }
+                        }
                     }
                     Some(Err(_)) | None => input_open = false,
                 }
@@ -76,12 +88,17 @@ pub async fn enqueue_stream(
                     return;
                 }
             }
-            else => return,
+            else => {
+                if let Some(refusal) = refused {
+                    out.send(Err(refusal)).await;
+                }
+                return;
+            }
         }
     }
 }
 
-type BoxedEnqueue = Pin<Box<dyn Future<Output = crate::Result<Vec<engine::Enqueued>>> + Send>>;
+type BoxedSync = Pin<Box<dyn Future<Output = crate::Result<Vec<engine::Enqueued>>> + Send>>;
 
 type LeasePoll = Pin<Box<dyn Future<Output = crate::Result<LeaseOutcome>> + Send>>;
 
@@ -115,6 +132,9 @@ pub async fn work_session(
     };
     let mut credit: u64 = 0;
     let mut poll: Option<LeasePoll> = None;
+    // Set when the worker closes its side: a poll still waiting then gives up, so no
+    // item is leased to a worker that can no longer settle it.
+    let (closed_tx, closed) = tokio::sync::watch::channel(false);
     // After answering "drained", wait for a change before polling again.
     let mut quiet = false;
     let mut input_open = true;
@@ -166,9 +186,10 @@ pub async fn work_session(
                 }
             }
         }
-        if poll.is_none() && credit > 0 && !quiet && !engine.is_shutting_down() {
+        if poll.is_none() && credit > 0 && !quiet && input_open && !engine.is_shutting_down() {
             let engine = engine.clone();
             let queue = queue.clone();
+            let mut closed = closed.clone();
             let request = LeaseRequest {
                 worker: worker.clone(),
                 max_items: credit.min(engine::limits::MAX_LEASE_ITEMS as u64) as u32,
@@ -176,7 +197,12 @@ pub async fn work_session(
                 wait_ms: SESSION_POLL_MS,
             };
             changes.borrow_and_update();
-            poll = Some(Box::pin(async move { engine.lease(&queue, request).await }));
+            poll = Some(Box::pin(async move {
+                let cancel = async move {
+                    let _ = closed.wait_for(|closed| *closed).await;
+                };
+                engine.lease_until(&queue, request, cancel).await
+            }));
         }
         if !input_open && poll.is_none() {
             return;
@@ -184,8 +210,12 @@ pub async fn work_session(
         tokio::select! {
             request = requests.next(), if input_open => match request {
                 Some(Ok(r)) => next_request = Some(r),
-                // The worker closed its side: finish the pending poll's delivery, then end.
-                Some(Err(_)) | None => input_open = false,
+                // The worker closed its side: a waiting poll gives up; one that was
+                // already granted leases delivers them; then the session ends.
+                Some(Err(_)) | None => {
+                    input_open = false;
+                    closed_tx.send_replace(true);
+                }
             },
             outcome = async { poll.as_mut().expect("guarded").await }, if poll.is_some() => {
                 poll = None;

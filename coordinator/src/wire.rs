@@ -41,6 +41,7 @@ pub const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 /// the bytes stay for whoever serves the connection.
 pub async fn is_wire(stream: &TcpStream) -> std::io::Result<bool> {
     let mut first = [0u8; PREAMBLE.len()];
+    let mut wait = Duration::from_millis(1);
     loop {
         let n = stream.peek(&mut first).await?;
         if n == 0 || first[..n] != PREAMBLE[..n] {
@@ -49,8 +50,11 @@ pub async fn is_wire(stream: &TcpStream) -> std::io::Result<bool> {
         if n == PREAMBLE.len() {
             return Ok(true);
         }
-        // Part of the preamble so far: peek again once more has arrived.
-        tokio::time::sleep(Duration::from_millis(1)).await;
+        // Part of the preamble so far: peek again once more has arrived, backing off
+        // (a real client sends its preamble in one write; this is a trickle or a
+        // client that closed mid-preamble, which the caller's timeout ends).
+        tokio::time::sleep(wait).await;
+        wait = (wait * 2).min(Duration::from_millis(100));
     }
 }
 
@@ -68,13 +72,20 @@ pub async fn serve(
         buf: Vec::with_capacity(4096),
         ended: false,
     };
-    let call = match tokio::time::timeout(HELLO_TIMEOUT, hello(&mut frames, &auth)).await {
-        Ok(Ok(call)) => call,
-        Ok(Err(status)) => return out.end(status).await,
-        Err(_) => {
-            return out
-                .end(Status::deadline_exceeded("no wire hello within 10 s"))
-                .await;
+    let hello = tokio::time::timeout(HELLO_TIMEOUT, hello(&mut frames, &auth));
+    let mut stopping = stop.clone();
+    let call = tokio::select! {
+        hello = hello => match hello {
+            Ok(Ok(call)) => call,
+            Ok(Err(status)) => return out.end(status).await,
+            Err(_) => {
+                return out
+                    .end(Status::deadline_exceeded("no wire hello within 10 s"))
+                    .await;
+            }
+        },
+        () = async { let _ = stopping.wait_for(|stop| *stop).await; } => {
+            return out.end(Status::unavailable("the coordinator is shutting down")).await;
         }
     };
     let requests = Requests::new(frames, stop);

@@ -489,6 +489,21 @@ impl Engine {
         items: Vec<NewItem>,
         seal: bool,
     ) -> Result<Vec<Enqueued>> {
+        let (results, ticket) = self.enqueue_unsynced(name, items, seal)?;
+        self.store.sync(ticket).await?;
+        Ok(results)
+    }
+
+    /// The first half of [`Engine::enqueue`]: checks and applies the batch and returns
+    /// the ticket to wait for ([`Engine::sync`]) before answering. For pipelines that
+    /// must apply requests strictly in order, so nothing after a refused request is
+    /// applied, while still sharing group commits.
+    pub fn enqueue_unsynced(
+        &self,
+        name: &str,
+        items: Vec<NewItem>,
+        seal: bool,
+    ) -> Result<(Vec<Enqueued>, crate::store::Ticket)> {
         if items.is_empty() && !seal {
             return Err(Error::invalid("an enqueue needs at least one item"));
         }
@@ -508,17 +523,34 @@ impl Engine {
                 )));
             }
         }
-        let results = self
-            .mutate(name, |q, now, store| {
-                q.enqueue(now, items, seal, || store.next_id())
-            })
-            .await?;
-        Ok(results)
+        let slot = self.slot(name)?;
+        self.apply(&slot, name, |q, now, store| {
+            q.enqueue(now, items, seal, || store.next_id())
+        })
+    }
+
+    /// Waits until the write behind `ticket` is durable (strict mode; at once
+    /// otherwise).
+    pub async fn sync(&self, ticket: crate::store::Ticket) -> Result<()> {
+        self.store.sync(ticket).await
     }
 
     /// Leases items, long-polling up to `wait_ms` until some are available or the
     /// queue is drained.
     pub async fn lease(&self, name: &str, request: LeaseRequest) -> Result<LeaseOutcome> {
+        self.lease_until(name, request, std::future::pending())
+            .await
+    }
+
+    /// [`Engine::lease`] that also stops waiting, with nothing granted, once `cancel`
+    /// resolves (a worker session whose worker went away). Leases already granted are
+    /// never dropped: `cancel` is only heeded while waiting.
+    pub async fn lease_until(
+        &self,
+        name: &str,
+        request: LeaseRequest,
+        cancel: impl Future<Output = ()>,
+    ) -> Result<LeaseOutcome> {
         limits::check_worker_id(&request.worker)?;
         let max = match request.max_items {
             0 => 1,
@@ -544,6 +576,7 @@ impl Engine {
         let deadline = tokio::time::Instant::now() + Duration::from_millis(request.wait_ms);
         let woken = slot.work.notified();
         tokio::pin!(woken);
+        tokio::pin!(cancel);
         loop {
             // Registered before looking, so a change right after the look still wakes
             // this poll.
@@ -572,6 +605,7 @@ impl Engine {
                 () = woken.as_mut() => woken.set(slot.work.notified()),
                 _ = tokio::time::sleep_until(deadline) => return Ok(outcome),
                 _ = shutdown.changed() => return Ok(outcome),
+                () = cancel.as_mut() => return Ok(outcome),
             }
         }
     }

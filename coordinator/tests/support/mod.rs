@@ -7,7 +7,7 @@ use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 use workq_coordinator::auth::Auth;
 use workq_coordinator::clock::Clock;
-use workq_coordinator::store::Store;
+use workq_coordinator::store::{Durability, Store};
 use workq_coordinator::{Engine, server};
 use workq_proto::{Client, ConnectOptions};
 
@@ -16,22 +16,49 @@ pub struct Server {
     pub url: String,
     stop: Option<oneshot::Sender<()>>,
     task: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
+    _data: Option<tempfile::TempDir>,
 }
 
 impl Server {
     pub async fn start(auth: Auth) -> Server {
+        Self::start_on(auth, Store::memory(), None, server::SHUTDOWN_GRACE).await
+    }
+
+    /// In memory, with a shutdown grace period of `grace` instead of the default.
+    pub async fn start_with_grace(grace: std::time::Duration) -> Server {
+        Self::start_on(Auth::disabled(), Store::memory(), None, grace).await
+    }
+
+    /// A coordinator on a write-ahead log in a temp dir, acknowledging only what is
+    /// on disk (replies wait for group commits, unlike the memory store's).
+    pub async fn start_strict(auth: Auth) -> Server {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open_disk(dir.path(), Durability::Strict).unwrap();
+        Self::start_on(auth, store, Some(dir), server::SHUTDOWN_GRACE).await
+    }
+
+    async fn start_on(
+        auth: Auth,
+        store: Store,
+        data: Option<tempfile::TempDir>,
+        grace: std::time::Duration,
+    ) -> Server {
         let grpc = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let http = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let url = format!("http://{}", grpc.local_addr().unwrap());
-        let engine: Arc<Engine> = Engine::open(Store::memory(), Clock::system()).unwrap();
+        let engine: Arc<Engine> = Engine::open(store, Clock::system()).unwrap();
         let (stop, stopped) = oneshot::channel::<()>();
-        let task = tokio::spawn(server::run(grpc, http, engine, auth, async {
+        let shutdown = async {
             let _ = stopped.await;
-        }));
+        };
+        let task = tokio::spawn(server::run_with_grace(
+            grpc, http, engine, auth, shutdown, grace,
+        ));
         Server {
             url,
             stop: Some(stop),
             task: Some(task),
+            _data: data,
         }
     }
 
