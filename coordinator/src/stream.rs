@@ -66,6 +66,13 @@ pub async fn enqueue_stream(
                     Some(Ok(r)) => {
                         let items = r.items.into_iter().map(crate::grpc::new_item).collect();
                         match engine.enqueue_unsynced(&r.queue, items, r.seal) {
+                            // Durable already (the memory store) and nothing before it
+                            // to answer first: answer now, without the pipeline.
+                            Ok((results, ticket)) if pending.is_empty() && engine.is_durable(ticket) => {
+                                if !out.send(Ok(crate::grpc::enqueue_response(results))).await {
+                                    return;
+                                }
+                            }
                             Ok((results, ticket)) => {
                                 let engine = engine.clone();
                                 pending.push_back(Box::pin(async move {

@@ -157,7 +157,13 @@ impl Slot {
     /// and at least one while any item is ready (the baton: a waiter that took some
     /// and left some wakes the next).
     fn announce(&self, queue: &Queue, before: Before) {
-        self.version.send_modify(|v| *v += 1);
+        // Nobody watching (a queue fed by producers alone): skip waking the channel's
+        // waiter lists. A receiver subscribing later starts from the state as it is.
+        let watched = self.version.receiver_count() > 0;
+        self.version.send_if_modified(|v| {
+            *v += 1;
+            watched
+        });
         if queue.deleted || queue.drained() != before.drained {
             self.work.notify_waiters();
             return;
@@ -536,6 +542,11 @@ impl Engine {
     /// otherwise).
     pub async fn sync(&self, ticket: crate::store::Ticket) -> Result<()> {
         self.store.sync(ticket).await
+    }
+
+    /// Whether [`Engine::sync`] of `ticket` would return at once.
+    pub fn is_durable(&self, ticket: crate::store::Ticket) -> bool {
+        self.store.is_synced(ticket)
     }
 
     /// Leases items, long-polling up to `wait_ms` until some are available or the

@@ -488,6 +488,14 @@ impl LogStore {
         }
     }
 
+    /// Whether [`LogStore::sync`] of `ticket` would return at once.
+    pub fn is_synced(&self, ticket: Ticket) -> bool {
+        match self.inner.durability {
+            Durability::Strict => *self.inner.durable.borrow() >= ticket.0,
+            Durability::Relaxed => true,
+        }
+    }
+
     /// Waits until `ticket` is on disk, in either mode.
     pub async fn wait_durable(&self, ticket: Ticket) -> Result<()> {
         if *self.inner.durable.borrow() >= ticket.0 {

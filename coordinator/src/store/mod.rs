@@ -144,6 +144,14 @@ impl Store {
         }
     }
 
+    /// Whether [`Store::sync`] of `ticket` would return at once.
+    pub fn is_synced(&self, ticket: Ticket) -> bool {
+        match self {
+            Store::Memory { .. } => true,
+            Store::Disk(s) => s.is_synced(ticket),
+        }
+    }
+
     /// Waits until `ticket` is on disk, even in relaxed mode.
     pub async fn wait_durable(&self, ticket: Ticket) -> Result<()> {
         match self {
