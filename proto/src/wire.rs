@@ -36,6 +36,9 @@ pub const PREAMBLE: &[u8; 8] = b"workq/1\n";
 /// Largest frame body: a kind byte and a message of at most [`MAX_MESSAGE_BYTES`].
 pub const MAX_FRAME: usize = MAX_MESSAGE_BYTES + 1;
 
+/// Most a reader reserves ahead of the bytes it has.
+const READ_CHUNK: usize = 1 << 20;
+
 /// Frame kinds.
 pub const KIND_MESSAGE: u8 = 0;
 pub const KIND_STATUS: u8 = 1;
@@ -84,7 +87,9 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
                     body.advance(1);
                     return Ok(Some((kind, body)));
                 }
-                self.buf.reserve(4 + len - self.buf.len());
+                // Grow with what arrives, not with what the header claims: a peer
+                // cannot make us hold 64 MiB by sending four bytes.
+                self.buf.reserve((4 + len - self.buf.len()).min(READ_CHUNK));
             } else if self.buf.capacity() - self.buf.len() < 1024 {
                 self.buf.reserve(8 * 1024);
             }
@@ -289,6 +294,25 @@ mod tests {
                 "{bytes:?}: {err}"
             );
         }
+    }
+
+    #[tokio::test]
+    async fn a_frame_header_alone_does_not_make_the_reader_reserve_its_length() {
+        let (mut client, server) = tokio::io::duplex(64 * 1024);
+        client
+            .write_all(&((MAX_FRAME - 1) as u32).to_be_bytes())
+            .await
+            .unwrap();
+        client.write_all(&[KIND_MESSAGE; 1000]).await.unwrap();
+        let mut reader = FrameReader::new(server);
+        let pending = tokio::time::timeout(Duration::from_millis(50), reader.read_frame()).await;
+        assert!(pending.is_err(), "the frame is incomplete");
+        assert!(
+            reader.buf.capacity() <= 2 * READ_CHUNK,
+            "reserved {} bytes for 1,004 received",
+            reader.buf.capacity()
+        );
+        drop(client);
     }
 
     #[test]
