@@ -144,6 +144,10 @@ pub async fn work_session(
     let (closed_tx, closed) = tokio::sync::watch::channel(false);
     // After answering "drained", wait for a change before polling again.
     let mut quiet = false;
+    // The `sealed` flag of the last "drained" the worker was told, until it is pushed
+    // leases again: a later poll that finds the same state says nothing (its own
+    // settlement's change wakes the session once more after the notice).
+    let mut told_drained: Option<bool> = None;
     let mut input_open = true;
     let mut next_request = Some(first);
 
@@ -178,6 +182,11 @@ pub async fn work_session(
                         credit -= outcome.granted.len() as u64;
                         let drained = want > 0 && outcome.drained && outcome.granted.is_empty();
                         quiet = drained;
+                        told_drained = match (drained, outcome.granted.is_empty()) {
+                            (true, _) => Some(outcome.sealed),
+                            (false, false) => None,
+                            (false, true) => told_drained,
+                        };
                         Ok(pb::WorkResponse {
                             settled: settled.into_iter().map(settled_pb).collect(),
                             leases: outcome.granted.into_iter().map(lease_pb).collect(),
@@ -237,6 +246,10 @@ pub async fn work_session(
                             }
                             continue; // the poll timed out: poll again
                         }
+                        if drained && told_drained == Some(outcome.sealed) {
+                            continue; // nothing new to tell
+                        }
+                        told_drained = drained.then_some(outcome.sealed);
                         let reply = pb::WorkResponse {
                             leases: outcome.granted.into_iter().map(lease_pb).collect(),
                             settled: Vec::new(),

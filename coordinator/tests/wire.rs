@@ -415,6 +415,36 @@ async fn a_worker_that_closes_with_credit_left_is_leased_nothing_more() {
     server.stop().await;
 }
 
+/// Acking the last item with fresh credit answers "drained" once; the change the ack
+/// itself made does not make the session say it again.
+#[tokio::test]
+async fn a_worker_is_told_drained_once() {
+    let server = Server::start(Auth::disabled()).await;
+    let c = setup(&server, 30_000, 1).await;
+    let (mut tx, mut rx) = c.wire_work().await.unwrap();
+    tx.send(&start_work("w", 1)).await.unwrap();
+    let lease = next(&mut rx).await.leases.remove(0);
+    tx.send(&pb::WorkRequest {
+        credit: 1,
+        settlements: vec![ack(&lease)],
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let answer_to_ack = next(&mut rx).await;
+    assert_eq!(answer_to_ack.settled[0].code, 0);
+    assert!(answer_to_ack.drained, "{answer_to_ack:?}");
+    // Time for a second poll, woken by the ack's own change, to find the same state.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    tx.close().await.unwrap();
+    assert_eq!(
+        answer(&mut rx).await.unwrap(),
+        None,
+        "nothing between the drained answer and the end"
+    );
+    server.stop().await;
+}
+
 #[tokio::test]
 async fn wire_settlement_with_a_wrong_token_fails_alone_and_changes_nothing() {
     let server = Server::start(Auth::disabled()).await;
