@@ -4,57 +4,10 @@ mod support;
 
 use std::time::Duration;
 
-use support::Server;
+use support::{Server, settle, setup, stats};
 use tokio_stream::StreamExt;
 use workq_coordinator::auth::Auth;
-use workq_proto::{Client, pb};
-
-async fn setup(server: &Server, lease_ms: u64, payloads: usize) -> Client {
-    let mut c = server.client().await;
-    c.create_queue(pb::CreateQueueRequest {
-        queue: "q".into(),
-        options: Some(pb::QueueOptions {
-            lease_timeout_ms: lease_ms,
-            ..Default::default()
-        }),
-        if_not_exists: false,
-    })
-    .await
-    .unwrap();
-    if payloads > 0 {
-        c.enqueue(pb::EnqueueRequest {
-            queue: "q".into(),
-            items: (0..payloads)
-                .map(|i| pb::NewItem {
-                    payload: format!("item-{i}").into_bytes(),
-                    ..Default::default()
-                })
-                .collect(),
-            seal: false,
-        })
-        .await
-        .unwrap();
-    }
-    c
-}
-
-async fn stats(c: &mut Client) -> pb::QueueStats {
-    c.get_queue(pb::GetQueueRequest { queue: "q".into() })
-        .await
-        .unwrap()
-        .into_inner()
-        .stats
-        .unwrap()
-}
-
-fn settle(id: u64, token: u64, action: pb::SettleAction) -> pb::Settlement {
-    pb::Settlement {
-        id,
-        token,
-        action: action as i32,
-        ..Default::default()
-    }
-}
+use workq_proto::pb;
 
 #[tokio::test]
 async fn settle_acks_many_and_fails_only_the_stale_ones() {

@@ -10,7 +10,7 @@ use std::collections::HashSet;
 use std::time::Duration;
 
 use prost::Message;
-use support::Server;
+use support::{Server, item, settle, setup, stats};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::time::timeout;
@@ -24,39 +24,6 @@ use workq_proto::{Client, pb};
 /// How long one answer may take before the test calls it a hang.
 const HANG: Duration = Duration::from_secs(10);
 
-async fn setup(server: &Server, lease_ms: u64, payloads: usize) -> Client {
-    let mut c = server.client().await;
-    c.create_queue(pb::CreateQueueRequest {
-        queue: "q".into(),
-        options: Some(pb::QueueOptions {
-            lease_timeout_ms: lease_ms,
-            ..Default::default()
-        }),
-        if_not_exists: false,
-    })
-    .await
-    .unwrap();
-    if payloads > 0 {
-        c.enqueue(pb::EnqueueRequest {
-            queue: "q".into(),
-            items: (0..payloads).map(|i| item(&format!("item-{i}"))).collect(),
-            seal: false,
-        })
-        .await
-        .unwrap();
-    }
-    c
-}
-
-async fn stats(c: &mut Client) -> pb::QueueStats {
-    c.get_queue(pb::GetQueueRequest { queue: "q".into() })
-        .await
-        .unwrap()
-        .into_inner()
-        .stats
-        .unwrap()
-}
-
 async fn get(c: &mut Client, id: u64) -> pb::Item {
     c.get_item(pb::GetItemRequest {
         queue: "q".into(),
@@ -65,13 +32,6 @@ async fn get(c: &mut Client, id: u64) -> pb::Item {
     .await
     .unwrap()
     .into_inner()
-}
-
-fn item(payload: &str) -> pb::NewItem {
-    pb::NewItem {
-        payload: payload.as_bytes().to_vec(),
-        ..Default::default()
-    }
 }
 
 /// One request of one item to queue "q".
@@ -88,15 +48,6 @@ fn start_work(worker: &str, credit: u32) -> pb::WorkRequest {
         queue: "q".into(),
         worker_id: worker.into(),
         credit,
-        ..Default::default()
-    }
-}
-
-fn settle(id: u64, token: u64, action: pb::SettleAction) -> pb::Settlement {
-    pb::Settlement {
-        id,
-        token,
-        action: action as i32,
         ..Default::default()
     }
 }

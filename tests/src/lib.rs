@@ -293,3 +293,32 @@ pub async fn lease_one(client: &mut Client, queue: &str, worker: &str) -> pb::Le
         .pop()
         .unwrap_or_else(|| panic!("no item ready in queue '{queue}'"))
 }
+
+/// Every item of `queue`, by id, read page by page; an id listed twice fails the test.
+pub async fn all_items(
+    client: &mut Client,
+    queue: &str,
+) -> std::collections::HashMap<u64, pb::Item> {
+    let mut items = std::collections::HashMap::new();
+    let mut after_id = 0;
+    loop {
+        let page = client
+            .list_items(pb::ListItemsRequest {
+                queue: queue.into(),
+                after_id,
+                limit: 1_000,
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        for item in page.items {
+            let id = item.id;
+            assert!(items.insert(id, item).is_none(), "item {id} listed twice");
+        }
+        if page.next_after_id == 0 {
+            return items;
+        }
+        after_id = page.next_after_id;
+    }
+}

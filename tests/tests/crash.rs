@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use workq_tests::{Coordinator, lease_one, pb, wait_for_async};
+use workq_tests::{Coordinator, all_items, lease_one, pb, wait_for_async};
 
 const PRODUCERS: usize = 16;
 
@@ -108,30 +108,13 @@ async fn acknowledged_enqueues_survive_kill_9() {
     let mut client = coordinator.client().await;
     let mut found: HashMap<u64, String> = HashMap::new();
     let mut payloads = HashSet::new();
-    let mut after_id = 0;
-    loop {
-        let page = client
-            .list_items(pb::ListItemsRequest {
-                queue: "crash".into(),
-                after_id,
-                limit: 1_000,
-                ..Default::default()
-            })
-            .await
-            .unwrap()
-            .into_inner();
-        for item in page.items {
-            let payload = String::from_utf8(item.payload).unwrap();
-            assert!(
-                payloads.insert(payload.clone()),
-                "duplicated item {payload}"
-            );
-            found.insert(item.id, payload);
-        }
-        if page.next_after_id == 0 {
-            break;
-        }
-        after_id = page.next_after_id;
+    for item in all_items(&mut client, "crash").await.into_values() {
+        let payload = String::from_utf8(item.payload).unwrap();
+        assert!(
+            payloads.insert(payload.clone()),
+            "duplicated item {payload}"
+        );
+        found.insert(item.id, payload);
     }
     for (id, payload) in &acked {
         assert_eq!(

@@ -10,7 +10,7 @@ use std::time::Duration;
 use tokio::sync::Semaphore;
 use tokio::time::timeout;
 use tonic::Code;
-use workq_tests::{Client, Coordinator, pb, wait_for_async};
+use workq_tests::{Client, Coordinator, all_items, pb, wait_for_async};
 
 /// Requests a producer keeps in flight on its wire connection, and leases a worker
 /// asks for at once.
@@ -42,34 +42,6 @@ fn one(payload: &str) -> pb::EnqueueRequest {
             ..Default::default()
         }],
         seal: false,
-    }
-}
-
-/// Every item of the queue, by id.
-async fn all_items(client: &mut Client) -> HashMap<u64, pb::Item> {
-    let mut items = HashMap::new();
-    let mut after_id = 0;
-    loop {
-        let page = client
-            .list_items(pb::ListItemsRequest {
-                queue: "crash".into(),
-                after_id,
-                limit: 1_000,
-                ..Default::default()
-            })
-            .await
-            .unwrap()
-            .into_inner();
-        for item in page.items {
-            assert!(
-                items.insert(item.id, item).is_none(),
-                "an item listed twice"
-            );
-        }
-        if page.next_after_id == 0 {
-            return items;
-        }
-        after_id = page.next_after_id;
     }
 }
 
@@ -164,7 +136,7 @@ async fn acknowledged_wire_enqueues_survive_kill_9() {
 
     coordinator.restart();
     let mut client = coordinator.client().await;
-    let found = all_items(&mut client).await;
+    let found = all_items(&mut client, "crash").await;
     for (id, payload) in &acked {
         let item = found
             .get(id)
@@ -327,7 +299,7 @@ async fn confirmed_wire_acks_survive_kill_9() {
 
     coordinator.restart();
     let mut client = coordinator.client().await;
-    let found = all_items(&mut client).await;
+    let found = all_items(&mut client, "crash").await;
     let ids: HashSet<u64> = found.keys().copied().collect();
     assert_eq!(
         ids, enqueued,

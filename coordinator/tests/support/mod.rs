@@ -9,7 +9,7 @@ use workq_coordinator::auth::Auth;
 use workq_coordinator::clock::Clock;
 use workq_coordinator::store::{Durability, Store};
 use workq_coordinator::{Engine, server};
-use workq_proto::{Client, ConnectOptions};
+use workq_proto::{Client, ConnectOptions, pb};
 
 /// A coordinator on ephemeral ports; `stop()` shuts it down and awaits it.
 pub struct Server {
@@ -75,5 +75,57 @@ impl Server {
     pub async fn stop(mut self) {
         let _ = self.stop.take().unwrap().send(());
         self.task.take().unwrap().await.unwrap().unwrap();
+    }
+}
+
+/// A client with queue "q" created (leases of `lease_ms`) holding `payloads` items
+/// `item-0`, `item-1`, ….
+pub async fn setup(server: &Server, lease_ms: u64, payloads: usize) -> Client {
+    let mut c = server.client().await;
+    c.create_queue(pb::CreateQueueRequest {
+        queue: "q".into(),
+        options: Some(pb::QueueOptions {
+            lease_timeout_ms: lease_ms,
+            ..Default::default()
+        }),
+        if_not_exists: false,
+    })
+    .await
+    .unwrap();
+    if payloads > 0 {
+        c.enqueue(pb::EnqueueRequest {
+            queue: "q".into(),
+            items: (0..payloads).map(|i| item(&format!("item-{i}"))).collect(),
+            seal: false,
+        })
+        .await
+        .unwrap();
+    }
+    c
+}
+
+/// Queue "q"'s stats.
+pub async fn stats(c: &mut Client) -> pb::QueueStats {
+    c.get_queue(pb::GetQueueRequest { queue: "q".into() })
+        .await
+        .unwrap()
+        .into_inner()
+        .stats
+        .unwrap()
+}
+
+pub fn item(payload: &str) -> pb::NewItem {
+    pb::NewItem {
+        payload: payload.as_bytes().to_vec(),
+        ..Default::default()
+    }
+}
+
+pub fn settle(id: u64, token: u64, action: pb::SettleAction) -> pb::Settlement {
+    pb::Settlement {
+        id,
+        token,
+        action: action as i32,
+        ..Default::default()
     }
 }
