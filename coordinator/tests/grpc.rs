@@ -5,23 +5,10 @@ mod support;
 
 use std::time::Duration;
 
-use support::Server;
+use support::{Server, create};
 use tonic::Code;
 use workq_coordinator::auth::Auth;
 use workq_proto::{Client, pb};
-
-async fn create(c: &mut Client, queue: &str, lease_ms: u64) {
-    c.create_queue(pb::CreateQueueRequest {
-        queue: queue.into(),
-        options: Some(pb::QueueOptions {
-            lease_timeout_ms: lease_ms,
-            ..Default::default()
-        }),
-        if_not_exists: false,
-    })
-    .await
-    .unwrap();
-}
 
 fn items(payloads: &[&str]) -> Vec<pb::NewItem> {
     payloads

@@ -322,3 +322,18 @@ pub async fn all_items(
         after_id = page.next_after_id;
     }
 }
+
+/// Creates `queue` with leases of `lease_ms`.
+pub async fn create_queue(client: &mut Client, queue: &str, lease_ms: u64) {
+    client
+        .create_queue(pb::CreateQueueRequest {
+            queue: queue.into(),
+            options: Some(pb::QueueOptions {
+                lease_timeout_ms: lease_ms,
+                ..Default::default()
+            }),
+            if_not_exists: false,
+        })
+        .await
+        .unwrap();
+}

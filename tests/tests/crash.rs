@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use workq_tests::{Coordinator, all_items, lease_one, pb, wait_for_async};
+use workq_tests::{Coordinator, all_items, create_queue, lease_one, pb, wait_for_async};
 
 const PRODUCERS: usize = 16;
 
@@ -19,17 +19,7 @@ async fn acknowledged_enqueues_survive_kill_9() {
     let mut coordinator =
         Coordinator::start_with(&["--durability", "strict", "--checkpoint-every", "50ms"]);
     let mut client = coordinator.client().await;
-    client
-        .create_queue(pb::CreateQueueRequest {
-            queue: "crash".into(),
-            options: Some(pb::QueueOptions {
-                lease_timeout_ms: 600_000,
-                ..Default::default()
-            }),
-            if_not_exists: false,
-        })
-        .await
-        .unwrap();
+    create_queue(&mut client, "crash", 600_000).await;
     client
         .enqueue(pb::EnqueueRequest {
             queue: "crash".into(),

@@ -10,7 +10,7 @@ use std::time::Duration;
 use tokio::sync::Semaphore;
 use tokio::time::timeout;
 use tonic::Code;
-use workq_tests::{Client, Coordinator, all_items, pb, wait_for_async};
+use workq_tests::{Client, Coordinator, all_items, create_queue, pb, wait_for_async};
 
 /// Requests a producer keeps in flight on its wire connection, and leases a worker
 /// asks for at once.
@@ -19,20 +19,6 @@ const IN_FLIGHT: usize = 32;
 const BEFORE_KILL: usize = 2_000;
 /// How long a call may stay unanswered once the coordinator is gone: a hang guard.
 const HANG: Duration = Duration::from_secs(30);
-
-async fn create_queue(client: &mut Client) {
-    client
-        .create_queue(pb::CreateQueueRequest {
-            queue: "crash".into(),
-            options: Some(pb::QueueOptions {
-                lease_timeout_ms: 600_000,
-                ..Default::default()
-            }),
-            if_not_exists: false,
-        })
-        .await
-        .unwrap();
-}
 
 fn one(payload: &str) -> pb::EnqueueRequest {
     pb::EnqueueRequest {
@@ -61,7 +47,7 @@ async fn stats(client: &mut Client) -> pb::QueueStats {
 async fn acknowledged_wire_enqueues_survive_kill_9() {
     let mut coordinator = Coordinator::start_with(&["--durability", "strict"]);
     let mut client = coordinator.client().await;
-    create_queue(&mut client).await;
+    create_queue(&mut client, "crash", 600_000).await;
     let (mut requests, mut responses) = client.wire_enqueue_stream().await.unwrap();
 
     // One task pipelines single-item requests, up to IN_FLIGHT unanswered; another
@@ -202,7 +188,7 @@ async fn confirmed_wire_acks_survive_kill_9() {
     const ITEMS: usize = 20_000;
     let mut coordinator = Coordinator::start_with(&["--durability", "strict"]);
     let mut client = coordinator.client().await;
-    create_queue(&mut client).await;
+    create_queue(&mut client, "crash", 600_000).await;
     let mut enqueued = HashSet::new();
     for batch in 0..ITEMS / 1_000 {
         let results = client

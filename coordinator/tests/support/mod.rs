@@ -82,16 +82,7 @@ impl Server {
 /// `item-0`, `item-1`, ….
 pub async fn setup(server: &Server, lease_ms: u64, payloads: usize) -> Client {
     let mut c = server.client().await;
-    c.create_queue(pb::CreateQueueRequest {
-        queue: "q".into(),
-        options: Some(pb::QueueOptions {
-            lease_timeout_ms: lease_ms,
-            ..Default::default()
-        }),
-        if_not_exists: false,
-    })
-    .await
-    .unwrap();
+    create(&mut c, "q", lease_ms).await;
     if payloads > 0 {
         c.enqueue(pb::EnqueueRequest {
             queue: "q".into(),
@@ -128,4 +119,18 @@ pub fn settle(id: u64, token: u64, action: pb::SettleAction) -> pb::Settlement {
         action: action as i32,
         ..Default::default()
     }
+}
+
+/// Creates `queue` with leases of `lease_ms`.
+pub async fn create(c: &mut Client, queue: &str, lease_ms: u64) {
+    c.create_queue(pb::CreateQueueRequest {
+        queue: queue.into(),
+        options: Some(pb::QueueOptions {
+            lease_timeout_ms: lease_ms,
+            ..Default::default()
+        }),
+        if_not_exists: false,
+    })
+    .await
+    .unwrap();
 }
