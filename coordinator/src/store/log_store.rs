@@ -109,6 +109,11 @@ struct Inner {
     /// Written and synced by the flusher only (on a blocking thread); swapped for a
     /// fresh file when a snapshot starts.
     segment: Mutex<Segment>,
+    /// Held by a flush from taking the pending bytes until it has published them as
+    /// durable: the flusher task and a direct flush (start-up, shutdown) never run at
+    /// once, so batches reach the log in write order and `durable` never runs ahead
+    /// of the disk.
+    flushing: tokio::sync::Mutex<()>,
     /// Highest ticket known to be durable.
     durable: watch::Sender<u64>,
     kick: Arc<Notify>,
@@ -391,6 +396,7 @@ impl LogStore {
                 durability,
                 pending: Mutex::new(Pending::default()),
                 segment: Mutex::new(segment),
+                flushing: tokio::sync::Mutex::new(()),
                 durable,
                 kick: Arc::new(Notify::new()),
                 healthy: AtomicBool::new(true),
@@ -864,6 +870,7 @@ async fn flush_once(inner: &Arc<Inner>) -> Result<()> {
         }
         seen = now;
     }
+    let _flushing = inner.flushing.lock().await;
     let started = Instant::now();
     let pending = {
         let mut guard = inner.pending.lock().unwrap_or_else(|e| e.into_inner());
@@ -983,4 +990,64 @@ fn item_key(id: u64) -> [u8; 9] {
     key[0] = b'i';
     key[1..].copy_from_slice(&id.to_be_bytes());
     key
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::record::QueueRecord;
+
+    fn put_queue(lease_timeout_ms: u64) -> Vec<Op> {
+        vec![Op::PutQueue(QueueRecord {
+            name: "q".into(),
+            lease_timeout_ms,
+            ..Default::default()
+        })]
+    }
+
+    /// The flusher and a direct flush (shutdown's last sync) running at once must
+    /// still put batches in the log in the order they were written, or a replay would
+    /// end on an older value (and a later batch could be reported durable before an
+    /// earlier one reached the disk).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn concurrent_flushes_keep_the_log_in_write_order() {
+        for _ in 0..40 {
+            let dir = tempfile::tempdir().unwrap();
+            let store = LogStore::open(dir.path(), Durability::Strict).unwrap();
+            store.start();
+            for value in 1..=30 {
+                store.write(put_queue(value)).unwrap();
+                store.request_flush();
+                // Three direct flushes and the flusher, each taking what is pending
+                // when it gets there.
+                let write_next = async {
+                    tokio::task::yield_now().await;
+                    store.write(put_queue(value)).unwrap();
+                    Ok(())
+                };
+                let (a, b, c, d) =
+                    tokio::join!(store.close(), write_next, store.close(), store.close());
+                a.and(b).and(c).and(d).unwrap();
+            }
+            store.close().await.unwrap();
+            // Every value, in log order, must be the order they were written in.
+            let mut seen = Vec::new();
+            for (_, path) in wal::list(&dir.path().join("wal")).unwrap() {
+                wal::replay(&path, |ops| {
+                    for (key, value) in ops {
+                        if **key == queue_key("q")[..] {
+                            let record = QueueRecord::decode(value.unwrap()).unwrap();
+                            seen.push(record.lease_timeout_ms);
+                        }
+                    }
+                })
+                .unwrap();
+            }
+            assert_eq!(seen.len(), 60);
+            assert!(
+                seen.is_sorted(),
+                "batches reached the log out of write order: {seen:?}"
+            );
+        }
+    }
 }
