@@ -74,7 +74,7 @@ pub async fn run_with_grace(
     });
 
     // One shutdown future fans out to both servers.
-    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let (stop_tx, stop_rx) = watch::channel(false);
     let trigger_engine = engine.clone();
     tokio::spawn(async move {
         shutdown.await;
@@ -85,12 +85,12 @@ pub async fn run_with_grace(
             .await;
         let _ = stop_tx.send(true);
     });
-    let wait_stop = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+    let wait_stop = |mut rx: watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|stop| *stop).await;
     };
 
     // One port, two protocols: wire connections are served here, the rest by tonic.
-    let (grpc_tx, grpc_rx) = tokio::sync::mpsc::channel(64);
+    let (grpc_tx, grpc_rx) = mpsc::channel(64);
     let accept = tokio::spawn(accept(
         grpc,
         grpc_tx,
@@ -164,7 +164,7 @@ async fn accept(
             Err(e) => {
                 // Out of file descriptors and the like: wait, do not spin.
                 tracing::warn!("accept failed: {e}");
-                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                tokio::time::sleep(Duration::from_millis(50)).await;
                 continue;
             }
         };

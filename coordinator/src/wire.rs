@@ -198,16 +198,11 @@ struct Requests {
     stopped: Pin<Box<dyn Future<Output = ()> + Send>>,
 }
 
-/// Why the requests ended, for the call's final status.
-#[derive(Debug, Default)]
-struct Ending {
-    client_closed: bool,
-    problem: Option<Status>,
-}
-
+/// A call's requests as a stream, and the status their end calls for (set once the
+/// stream ended: OK when the client closed its side, the problem otherwise).
 struct Messages<S> {
     stream: S,
-    ending: Arc<Mutex<Ending>>,
+    end: Arc<Mutex<Option<Status>>>,
 }
 
 impl Requests {
@@ -221,34 +216,31 @@ impl Requests {
     fn messages<T: Message + Default + Send + 'static>(
         self,
     ) -> Messages<impl Stream<Item = Result<T, Status>> + Unpin + Send> {
-        let ending = Arc::new(Mutex::new(Ending::default()));
-        let record = ending.clone();
-        let stream = stream::unfold(Some(self), move |state| {
+        let end = Arc::new(Mutex::new(None));
+        let record = end.clone();
+        let stream = stream::unfold(self, move |mut state| {
             let record = record.clone();
             async move {
-                let mut state = state?;
                 let outcome = tokio::select! {
                     biased;
                     () = &mut state.stopped => {
-                        Err(Some(Status::unavailable("the coordinator is shutting down")))
+                        Err(Status::unavailable("the coordinator is shutting down"))
                     }
                     frame = state.frames.read_frame() => match frame {
                         Ok(Some((KIND_MESSAGE, body))) => T::decode(body).map_err(|e| {
-                            Some(Status::invalid_argument(format!("malformed request: {e}")))
+                            Status::invalid_argument(format!("malformed request: {e}"))
                         }),
-                        Ok(Some((kind, _))) => Err(Some(Status::invalid_argument(format!(
+                        Ok(Some((kind, _))) => Err(Status::invalid_argument(format!(
                             "a client frame of kind {kind} (only 0 is defined)"
-                        )))),
-                        Ok(None) => Err(None),
-                        Err(e) => Err(Some(frame_error(e))),
+                        ))),
+                        Ok(None) => Err(Status::ok("")),
+                        Err(e) => Err(frame_error(e)),
                     },
                 };
                 match outcome {
-                    Ok(message) => Some((Ok(message), Some(state))),
-                    Err(problem) => {
-                        let mut ending = record.lock().expect("ending lock");
-                        ending.client_closed = problem.is_none();
-                        ending.problem = problem;
+                    Ok(message) => Some((Ok(message), state)),
+                    Err(end) => {
+                        *record.lock().expect("end lock") = Some(end);
                         None
                     }
                 }
@@ -256,7 +248,7 @@ impl Requests {
         });
         Messages {
             stream: Box::pin(stream),
-            ending,
+            end,
         }
     }
 }
@@ -272,15 +264,14 @@ impl<S: Stream + Unpin> Stream for Messages<S> {
 }
 
 impl<S> Messages<S> {
-    /// The status that ends the call after the session returned: OK when the client
-    /// closed its side, the problem with its input when there was one, otherwise the
-    /// session stopped on its own, which it does only when the coordinator shuts down.
+    /// The status that ends the call after the session returned: what ended its
+    /// requests, or, if they never ended, the session stopped on its own, which it does
+    /// only when the coordinator shuts down.
     fn ending(&self) -> Status {
-        let ending = std::mem::take(&mut *self.ending.lock().expect("ending lock"));
-        match ending.problem {
-            Some(problem) => problem,
-            None if ending.client_closed => Status::ok(""),
-            None => Status::unavailable("the coordinator is shutting down"),
-        }
+        self.end
+            .lock()
+            .expect("end lock")
+            .take()
+            .unwrap_or_else(|| Status::unavailable("the coordinator is shutting down"))
     }
 }

@@ -995,7 +995,6 @@ fn item_key(id: u64) -> [u8; 9] {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::record::QueueRecord;
 
     fn put_queue(lease_timeout_ms: u64) -> Vec<Op> {
         vec![Op::PutQueue(QueueRecord {
@@ -1005,10 +1004,10 @@ mod tests {
         })]
     }
 
-    /// The flusher and a direct flush (shutdown's last sync) running at once must
-    /// still put batches in the log in the order they were written, or a replay would
-    /// end on an older value (and a later batch could be reported durable before an
-    /// earlier one reached the disk).
+    /// The flusher and direct flushes (shutdown's last sync) running at once must
+    /// still put batches in the log in the order they were written: replay applies
+    /// them in file order, and a later batch must not be reported durable before an
+    /// earlier one reached the disk.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn concurrent_flushes_keep_the_log_in_write_order() {
         for _ in 0..40 {
