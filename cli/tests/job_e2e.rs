@@ -7,7 +7,7 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use workq_tests::pb;
-use workq_tests::{Coordinator, Process, bin_path};
+use workq_tests::{Coordinator, Process, bin_path, queue_stats};
 
 const ITEMS: usize = 30;
 
@@ -67,13 +67,7 @@ async fn work_queue_job_of_three_workers_does_every_item_once() {
     assert!(summary.contains("Complete"), "{summary}");
     assert!(stdout.contains("3 created"), "3 worker pods:\n{stdout}");
 
-    let stats = client
-        .get_queue(pb::GetQueueRequest { queue: "q".into() })
-        .await
-        .unwrap()
-        .into_inner()
-        .stats
-        .unwrap();
+    let stats = queue_stats(&mut client, "q").await;
     assert!(stats.drained);
     assert_eq!(stats.done as usize, ITEMS);
     assert_eq!(

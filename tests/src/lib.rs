@@ -337,3 +337,16 @@ pub async fn create_queue(client: &mut Client, queue: &str, lease_ms: u64) {
         .await
         .unwrap();
 }
+
+/// `queue`'s stats.
+pub async fn queue_stats(client: &mut Client, queue: &str) -> pb::QueueStats {
+    client
+        .get_queue(pb::GetQueueRequest {
+            queue: queue.into(),
+        })
+        .await
+        .expect("get queue")
+        .into_inner()
+        .stats
+        .expect("stats")
+}

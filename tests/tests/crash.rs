@@ -8,7 +8,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use workq_tests::{Coordinator, all_items, create_queue, lease_one, pb, wait_for_async};
+use workq_tests::{
+    Coordinator, all_items, create_queue, lease_one, pb, queue_stats, wait_for_async,
+};
 
 const PRODUCERS: usize = 16;
 
@@ -113,15 +115,7 @@ async fn acknowledged_enqueues_survive_kill_9() {
             "acknowledged item {id} ({payload}) lost in the crash"
         );
     }
-    let stats = client
-        .get_queue(pb::GetQueueRequest {
-            queue: "crash".into(),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .stats
-        .unwrap();
+    let stats = queue_stats(&mut client, "crash").await;
     assert_eq!(
         stats.total_enqueued as usize,
         found.len(),

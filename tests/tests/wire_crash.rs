@@ -10,7 +10,7 @@ use std::time::Duration;
 use tokio::sync::Semaphore;
 use tokio::time::timeout;
 use tonic::Code;
-use workq_tests::{Client, Coordinator, all_items, create_queue, pb, wait_for_async};
+use workq_tests::{Coordinator, all_items, create_queue, pb, queue_stats, wait_for_async};
 
 /// Requests a producer keeps in flight on its wire connection, and leases a worker
 /// asks for at once.
@@ -29,18 +29,6 @@ fn one(payload: &str) -> pb::EnqueueRequest {
         }],
         seal: false,
     }
-}
-
-async fn stats(client: &mut Client) -> pb::QueueStats {
-    client
-        .get_queue(pb::GetQueueRequest {
-            queue: "crash".into(),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .stats
-        .unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -144,7 +132,7 @@ async fn acknowledged_wire_enqueues_survive_kill_9() {
             "duplicated item {payload}"
         );
     }
-    let s = stats(&mut client).await;
+    let s = queue_stats(&mut client, "crash").await;
     assert_eq!(
         s.total_enqueued as usize,
         found.len(),
@@ -298,7 +286,7 @@ async fn confirmed_wire_acks_survive_kill_9() {
             "item {id}, whose ack was confirmed, is DONE"
         );
     }
-    let s = stats(&mut client).await;
+    let s = queue_stats(&mut client, "crash").await;
     assert_eq!(
         (s.ready + s.leased + s.done) as usize,
         ITEMS,

@@ -8,6 +8,7 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use nix::sys::signal::Signal;
+pub use workq_tests::queue_stats as stats;
 pub use workq_tests::{Client, Coordinator, Process, bin_path, pb, wait_for, wait_for_async};
 
 /// Generous bound for anything that should happen "soon" on a loaded 2-core machine.
@@ -160,18 +161,6 @@ pub async fn enqueue(client: &mut Client, queue: &str, payloads: &[&str]) -> Vec
         .iter()
         .map(|r| r.id)
         .collect()
-}
-
-pub async fn stats(client: &mut Client, queue: &str) -> pb::QueueStats {
-    client
-        .get_queue(pb::GetQueueRequest {
-            queue: queue.into(),
-        })
-        .await
-        .expect("get queue")
-        .into_inner()
-        .stats
-        .expect("stats")
 }
 
 pub async fn item(client: &mut Client, queue: &str, id: u64) -> pb::Item {
