@@ -48,7 +48,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use prost::Message;
-use tokio::sync::{Notify, watch};
+use tokio::sync::Notify;
 
 use super::record::encode_item;
 use super::wal::{self, Ending, Segment};
@@ -112,8 +112,40 @@ struct Pending {
     /// A sync was asked for since the last flush took the bytes.
     wanted: bool,
     flusher: Flusher,
+    /// The waiters of the next sync (tickets after `taken`)…
+    next: Arc<Commit>,
+    /// …and of the last one taken (tickets up to `taken`).
+    taken_commit: Arc<Commit>,
     /// The store is gone: the flusher thread ends.
     stop: bool,
+}
+
+/// One sync's waiters, woken together when it is done. A sync wakes only the writers
+/// it covers; the ones that arrived while it ran wait for the next.
+#[derive(Default)]
+struct Commit {
+    done: AtomicBool,
+    notify: Notify,
+}
+
+impl Commit {
+    async fn wait(&self) {
+        loop {
+            let notified = self.notify.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if self.done.load(Ordering::SeqCst) {
+                return;
+            }
+            notified.await;
+        }
+    }
+
+    /// Wakes the waiters: the sync is on disk, or it failed (they check `healthy`).
+    fn finish(&self) {
+        self.done.store(true, Ordering::SeqCst);
+        self.notify.notify_waiters();
+    }
 }
 
 /// What the flusher thread is waiting for, so that writers wake it only when it
@@ -146,7 +178,7 @@ struct Inner {
     /// ahead of the disk.
     flushing: Mutex<()>,
     /// Highest ticket known to be durable.
-    durable: watch::Sender<u64>,
+    durable: AtomicU64,
     healthy: AtomicBool,
     started: AtomicBool,
     stats: FlushStats,
@@ -417,7 +449,6 @@ impl LogStore {
         let next = logs.last().map_or(0, |(n, _)| *n).max(base) + 1;
         let segment =
             Segment::create(&dir, next).map_err(|e| storage_error("cannot create the log", e))?;
-        let (durable, _) = watch::channel(0);
         let next_id = recovered.highest + 1;
         let store = LogStore {
             inner: Arc::new(Inner {
@@ -428,7 +459,7 @@ impl LogStore {
                 wake: Condvar::new(),
                 segment: Mutex::new(segment),
                 flushing: Mutex::new(()),
-                durable,
+                durable: AtomicU64::new(0),
                 healthy: AtomicBool::new(true),
                 started: AtomicBool::new(false),
                 stats: FlushStats {
@@ -523,27 +554,24 @@ impl LogStore {
     /// Whether [`LogStore::sync`] of `ticket` would return at once.
     pub fn is_synced(&self, ticket: Ticket) -> bool {
         match self.inner.durability {
-            Durability::Strict => *self.inner.durable.borrow() >= ticket.0,
+            Durability::Strict => self.inner.durable.load(Ordering::SeqCst) >= ticket.0,
             Durability::Relaxed => true,
         }
     }
 
     /// Waits until `ticket` is on disk, in either mode.
     pub async fn wait_durable(&self, ticket: Ticket) -> Result<()> {
-        if *self.inner.durable.borrow() >= ticket.0 {
+        if self.inner.durable.load(Ordering::SeqCst) >= ticket.0 {
             return Ok(());
         }
         if !self.inner.started.load(Ordering::SeqCst) {
             // No flusher yet (start-up): sync here.
             return self.flush_here().await;
         }
-        let mut rx = self.inner.durable.subscribe();
-        self.inner.ask_flush(Some(ticket.0));
-        let inner = &self.inner;
-        let result = rx
-            .wait_for(|durable| *durable >= ticket.0 || !inner.healthy.load(Ordering::SeqCst))
-            .await;
-        if result.is_err() || !self.healthy() {
+        if self.healthy() {
+            self.inner.join_commit(ticket.0).wait().await;
+        }
+        if !self.healthy() || self.inner.durable.load(Ordering::SeqCst) < ticket.0 {
             return Err(Error::Storage(
                 "flush failed; see the coordinator log".into(),
             ));
@@ -555,7 +583,7 @@ impl LogStore {
     /// expiry). Relaxed mode syncs on its timer.
     pub fn request_flush(&self) {
         if self.inner.durability == Durability::Strict {
-            self.inner.ask_flush(None);
+            self.inner.ask_flush();
         }
     }
 
@@ -871,18 +899,29 @@ fn checkpoint_due(inner: &Inner) -> bool {
 }
 
 impl Inner {
-    /// Asks the flusher for a sync: for a waiter on `ticket` (counted toward the
-    /// flusher's gathering unless a flush already took it), or for background changes
-    /// (`None`).
-    fn ask_flush(&self, ticket: Option<u64>) {
+    /// Asks the flusher for a sync of background changes (no one waits for it).
+    fn ask_flush(&self) {
         let mut pending = lock(&self.pending);
-        if let Some(ticket) = ticket {
-            if ticket <= pending.taken {
-                return; // on its way to disk: the flush that took it will publish it
-            }
-            pending.waiters += 1;
-        }
         pending.wanted = true;
+        self.wake_flusher(pending);
+    }
+
+    /// The sync a waiter on `ticket` waits for: the one on its way to disk if that
+    /// took the ticket, else the next one, whose waiters the flusher gathers.
+    fn join_commit(&self, ticket: u64) -> Arc<Commit> {
+        let mut pending = lock(&self.pending);
+        if ticket <= pending.taken {
+            return pending.taken_commit.clone();
+        }
+        let commit = pending.next.clone();
+        pending.waiters += 1;
+        pending.wanted = true;
+        self.wake_flusher(pending);
+        commit
+    }
+
+    /// Wakes the flusher if it waits for what just changed.
+    fn wake_flusher(&self, mut pending: MutexGuard<'_, Pending>) {
         let wake = match pending.flusher {
             Flusher::Busy => false,
             Flusher::Idle => true,
@@ -963,21 +1002,31 @@ fn gather_window(sync_time: Duration) -> Duration {
 fn flush_now(inner: &Inner) -> Result<u32> {
     let _flushing = lock(&inner.flushing);
     let started = Instant::now();
-    let (bytes, target, covered) = {
+    let (bytes, target, covered, commit) = {
         let mut pending = lock(&inner.pending);
         pending.wanted = false;
         pending.taken = pending.ticket;
+        let commit = std::mem::take(&mut pending.next);
+        pending.taken_commit = commit.clone();
         let covered = std::mem::take(&mut pending.waiters);
-        (std::mem::take(&mut pending.bytes), pending.ticket, covered)
+        (
+            std::mem::take(&mut pending.bytes),
+            pending.ticket,
+            covered,
+            commit,
+        )
     };
-    if target <= *inner.durable.borrow() {
+    if target <= inner.durable.load(Ordering::SeqCst) {
+        commit.finish();
         return Ok(covered);
     }
     let written = lock(&inner.segment)
         .append_durably(&bytes)
         .map_err(|e| storage_error("log write failed", e));
     if let Err(e) = written {
-        return Err(fail(inner, e));
+        let error = fail(inner, e);
+        commit.finish();
+        return Err(error);
     }
     inner
         .stats
@@ -990,14 +1039,8 @@ fn flush_now(inner: &Inner) -> Result<u32> {
         .total_micros
         .fetch_add(micros, Ordering::Relaxed);
     inner.stats.max_micros.fetch_max(micros, Ordering::Relaxed);
-    inner.durable.send_if_modified(|durable| {
-        if target > *durable {
-            *durable = target;
-            true
-        } else {
-            false
-        }
-    });
+    inner.durable.fetch_max(target, Ordering::SeqCst);
+    commit.finish();
     Ok(covered)
 }
 
@@ -1030,7 +1073,7 @@ fn current_ticket(inner: &Inner) -> u64 {
 /// Marks the store failed and wakes waiters so they report it instead of hanging.
 fn fail(inner: &Inner, error: Error) -> Error {
     inner.healthy.store(false, Ordering::SeqCst);
-    inner.durable.send_modify(|_| {});
+    lock(&inner.pending).next.finish();
     error
 }
 
