@@ -1271,4 +1271,38 @@ mod tests {
         }
         assert_eq!(logged_values(dir.path()), vec![7]);
     }
+
+    /// A log write that fails wakes every writer waiting for it or for a later sync
+    /// with an error (none hangs, none is told its write is durable), and the store
+    /// reports itself unhealthy from then on.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_failed_sync_answers_every_waiter_with_an_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(LogStore::open(dir.path(), Durability::Strict).unwrap());
+        store.start();
+        let ticket = store.write(put_queue(1)).unwrap();
+        store.wait_durable(ticket).await.unwrap();
+        *lock(&store.inner.segment) = Segment::failing(&dir.path().join("wal"), 99).unwrap();
+        let writers = (0..16u64).map(|n| {
+            let store = store.clone();
+            tokio::spawn(async move {
+                let ticket = store.write(put_queue(n + 2)).unwrap();
+                store.wait_durable(ticket).await
+            })
+        });
+        // A liveness guard: a waiter the failure did not wake hangs forever.
+        let answers = tokio::time::timeout(
+            Duration::from_secs(120),
+            futures_util::future::join_all(writers),
+        )
+        .await
+        .expect("a waiter was never answered after the failed sync");
+        for answer in answers {
+            assert!(answer.unwrap().is_err(), "a write was reported durable");
+        }
+        assert!(!store.healthy());
+        let later = store.write(put_queue(50)).unwrap();
+        assert!(store.wait_durable(later).await.is_err());
+        assert!(!store.is_synced(later));
+    }
 }

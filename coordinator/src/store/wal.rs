@@ -187,6 +187,18 @@ impl Segment {
     }
 
     /// Writes `data` and waits until it is on disk.
+    /// A segment whose every write fails (its file is open read-only): a disk that
+    /// has gone bad, for tests.
+    #[cfg(test)]
+    pub fn failing(dir: &Path, number: u64) -> std::io::Result<Segment> {
+        let path = path_of(dir, number);
+        File::create(&path)?;
+        Ok(Segment {
+            number,
+            file: File::open(&path)?,
+        })
+    }
+
     pub fn append_durably(&mut self, data: &[u8]) -> std::io::Result<()> {
         self.file.write_all(data)?;
         self.file.sync_data()
