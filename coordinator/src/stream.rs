@@ -12,11 +12,11 @@
 //! arrives: dropping it after the engine granted leases would strand those items
 //! until their leases expired.
 
+use std::collections::VecDeque;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 
-use futures_util::stream::FuturesOrdered;
 use tokio::sync::mpsc;
 use tokio_stream::{Stream, StreamExt};
 use tonic::Status;
@@ -24,6 +24,7 @@ use workq_proto::pb;
 
 use crate::engine::{self, Engine, LeaseOutcome, LeaseRequest};
 use crate::grpc::{lease_pb, settled_pb, settlement_from_pb, status};
+use crate::store::Ticket;
 
 /// How long one lease poll of a session waits before polling again.
 const SESSION_POLL_MS: u64 = 30_000;
@@ -51,33 +52,38 @@ impl<T: Send + 'static> Replies<T> for mpsc::Sender<Result<T, Status>> {
 /// stream with its status once everything before it is answered; nothing read after
 /// it is applied (nothing of it was added either), so every answer the producer got
 /// is exactly what is in the queue.
+///
+/// Tickets grow in request order, so the stream waits for one sync at a time: the
+/// oldest unanswered request's. When it is on disk, every request it covered is
+/// answered, and the wait moves to the next unanswered one.
 pub async fn enqueue_stream(
     engine: Arc<Engine>,
     mut requests: impl Stream<Item = Result<pb::EnqueueRequest, Status>> + Unpin + Send,
     out: &mut impl Replies<pb::EnqueueResponse>,
 ) {
-    let mut pending: FuturesOrdered<BoxedSync> = FuturesOrdered::new();
+    let mut unanswered: VecDeque<(Ticket, Vec<engine::Enqueued>)> = VecDeque::new();
+    let mut sync: Option<SyncWait> = None;
     let mut input_open = true;
     let mut refused = None;
     loop {
         tokio::select! {
-            request = requests.next(), if input_open && pending.len() < ENQUEUE_PIPELINE => {
+            request = requests.next(), if input_open && unanswered.len() < ENQUEUE_PIPELINE => {
                 match request {
                     Some(Ok(r)) => {
                         let items = r.items.into_iter().map(crate::grpc::new_item).collect();
                         match engine.enqueue_unsynced(&r.queue, items, r.seal) {
                             // Durable already (the memory store) and nothing before it
-                            // to answer first: answer now, without the pipeline.
-                            Ok((results, ticket)) if pending.is_empty() && engine.is_durable(ticket) => {
+                            // to answer first: answer now.
+                            Ok((results, ticket)) if unanswered.is_empty() && engine.is_durable(ticket) => {
                                 if !out.send(Ok(crate::grpc::enqueue_response(results))).await {
                                     return;
                                 }
                             }
                             Ok((results, ticket)) => {
-                                let engine = engine.clone();
-                                pending.push_back(Box::pin(async move {
-                                    engine.sync(ticket).await.map(|()| results)
-                                }));
+                                if sync.is_none() {
+                                    sync = Some(wait_for_sync(&engine, ticket));
+                                }
+                                unanswered.push_back((ticket, results));
                             }
                             Err(e) => {
                                 refused = Some(status(e));
@@ -88,11 +94,21 @@ pub async fn enqueue_stream(
                     Some(Err(_)) | None => input_open = false,
                 }
             }
-            Some(done) = pending.next(), if !pending.is_empty() => {
-                let message = done.map(crate::grpc::enqueue_response).map_err(status);
-                let failed = message.is_err();
-                if !out.send(message).await || failed {
+            synced = async { sync.as_mut().expect("guarded").await }, if sync.is_some() => {
+                sync = None;
+                if let Err(e) = synced {
+                    let _ = out.send(Err(status(e))).await;
                     return;
+                }
+                while let Some((ticket, _)) = unanswered.front() {
+                    if !engine.is_durable(*ticket) {
+                        sync = Some(wait_for_sync(&engine, *ticket));
+                        break;
+                    }
+                    let (_, results) = unanswered.pop_front().expect("just seen");
+                    if !out.send(Ok(crate::grpc::enqueue_response(results))).await {
+                        return;
+                    }
                 }
             }
             else => {
@@ -105,7 +121,12 @@ pub async fn enqueue_stream(
     }
 }
 
-type BoxedSync = Pin<Box<dyn Future<Output = crate::Result<Vec<engine::Enqueued>>> + Send>>;
+type SyncWait = Pin<Box<dyn Future<Output = crate::Result<()>> + Send>>;
+
+fn wait_for_sync(engine: &Arc<Engine>, ticket: Ticket) -> SyncWait {
+    let engine = engine.clone();
+    Box::pin(async move { engine.sync(ticket).await })
+}
 
 type LeasePoll = Pin<Box<dyn Future<Output = crate::Result<LeaseOutcome>> + Send>>;
 

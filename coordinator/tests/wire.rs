@@ -213,6 +213,53 @@ async fn wire_enqueue_stream_ends_with_the_first_refused_request() {
     server.stop().await;
 }
 
+/// On a disk store a pipelining producer has many requests waiting for group
+/// commits at once: each is answered once, in request order, with the item it added,
+/// over the wire and the gRPC stream alike.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pipelined_enqueue_stream_on_a_strict_store_answers_in_order() {
+    let server = Server::start_strict(Auth::disabled()).await;
+    let mut c = setup(&server, 30_000, 0).await;
+    let requests = |from: usize| (from..from + 300).map(|i| one(&format!("p-{i}")));
+
+    let (mut tx, mut rx) = c.wire_enqueue_stream().await.unwrap();
+    let sender = tokio::spawn(async move {
+        for request in requests(0) {
+            tx.send(&request).await.unwrap();
+        }
+        tx
+    });
+    let mut ids = Vec::new();
+    for _ in 0..300 {
+        ids.push(next(&mut rx).await.results[0].id);
+    }
+    drop(sender.await.unwrap());
+    assert!(end_of(&mut rx).await.is_ok());
+
+    let mut responses = c
+        .enqueue_stream(tokio_stream::iter(requests(300)))
+        .await
+        .unwrap()
+        .into_inner();
+    while let Some(answer) = responses.message().await.unwrap() {
+        ids.push(answer.results[0].id);
+    }
+
+    assert_eq!(ids.len(), 600);
+    assert!(
+        ids.is_sorted_by(|a, b| a < b),
+        "answers out of request order"
+    );
+    for i in [0, 1, 150, 299, 300, 451, 599] {
+        assert_eq!(
+            get(&mut c, ids[i]).await.payload,
+            format!("p-{i}").into_bytes()
+        );
+    }
+    assert_eq!(stats(&mut c).await.total_enqueued, 600);
+    server.stop().await;
+}
+
 /// With a disk store, answers wait for group commits while later requests keep
 /// arriving: whatever follows a refused request must be neither answered nor applied,
 /// on the wire and on the gRPC stream alike, or a producer that retries what it was
