@@ -62,6 +62,9 @@ const RELAXED_FLUSH_EVERY: Duration = Duration::from_millis(500);
 /// Longest the flusher waits for the writers of the last sync to come back before it
 /// syncs without them (see [`gather_window`]).
 const MAX_GATHER: Duration = Duration::from_micros(250);
+/// Largest pending-bytes buffer kept for reuse after a flush (a burst of big payloads
+/// should not pin its buffer for the process's life).
+const MAX_SPARE_BYTES: usize = 4 << 20;
 /// Snapshot when the log since the last snapshot is at least this big and at least as
 /// big as that snapshot: snapshot work stays proportional to write volume, and a
 /// restart reads at most about twice the state.
@@ -177,6 +180,10 @@ struct Inner {
     /// at once, so batches reach the log in write order and `durable` never runs
     /// ahead of the disk.
     flushing: Mutex<()>,
+    /// The buffer the last flush wrote, cleared: the next flush hands it to the
+    /// writers, so that appending to the pending bytes does not grow a fresh buffer
+    /// after every sync.
+    spare: Mutex<Vec<u8>>,
     /// Highest ticket known to be durable.
     durable: AtomicU64,
     healthy: AtomicBool,
@@ -459,6 +466,7 @@ impl LogStore {
                 wake: Condvar::new(),
                 segment: Mutex::new(segment),
                 flushing: Mutex::new(()),
+                spare: Mutex::new(Vec::new()),
                 durable: AtomicU64::new(0),
                 healthy: AtomicBool::new(true),
                 started: AtomicBool::new(false),
@@ -503,40 +511,34 @@ impl LogStore {
     }
 
     pub fn write(&self, ops: Vec<Op>) -> Result<Ticket> {
-        // Framed outside the lock; under it, one copy. The id counter rides along: it
-        // is read after every id in this batch was handed out, and recovery takes the
-        // highest value it finds, so ids never repeat after a restart.
-        let mut frame = Vec::with_capacity(
-            ops.iter()
-                .map(|op| match op {
-                    Op::PutItem { record, .. } => record.len() + 22,
-                    _ => 64,
-                })
-                .sum::<usize>()
-                + 32,
-        );
-        let start = wal::begin_frame(&mut frame);
+        // Framed straight into the pending buffer: no frame of its own to allocate and
+        // copy (encoding a batch takes less time than allocating for it). The id
+        // counter rides along: it is read after every id in this batch was handed
+        // out, and recovery takes the highest value it finds, so ids never repeat
+        // after a restart.
+        let mut pending = lock(&self.inner.pending);
+        let frame = &mut pending.bytes;
+        let start = wal::begin_frame(frame);
         for op in &ops {
             match op {
                 Op::PutQueue(record) => {
-                    wal::push_put_with(&mut frame, &queue_key(&record.name), |buf| {
+                    wal::push_put_with(frame, &queue_key(&record.name), |buf| {
                         record.encode_raw(buf)
                     })
                 }
-                Op::DeleteQueue(name) => wal::push_op(&mut frame, &queue_key(name), None),
-                Op::PutItem { id, record } => {
-                    wal::push_op(&mut frame, &item_key(*id), Some(record))
-                }
-                Op::DeleteItem(id) => wal::push_op(&mut frame, &item_key(*id), None),
+                Op::DeleteQueue(name) => wal::push_op(frame, &queue_key(name), None),
+                Op::PutItem { id, record } => wal::push_op(frame, &item_key(*id), Some(record)),
+                Op::DeleteItem(id) => wal::push_op(frame, &item_key(*id), None),
             }
         }
         let counter = self.inner.next_id.load(Ordering::SeqCst).to_le_bytes();
-        wal::push_op(&mut frame, NEXT_ID_KEY, Some(&counter));
-        wal::end_frame(&mut frame, start);
-        let mut pending = lock(&self.inner.pending);
-        pending.bytes.extend_from_slice(&frame);
+        wal::push_op(frame, NEXT_ID_KEY, Some(&counter));
+        wal::end_frame(frame, start);
         pending.ticket += 1;
-        Ok(Ticket(pending.ticket))
+        let ticket = Ticket(pending.ticket);
+        drop(pending);
+        drop(ops); // the records' memory is freed outside the lock
+        Ok(ticket)
     }
 
     pub fn last_ticket(&self) -> Ticket {
@@ -1002,6 +1004,7 @@ fn gather_window(sync_time: Duration) -> Duration {
 fn flush_now(inner: &Inner) -> Result<u32> {
     let _flushing = lock(&inner.flushing);
     let started = Instant::now();
+    let spare = std::mem::take(&mut *lock(&inner.spare));
     let (bytes, target, covered, commit) = {
         let mut pending = lock(&inner.pending);
         pending.wanted = false;
@@ -1010,7 +1013,7 @@ fn flush_now(inner: &Inner) -> Result<u32> {
         pending.taken_commit = commit.clone();
         let covered = std::mem::take(&mut pending.waiters);
         (
-            std::mem::take(&mut pending.bytes),
+            std::mem::replace(&mut pending.bytes, spare),
             pending.ticket,
             covered,
             commit,
@@ -1018,6 +1021,7 @@ fn flush_now(inner: &Inner) -> Result<u32> {
     };
     if target <= inner.durable.load(Ordering::SeqCst) {
         commit.finish();
+        recycle(inner, bytes);
         return Ok(covered);
     }
     let written = lock(&inner.segment)
@@ -1041,7 +1045,16 @@ fn flush_now(inner: &Inner) -> Result<u32> {
     inner.stats.max_micros.fetch_max(micros, Ordering::Relaxed);
     inner.durable.fetch_max(target, Ordering::SeqCst);
     commit.finish();
+    recycle(inner, bytes);
     Ok(covered)
+}
+
+/// Keeps a written buffer for the next flush to hand to the writers.
+fn recycle(inner: &Inner, mut bytes: Vec<u8>) {
+    if bytes.capacity() <= MAX_SPARE_BYTES {
+        bytes.clear();
+        *lock(&inner.spare) = bytes;
+    }
 }
 
 /// Locks a mutex, taking over from a thread that panicked while holding it (the data
