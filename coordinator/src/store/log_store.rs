@@ -570,8 +570,10 @@ impl LogStore {
             // No flusher yet (start-up): sync here.
             return self.flush_here().await;
         }
-        if self.healthy() {
-            self.inner.join_commit(ticket.0).wait().await;
+        if self.healthy()
+            && let Some(commit) = self.inner.join_commit(ticket.0)
+        {
+            commit.wait().await;
         }
         if !self.healthy() || self.inner.durable.load(Ordering::SeqCst) < ticket.0 {
             return Err(Error::Storage(
@@ -909,17 +911,21 @@ impl Inner {
     }
 
     /// The sync a waiter on `ticket` waits for: the one on its way to disk if that
-    /// took the ticket, else the next one, whose waiters the flusher gathers.
-    fn join_commit(&self, ticket: u64) -> Arc<Commit> {
+    /// took the ticket, else the next one, whose waiters the flusher gathers. `None`
+    /// when the ticket became durable meanwhile.
+    fn join_commit(&self, ticket: u64) -> Option<Arc<Commit>> {
         let mut pending = lock(&self.pending);
         if ticket <= pending.taken {
-            return pending.taken_commit.clone();
+            if self.durable.load(Ordering::SeqCst) >= ticket {
+                return None; // its sync is done (and a later one may be in flight)
+            }
+            return Some(pending.taken_commit.clone());
         }
         let commit = pending.next.clone();
         pending.waiters += 1;
         pending.wanted = true;
         self.wake_flusher(pending);
-        commit
+        Some(commit)
     }
 
     /// Wakes the flusher if it waits for what just changed.
