@@ -957,21 +957,22 @@ impl Engine {
             // Nothing to write: skip encoding records (the in-memory hot path).
             return Ok(Some(self.store.last_ticket()));
         }
-        let mut ops = Vec::with_capacity(journal.len() + 1);
-        for change in journal {
-            match change {
-                queue::Change::Put(id) => {
-                    if let Some(item) = queue.item(id) {
-                        let mut record = Vec::with_capacity(48 + item.payload.len());
-                        encode_item(&queue.name, item, &mut record);
-                        ops.push(Op::PutItem { id, record });
+        let record = queue_record(queue);
+        let queue = &*queue;
+        let ticket = self.store.write_with(|batch| {
+            for change in journal {
+                match change {
+                    queue::Change::Put(id) => {
+                        if let Some(item) = queue.item(id) {
+                            batch.put_item(id, |buf| encode_item(&queue.name, item, buf));
+                        }
                     }
+                    queue::Change::Delete(id) => batch.delete_item(id),
                 }
-                queue::Change::Delete(id) => ops.push(Op::DeleteItem(id)),
             }
-        }
-        ops.push(Op::PutQueue(queue_record(queue)));
-        Ok(Some(self.store.write(ops)?))
+            batch.put_queue(&record);
+        })?;
+        Ok(Some(ticket))
     }
 
     /// Wakes the reaper if `deadline` is earlier than what it sleeps toward.

@@ -511,34 +511,38 @@ impl LogStore {
     }
 
     pub fn write(&self, ops: Vec<Op>) -> Result<Ticket> {
-        // Framed straight into the pending buffer: no frame of its own to allocate and
-        // copy (encoding a batch takes less time than allocating for it). The id
-        // counter rides along: it is read after every id in this batch was handed
-        // out, and recovery takes the highest value it finds, so ids never repeat
-        // after a restart.
+        let ticket = self.write_with(|batch| {
+            for op in &ops {
+                batch.op(op);
+            }
+        });
+        drop(ops); // the records' memory is freed outside the lock
+        ticket
+    }
+
+    /// Writes one batch whose records `fill` encodes straight into the pending buffer:
+    /// no record or frame of its own to allocate and copy. `fill` runs under the
+    /// buffer's lock, so it only encodes. The id counter rides along: it is read after
+    /// every id in this batch was handed out, and recovery takes the highest value it
+    /// finds, so ids never repeat after a restart.
+    pub fn write_with(&self, fill: impl FnOnce(&mut Batch<'_>)) -> Result<Ticket> {
         let mut pending = lock(&self.inner.pending);
         let frame = &mut pending.bytes;
         let start = wal::begin_frame(frame);
-        for op in &ops {
-            match op {
-                Op::PutQueue(record) => {
-                    wal::push_put_with(frame, &queue_key(&record.name), |buf| {
-                        record.encode_raw(buf)
-                    })
-                }
-                Op::DeleteQueue(name) => wal::push_op(frame, &queue_key(name), None),
-                Op::PutItem { id, record } => wal::push_op(frame, &item_key(*id), Some(record)),
-                Op::DeleteItem(id) => wal::push_op(frame, &item_key(*id), None),
-            }
+        let filled = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            fill(&mut Batch { frame: &mut *frame })
+        }));
+        if let Err(panic) = filled {
+            // Half a frame must never reach the log: replay would stop there.
+            frame.truncate(start);
+            drop(pending);
+            std::panic::resume_unwind(panic);
         }
         let counter = self.inner.next_id.load(Ordering::SeqCst).to_le_bytes();
         wal::push_op(frame, NEXT_ID_KEY, Some(&counter));
         wal::end_frame(frame, start);
         pending.ticket += 1;
-        let ticket = Ticket(pending.ticket);
-        drop(pending);
-        drop(ops); // the records' memory is freed outside the lock
-        Ok(ticket)
+        Ok(Ticket(pending.ticket))
     }
 
     pub fn last_ticket(&self) -> Ticket {
@@ -724,6 +728,37 @@ impl Drop for LogStore {
         self.inner.wake.notify_one();
         if let Some(thread) = lock(&self.flusher).take() {
             let _ = thread.join();
+        }
+    }
+}
+
+/// One batch being framed into the log ([`LogStore::write_with`]).
+pub struct Batch<'a> {
+    frame: &'a mut Vec<u8>,
+}
+
+impl Batch<'_> {
+    pub fn put_queue(&mut self, record: &QueueRecord) {
+        wal::push_put_with(self.frame, &queue_key(&record.name), |buf| {
+            record.encode_raw(buf)
+        })
+    }
+
+    /// An item record that `encode` appends.
+    pub fn put_item(&mut self, id: u64, encode: impl FnOnce(&mut Vec<u8>)) {
+        wal::push_put_with(self.frame, &item_key(id), encode)
+    }
+
+    pub fn delete_item(&mut self, id: u64) {
+        wal::push_op(self.frame, &item_key(id), None)
+    }
+
+    fn op(&mut self, op: &Op) {
+        match op {
+            Op::PutQueue(record) => self.put_queue(record),
+            Op::DeleteQueue(name) => wal::push_op(self.frame, &queue_key(name), None),
+            Op::PutItem { id, record } => wal::push_op(self.frame, &item_key(*id), Some(record)),
+            Op::DeleteItem(id) => self.delete_item(*id),
         }
     }
 }
@@ -1323,5 +1358,29 @@ mod tests {
         let later = store.write(put_queue(50)).unwrap();
         assert!(store.wait_durable(later).await.is_err());
         assert!(!store.is_synced(later));
+    }
+
+    /// A batch whose encoding panics half way leaves nothing in the log: the batches
+    /// before and after it replay whole, and the file ends clean (half a frame would
+    /// end the replay there and lose everything after it).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_batch_that_panics_while_encoding_leaves_nothing_behind() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = LogStore::open(dir.path(), Durability::Strict).unwrap();
+        store.start();
+        store.write(put_queue(1)).unwrap();
+        let panicked = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            store.write_with(|batch| {
+                batch.put_item(7, |buf| buf.extend_from_slice(b"half a record"));
+                panic!("encoding failed");
+            })
+        }));
+        assert!(panicked.is_err());
+        let ticket = store.write(put_queue(2)).unwrap();
+        store.wait_durable(ticket).await.unwrap();
+        assert_eq!(logged_values(dir.path()), vec![1, 2]);
+        for (_, path) in wal::list(&dir.path().join("wal")).unwrap() {
+            assert_eq!(wal::replay(&path, |_| {}).unwrap(), Ending::Clean);
+        }
     }
 }

@@ -19,7 +19,7 @@ mod wal;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use crate::error::Result;
-pub use log_store::{DEFAULT_CHECKPOINT_EVERY, Durability, LogStore, SnapshotWriter};
+pub use log_store::{Batch, DEFAULT_CHECKPOINT_EVERY, Durability, LogStore, SnapshotWriter};
 pub use record::{ItemRecord, QueueRecord};
 
 /// One change inside an atomic batch.
@@ -124,6 +124,15 @@ impl Store {
         match self {
             Store::Memory { .. } => Ok(Ticket(0)),
             Store::Disk(s) => s.write(ops),
+        }
+    }
+
+    /// Writes one batch whose records `fill` encodes in place (see
+    /// [`LogStore::write_with`]); the memory store writes nothing.
+    pub fn write_with(&self, fill: impl FnOnce(&mut Batch<'_>)) -> Result<Ticket> {
+        match self {
+            Store::Memory { .. } => Ok(Ticket(0)),
+            Store::Disk(s) => s.write_with(fill),
         }
     }
 
