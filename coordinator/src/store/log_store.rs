@@ -62,6 +62,14 @@ const RELAXED_FLUSH_EVERY: Duration = Duration::from_millis(500);
 /// Longest the flusher waits for the writers of the last sync to come back before it
 /// syncs without them (see [`gather_window`]).
 const MAX_GATHER: Duration = Duration::from_micros(250);
+thread_local! {
+    /// Where [`LogStore::write_with`] frames a batch before copying it to the pending
+    /// buffer.
+    static SCRATCH: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Largest scratch buffer a thread keeps between batches.
+const MAX_SCRATCH_BYTES: usize = 1 << 20;
 /// Largest pending-bytes buffer kept for reuse after a flush (a burst of big payloads
 /// should not pin its buffer for the process's life).
 const MAX_SPARE_BYTES: usize = 4 << 20;
@@ -520,29 +528,32 @@ impl LogStore {
         ticket
     }
 
-    /// Writes one batch whose records `fill` encodes straight into the pending buffer:
-    /// no record or frame of its own to allocate and copy. `fill` runs under the
-    /// buffer's lock, so it only encodes. The id counter rides along: it is read after
-    /// every id in this batch was handed out, and recovery takes the highest value it
-    /// finds, so ids never repeat after a restart.
+    /// Writes one batch whose records `fill` encodes in place: into this thread's
+    /// scratch buffer (no record or frame of its own to allocate), which is then
+    /// copied to the pending buffer in one piece under its lock. A `fill` that panics
+    /// leaves only the scratch buffer half written, and it is cleared before each use.
+    /// The id counter rides along: it is read after every id in this batch was handed
+    /// out, and recovery takes the highest value it finds, so ids never repeat after a
+    /// restart.
     pub fn write_with(&self, fill: impl FnOnce(&mut Batch<'_>)) -> Result<Ticket> {
-        let mut pending = lock(&self.inner.pending);
-        let frame = &mut pending.bytes;
-        let start = wal::begin_frame(frame);
-        let filled = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            fill(&mut Batch { frame: &mut *frame })
-        }));
-        if let Err(panic) = filled {
-            // Half a frame must never reach the log: replay would stop there.
-            frame.truncate(start);
-            drop(pending);
-            std::panic::resume_unwind(panic);
-        }
-        let counter = self.inner.next_id.load(Ordering::SeqCst).to_le_bytes();
-        wal::push_op(frame, NEXT_ID_KEY, Some(&counter));
-        wal::end_frame(frame, start);
-        pending.ticket += 1;
-        Ok(Ticket(pending.ticket))
+        SCRATCH.with_borrow_mut(|frame| {
+            frame.clear();
+            let start = wal::begin_frame(frame);
+            fill(&mut Batch { frame: &mut *frame });
+            let counter = self.inner.next_id.load(Ordering::SeqCst).to_le_bytes();
+            wal::push_op(frame, NEXT_ID_KEY, Some(&counter));
+            wal::end_frame(frame, start);
+            let ticket = {
+                let mut pending = lock(&self.inner.pending);
+                pending.bytes.extend_from_slice(frame);
+                pending.ticket += 1;
+                Ticket(pending.ticket)
+            };
+            if frame.capacity() > MAX_SCRATCH_BYTES {
+                *frame = Vec::new(); // a burst of big payloads: do not keep its buffer
+            }
+            Ok(ticket)
+        })
     }
 
     pub fn last_ticket(&self) -> Ticket {
@@ -1362,7 +1373,8 @@ mod tests {
 
     /// A batch whose encoding panics half way leaves nothing in the log: the batches
     /// before and after it replay whole, and the file ends clean (half a frame would
-    /// end the replay there and lose everything after it).
+    /// end the replay there and lose everything after it), on the thread that
+    /// panicked as well.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_batch_that_panics_while_encoding_leaves_nothing_behind() {
         let dir = tempfile::tempdir().unwrap();
@@ -1378,7 +1390,21 @@ mod tests {
         assert!(panicked.is_err());
         let ticket = store.write(put_queue(2)).unwrap();
         store.wait_durable(ticket).await.unwrap();
-        assert_eq!(logged_values(dir.path()), vec![1, 2]);
+        let ticket = std::thread::scope(|s| {
+            s.spawn(|| {
+                let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    store.write_with(|batch| {
+                        batch.delete_item(9);
+                        panic!("encoding failed");
+                    })
+                }));
+                store.write(put_queue(3)).unwrap()
+            })
+            .join()
+            .unwrap()
+        });
+        store.wait_durable(ticket).await.unwrap();
+        assert_eq!(logged_values(dir.path()), vec![1, 2, 3]);
         for (_, path) in wal::list(&dir.path().join("wal")).unwrap() {
             assert_eq!(wal::replay(&path, |_| {}).unwrap(), Ending::Clean);
         }
