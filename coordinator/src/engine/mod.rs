@@ -38,7 +38,7 @@ use tokio::sync::{Notify, watch};
 use crate::clock::Clock;
 use crate::error::{Error, Result};
 use crate::store::record::encode_item;
-use crate::store::{Op, QueueRecord, SnapshotWriter, Store, Ticket};
+use crate::store::{QueueRecord, SnapshotWriter, Store, Ticket};
 pub use limits::OptionsPatch;
 pub use queue::{
     Enqueued, FailOutcome, Granted, Item, NewItem, Options, Queue, State, Stats, WorkerInfo,
@@ -387,7 +387,8 @@ impl Engine {
                 Some(_) => return Err(Error::QueueExists(name.to_string())),
                 None => {
                     let queue = Queue::new(name.to_string(), options, self.clock.now_ms());
-                    let ticket = self.store.write(vec![Op::PutQueue(queue_record(&queue))])?;
+                    let record = queue_record(&queue);
+                    let ticket = self.store.write(|batch| batch.put_queue(&record))?;
                     queues.insert(name.to_string(), Slot::new(queue));
                     Some(ticket)
                 }
@@ -424,10 +425,14 @@ impl Engine {
             queue.deleted = true;
             let ids = queue.all_ids();
             let count = ids.len() as u64;
-            let mut ops: Vec<Op> = ids.into_iter().map(Op::DeleteItem).collect();
-            ops.push(Op::DeleteQueue(name.to_string()));
             let _ = queue.take_journal();
-            (self.store.write(ops)?, count)
+            let ticket = self.store.write(|batch| {
+                for id in ids {
+                    batch.delete_item(id);
+                }
+                batch.delete_queue(name);
+            })?;
+            (ticket, count)
         };
         slot.version.send_modify(|v| *v += 1);
         slot.work.notify_waiters();
@@ -959,7 +964,7 @@ impl Engine {
         }
         let record = queue_record(queue);
         let queue = &*queue;
-        let ticket = self.store.write_with(|batch| {
+        let ticket = self.store.write(|batch| {
             for change in journal {
                 match change {
                     queue::Change::Put(id) => {

@@ -52,7 +52,7 @@ use tokio::sync::Notify;
 
 use super::record::encode_item;
 use super::wal::{self, Ending, Segment};
-use super::{FlushStats, ItemRecord, Op, QueueRecord, Snapshot, Ticket};
+use super::{FlushStats, ItemRecord, QueueRecord, Snapshot, Ticket};
 use crate::engine::items::{ItemView, Stored};
 use crate::engine::queue::IdHasher;
 use crate::error::{Error, Result};
@@ -63,7 +63,7 @@ const RELAXED_FLUSH_EVERY: Duration = Duration::from_millis(500);
 /// syncs without them (see [`gather_window`]).
 const MAX_GATHER: Duration = Duration::from_micros(250);
 thread_local! {
-    /// Where [`LogStore::write_with`] frames a batch before copying it to the pending
+    /// Where [`LogStore::write`] frames a batch before copying it to the pending
     /// buffer.
     static SCRATCH: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
 }
@@ -518,16 +518,6 @@ impl LogStore {
         self.inner.next_id.fetch_add(1, Ordering::SeqCst)
     }
 
-    pub fn write(&self, ops: Vec<Op>) -> Result<Ticket> {
-        let ticket = self.write_with(|batch| {
-            for op in &ops {
-                batch.op(op);
-            }
-        });
-        drop(ops); // the records' memory is freed outside the lock
-        ticket
-    }
-
     /// Writes one batch whose records `fill` encodes in place: into this thread's
     /// scratch buffer (no record or frame of its own to allocate), which is then
     /// copied to the pending buffer in one piece under its lock. A `fill` that panics
@@ -535,7 +525,7 @@ impl LogStore {
     /// The id counter rides along: it is read after every id in this batch was handed
     /// out, and recovery takes the highest value it finds, so ids never repeat after a
     /// restart.
-    pub fn write_with(&self, fill: impl FnOnce(&mut Batch<'_>)) -> Result<Ticket> {
+    pub fn write(&self, fill: impl FnOnce(&mut Batch<'_>)) -> Result<Ticket> {
         SCRATCH.with_borrow_mut(|frame| {
             frame.clear();
             let start = wal::begin_frame(frame);
@@ -743,7 +733,7 @@ impl Drop for LogStore {
     }
 }
 
-/// One batch being framed into the log ([`LogStore::write_with`]).
+/// One batch being framed into the log ([`LogStore::write`]).
 pub struct Batch<'a> {
     frame: &'a mut Vec<u8>,
 }
@@ -755,6 +745,10 @@ impl Batch<'_> {
         })
     }
 
+    pub fn delete_queue(&mut self, name: &str) {
+        wal::push_op(self.frame, &queue_key(name), None)
+    }
+
     /// An item record that `encode` appends.
     pub fn put_item(&mut self, id: u64, encode: impl FnOnce(&mut Vec<u8>)) {
         wal::push_put_with(self.frame, &item_key(id), encode)
@@ -762,15 +756,6 @@ impl Batch<'_> {
 
     pub fn delete_item(&mut self, id: u64) {
         wal::push_op(self.frame, &item_key(id), None)
-    }
-
-    fn op(&mut self, op: &Op) {
-        match op {
-            Op::PutQueue(record) => self.put_queue(record),
-            Op::DeleteQueue(name) => wal::push_op(self.frame, &queue_key(name), None),
-            Op::PutItem { id, record } => wal::push_op(self.frame, &item_key(*id), Some(record)),
-            Op::DeleteItem(id) => self.delete_item(*id),
-        }
     }
 }
 
@@ -1201,12 +1186,15 @@ fn item_key(id: u64) -> [u8; 9] {
 mod tests {
     use super::*;
 
-    fn put_queue(lease_timeout_ms: u64) -> Vec<Op> {
-        vec![Op::PutQueue(QueueRecord {
-            name: "q".into(),
-            lease_timeout_ms,
-            ..Default::default()
-        })]
+    /// A batch that writes queue "q"'s record with `lease_timeout_ms` as its value.
+    fn put_queue(lease_timeout_ms: u64) -> impl FnOnce(&mut Batch<'_>) {
+        move |batch| {
+            batch.put_queue(&QueueRecord {
+                name: "q".into(),
+                lease_timeout_ms,
+                ..Default::default()
+            })
+        }
     }
 
     /// The flusher and direct flushes (shutdown's last sync) running at once must
@@ -1382,7 +1370,7 @@ mod tests {
         store.start();
         store.write(put_queue(1)).unwrap();
         let panicked = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            store.write_with(|batch| {
+            store.write(|batch| {
                 batch.put_item(7, |buf| buf.extend_from_slice(b"half a record"));
                 panic!("encoding failed");
             })
@@ -1393,7 +1381,7 @@ mod tests {
         let ticket = std::thread::scope(|s| {
             s.spawn(|| {
                 let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                    store.write_with(|batch| {
+                    store.write(|batch| {
                         batch.delete_item(9);
                         panic!("encoding failed");
                     })

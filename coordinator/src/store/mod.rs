@@ -22,19 +22,6 @@ use crate::error::Result;
 pub use log_store::{Batch, DEFAULT_CHECKPOINT_EVERY, Durability, LogStore, SnapshotWriter};
 pub use record::{ItemRecord, QueueRecord};
 
-/// One change inside an atomic batch.
-#[derive(Debug, Clone)]
-pub enum Op {
-    PutQueue(QueueRecord),
-    DeleteQueue(String),
-    /// An item's record, already encoded ([`record::encode_item`]).
-    PutItem {
-        id: u64,
-        record: Vec<u8>,
-    },
-    DeleteItem(u64),
-}
-
 /// Everything on disk, read once at start-up.
 #[derive(Debug, Default)]
 pub struct Snapshot {
@@ -119,20 +106,12 @@ impl Store {
         }
     }
 
-    /// Queues a batch for the log; atomic on replay.
-    pub fn write(&self, ops: Vec<Op>) -> Result<Ticket> {
+    /// Queues a batch for the log, atomic on replay, whose changes `fill` encodes in
+    /// place (see [`LogStore::write`]); the memory store writes nothing.
+    pub fn write(&self, fill: impl FnOnce(&mut Batch<'_>)) -> Result<Ticket> {
         match self {
             Store::Memory { .. } => Ok(Ticket(0)),
-            Store::Disk(s) => s.write(ops),
-        }
-    }
-
-    /// Writes one batch whose records `fill` encodes in place (see
-    /// [`LogStore::write_with`]); the memory store writes nothing.
-    pub fn write_with(&self, fill: impl FnOnce(&mut Batch<'_>)) -> Result<Ticket> {
-        match self {
-            Store::Memory { .. } => Ok(Ticket(0)),
-            Store::Disk(s) => s.write_with(fill),
+            Store::Disk(s) => s.write(fill),
         }
     }
 

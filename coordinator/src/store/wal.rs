@@ -186,7 +186,6 @@ impl Segment {
         Ok(Segment { number, file })
     }
 
-    /// Writes `data` and waits until it is on disk.
     /// A segment whose every write fails (its file is open read-only): a disk that
     /// has gone bad, for tests.
     #[cfg(test)]
@@ -199,6 +198,7 @@ impl Segment {
         })
     }
 
+    /// Writes `data` and waits until it is on disk.
     pub fn append_durably(&mut self, data: &[u8]) -> std::io::Result<()> {
         self.file.write_all(data)?;
         self.file.sync_data()
