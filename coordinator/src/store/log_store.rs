@@ -1012,14 +1012,17 @@ fn run_flusher(inner: &Inner) {
             return; // `close` made the last sync, or the store was dropped without one
         }
         drop(pending);
-        let started = Instant::now();
         match flush_now(inner) {
-            Ok(covered) => expected = covered.max(1),
+            Ok(flushed) => {
+                expected = flushed.covered.max(1);
+                if let Some(took) = flushed.took {
+                    sync_time = (sync_time * 7 + took) / 8;
+                }
+            }
             Err(e) => {
                 tracing::error!(error = %e, "flush failed: acknowledged writes may not be durable")
             }
         }
-        sync_time = (sync_time * 7 + started.elapsed()) / 8;
         if checkpoint_due(inner) {
             inner.checkpoints.wanted.notify_one();
         }
@@ -1036,9 +1039,16 @@ fn gather_window(sync_time: Duration) -> Duration {
     (sync_time / 2).min(MAX_GATHER)
 }
 
-/// Makes everything written so far durable and publishes the covered ticket. Returns
-/// how many sync waiters that covered. Blocking.
-fn flush_now(inner: &Inner) -> Result<u32> {
+/// What one flush did.
+struct Flushed {
+    /// Sync waiters it answered.
+    covered: u32,
+    /// How long its write and sync took; `None` when there was nothing to write.
+    took: Option<Duration>,
+}
+
+/// Makes everything written so far durable and publishes the covered ticket. Blocking.
+fn flush_now(inner: &Inner) -> Result<Flushed> {
     let _flushing = lock(&inner.flushing);
     let started = Instant::now();
     let spare = std::mem::take(&mut *lock(&inner.spare));
@@ -1059,7 +1069,10 @@ fn flush_now(inner: &Inner) -> Result<u32> {
     if target <= inner.durable.load(Ordering::SeqCst) {
         commit.finish();
         recycle(inner, bytes);
-        return Ok(covered);
+        return Ok(Flushed {
+            covered,
+            took: None,
+        });
     }
     let written = lock(&inner.segment)
         .append_durably(&bytes)
@@ -1073,7 +1086,8 @@ fn flush_now(inner: &Inner) -> Result<u32> {
         .stats
         .log_bytes
         .fetch_add(bytes.len() as u64, Ordering::SeqCst);
-    let micros = started.elapsed().as_micros() as u64;
+    let took = started.elapsed();
+    let micros = took.as_micros() as u64;
     inner.stats.flushes.fetch_add(1, Ordering::Relaxed);
     inner
         .stats
@@ -1083,7 +1097,10 @@ fn flush_now(inner: &Inner) -> Result<u32> {
     inner.durable.fetch_max(target, Ordering::SeqCst);
     commit.finish();
     recycle(inner, bytes);
-    Ok(covered)
+    Ok(Flushed {
+        covered,
+        took: Some(took),
+    })
 }
 
 /// Keeps a written buffer for the next flush to hand to the writers.
