@@ -29,7 +29,7 @@ async fn work_queue_job_of_three_workers_does_every_item_once() {
             items: payloads
                 .iter()
                 .map(|p| pb::NewItem {
-                    payload: p.clone().into_bytes(),
+                    payload: p.clone().into_bytes().into(),
                     ..Default::default()
                 })
                 .collect(),

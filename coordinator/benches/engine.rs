@@ -17,7 +17,7 @@ const PAYLOAD: [u8; 64] = [b'x'; 64];
 
 fn item() -> NewItem {
     NewItem {
-        payload: PAYLOAD.to_vec(),
+        payload: PAYLOAD.to_vec().into(),
         ..NewItem::default()
     }
 }

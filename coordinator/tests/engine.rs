@@ -25,7 +25,7 @@ async fn create(engine: &Engine, name: &str, lease_ms: u64) {
 
 async fn enqueue(engine: &Engine, queue: &str, payload: &str) -> u64 {
     let item = NewItem {
-        payload: payload.into(),
+        payload: bytes::Bytes::copy_from_slice(payload.as_bytes()),
         ..NewItem::default()
     };
     engine.enqueue(queue, vec![item], false).await.unwrap()[0].id
@@ -81,7 +81,7 @@ async fn long_poll_wakes_on_enqueue() {
         .enqueue(
             "q",
             vec![NewItem {
-                payload: b"later".to_vec(),
+                payload: b"later".to_vec().into(),
                 delay_ms: 600_000,
                 ..NewItem::default()
             }],

@@ -14,7 +14,7 @@ fn items(payloads: &[&str]) -> Vec<pb::NewItem> {
     payloads
         .iter()
         .map(|p| pb::NewItem {
-            payload: p.as_bytes().to_vec(),
+            payload: p.as_bytes().to_vec().into(),
             ..Default::default()
         })
         .collect()
@@ -250,7 +250,7 @@ async fn bad_input_gets_the_right_status_and_the_server_keeps_serving() {
     let r = c.enqueue(enqueue("nope", items(&["a"]))).await.map(drop);
     expect(r, Code::NotFound, "queue 'nope' not found");
     let big = pb::NewItem {
-        payload: vec![0; 1024 * 1024 + 1],
+        payload: vec![0; 1024 * 1024 + 1].into(),
         ..Default::default()
     };
     let r = c.enqueue(enqueue("q", vec![big])).await.map(drop);

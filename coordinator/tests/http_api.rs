@@ -10,7 +10,7 @@ fn items(payloads: &[&str]) -> Vec<NewItem> {
     payloads
         .iter()
         .map(|p| NewItem {
-            payload: p.as_bytes().to_vec(),
+            payload: p.as_bytes().to_vec().into(),
             ..Default::default()
         })
         .collect()

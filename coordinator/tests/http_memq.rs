@@ -193,7 +193,7 @@ async fn dequeue_is_a_lease_plus_an_immediate_ack() {
         .enqueue(
             "jobs",
             vec![workq_coordinator::engine::NewItem {
-                payload: b"from grpc".to_vec(),
+                payload: b"from grpc".to_vec().into(),
                 ..Default::default()
             }],
             false,

@@ -112,7 +112,7 @@ async fn snapshots_taken_while_writers_run_lose_nothing() {
             for i in 0..150u32 {
                 let items = (0..3)
                     .map(|k| NewItem {
-                        payload: format!("{t}-{i}-{k}").into_bytes(),
+                        payload: format!("{t}-{i}-{k}").into_bytes().into(),
                         ..NewItem::default()
                     })
                     .collect();
@@ -222,7 +222,7 @@ async fn a_clean_shutdown_leaves_one_snapshot_and_an_empty_log() {
     create(&engine, "q").await;
     let items = (0..5000)
         .map(|i| NewItem {
-            payload: format!("item {i}").into_bytes(),
+            payload: format!("item {i}").into_bytes().into(),
             ..NewItem::default()
         })
         .collect();

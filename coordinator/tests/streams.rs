@@ -78,7 +78,7 @@ async fn enqueue_stream_answers_each_request_in_order() {
     let requests = tokio_stream::iter((0..200).map(|i| pb::EnqueueRequest {
         queue: "q".into(),
         items: vec![pb::NewItem {
-            payload: format!("{i}").into_bytes(),
+            payload: format!("{i}").into_bytes().into(),
             ..Default::default()
         }],
         seal: false,

@@ -26,7 +26,7 @@ async fn acknowledged_enqueues_survive_kill_9() {
         .enqueue(pb::EnqueueRequest {
             queue: "crash".into(),
             items: vec![pb::NewItem {
-                payload: b"leased-before-crash".to_vec(),
+                payload: b"leased-before-crash".to_vec().into(),
                 ..Default::default()
             }],
             seal: false,
@@ -53,7 +53,7 @@ async fn acknowledged_enqueues_survive_kill_9() {
                     .enqueue(pb::EnqueueRequest {
                         queue: "crash".into(),
                         items: vec![pb::NewItem {
-                            payload: payload.clone().into_bytes(),
+                            payload: payload.clone().into_bytes().into(),
                             ..Default::default()
                         }],
                         seal: false,

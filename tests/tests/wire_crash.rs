@@ -24,7 +24,7 @@ fn one(payload: &str) -> pb::EnqueueRequest {
     pb::EnqueueRequest {
         queue: "crash".into(),
         items: vec![pb::NewItem {
-            payload: payload.as_bytes().to_vec(),
+            payload: payload.as_bytes().to_vec().into(),
             ..Default::default()
         }],
         seal: false,
@@ -184,7 +184,7 @@ async fn confirmed_wire_acks_survive_kill_9() {
                 queue: "crash".into(),
                 items: (0..1_000)
                     .map(|i| pb::NewItem {
-                        payload: format!("{batch}-{i}").into_bytes(),
+                        payload: format!("{batch}-{i}").into_bytes().into(),
                         ..Default::default()
                     })
                     .collect(),

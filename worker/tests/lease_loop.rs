@@ -368,7 +368,7 @@ async fn exit_on_sealed_waits_for_the_producer_to_seal() {
         .enqueue(pb::EnqueueRequest {
             queue: "batch".into(),
             items: vec![pb::NewItem {
-                payload: b"last".to_vec(),
+                payload: b"last".to_vec().into(),
                 ..Default::default()
             }],
             seal: true,

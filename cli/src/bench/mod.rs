@@ -418,7 +418,7 @@ async fn e2e(
         .enqueue(pb::EnqueueRequest {
             queue: queue.to_string(),
             items: vec![pb::NewItem {
-                payload: b"bench placeholder".to_vec(),
+                payload: b"bench placeholder".to_vec().into(),
                 delay_ms: 24 * 3_600_000,
                 ..Default::default()
             }],

@@ -62,7 +62,7 @@ fn request(queue: &str, range: Range<u64>, at_us: u64, size: usize) -> pb::Enque
         queue: queue.to_string(),
         items: range
             .map(|index| pb::NewItem {
-                payload: payload::encode(index, at_us, size),
+                payload: payload::encode(index, at_us, size).into(),
                 ..Default::default()
             })
             .collect(),

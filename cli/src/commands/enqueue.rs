@@ -240,7 +240,7 @@ impl Sender {
             .unwrap_or_default();
         self.batch_bytes += payload.len() + key.len();
         self.batch.push(pb::NewItem {
-            payload,
+            payload: payload.into(),
             priority: self.priority,
             delay_ms: self.delay_ms,
             key,

@@ -184,7 +184,9 @@ pub struct Counters {
 /// A new item as a producer sends it.
 #[derive(Clone, Debug, Default)]
 pub struct NewItem {
-    pub payload: Vec<u8>,
+    /// A slice of the request it came in, where it came over the API: the item's
+    /// record is the one copy the engine keeps.
+    pub payload: bytes::Bytes,
     pub priority: i32,
     pub delay_ms: u64,
     pub key: String,

@@ -32,7 +32,7 @@ impl Fixture {
         self.enqueue_item(
             now,
             NewItem {
-                payload: payload.into(),
+                payload: bytes::Bytes::copy_from_slice(payload.as_bytes()),
                 ..NewItem::default()
             },
         )
@@ -302,7 +302,7 @@ fn delayed_items_become_ready_when_due() {
         .enqueue_item(
             T0,
             NewItem {
-                payload: b"later".to_vec(),
+                payload: b"later".to_vec().into(),
                 delay_ms: 500,
                 ..NewItem::default()
             },
@@ -324,7 +324,7 @@ fn dedup_returns_the_existing_item_until_retention_removes_it() {
         ..Options::default()
     });
     let keyed = |p: &str| NewItem {
-        payload: p.into(),
+        payload: bytes::Bytes::copy_from_slice(p.as_bytes()),
         key: "k".into(),
         ..NewItem::default()
     };
@@ -350,7 +350,7 @@ fn dedup_returns_the_existing_item_until_retention_removes_it() {
 fn dedup_inside_one_batch() {
     let mut f = Fixture::new();
     let item = |key: &str| NewItem {
-        payload: b"x".to_vec(),
+        payload: b"x".to_vec().into(),
         key: key.into(),
         ..NewItem::default()
     };
@@ -441,7 +441,7 @@ fn purge_discards_ready_and_delayed_only() {
     f.enqueue_item(
         T0,
         NewItem {
-            payload: b"delayed".to_vec(),
+            payload: b"delayed".to_vec().into(),
             delay_ms: 1_000,
             key: "dk".into(),
             ..NewItem::default()
@@ -487,7 +487,7 @@ fn limits_refuse_the_whole_batch() {
         ..Options::default()
     });
     let item = |p: &str| NewItem {
-        payload: p.into(),
+        payload: bytes::Bytes::copy_from_slice(p.as_bytes()),
         ..NewItem::default()
     };
     let err =
@@ -648,7 +648,7 @@ fn random_operations_keep_items_and_indexes_in_step() {
                 f.next_id = next;
                 for (new, result) in batch.into_iter().zip(results) {
                     if !result.deduplicated {
-                        enqueued.insert(result.id, (new.payload, new.priority, new.key));
+                        enqueued.insert(result.id, (new.payload.to_vec(), new.priority, new.key));
                     }
                 }
             }

@@ -370,7 +370,7 @@ async fn enqueue(
         }
     }
     let item = NewItem {
-        payload,
+        payload: payload.into(),
         ..NewItem::default()
     };
     let body_bytes = item.payload.clone();

@@ -107,7 +107,7 @@ pub async fn stats(c: &mut Client) -> pb::QueueStats {
 
 pub fn item(payload: &str) -> pb::NewItem {
     pb::NewItem {
-        payload: payload.as_bytes().to_vec(),
+        payload: payload.as_bytes().to_vec().into(),
         ..Default::default()
     }
 }

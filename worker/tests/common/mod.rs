@@ -144,7 +144,7 @@ pub async fn enqueue(client: &mut Client, queue: &str, payloads: &[&str]) -> Vec
     let items = payloads
         .iter()
         .map(|p| pb::NewItem {
-            payload: p.as_bytes().to_vec(),
+            payload: p.as_bytes().to_vec().into(),
             ..Default::default()
         })
         .collect();
