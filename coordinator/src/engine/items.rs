@@ -18,7 +18,7 @@
 //! boxed in a `HashMap` by id, took ~250.
 
 use std::cmp::Reverse;
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::hash::{BuildHasher, BuildHasherDefault};
 
 use hashbrown::HashTable;
@@ -454,11 +454,11 @@ impl ItemMut<'_> {
     }
 }
 
-/// READY items in lease order: highest priority first, then lowest id (FIFO). One id
-/// set per priority level, so an entry is the 8-byte id alone.
+/// READY items in lease order: highest priority first, then lowest id (FIFO). One
+/// [`Level`] per priority, so an entry is the 8-byte id alone.
 #[derive(Default)]
 pub struct ReadyIndex {
-    levels: BTreeMap<Reverse<i32>, BTreeSet<u64>>,
+    levels: BTreeMap<Reverse<i32>, Level>,
     len: usize,
 }
 
@@ -498,22 +498,88 @@ impl ReadyIndex {
 
     /// Ids in lease order.
     pub fn iter(&self) -> impl Iterator<Item = u64> + '_ {
-        self.levels.values().flat_map(|ids| ids.iter().copied())
+        self.levels.values().flat_map(Level::iter)
     }
 
     /// The READY item enqueued first: the smallest id over all priority levels.
     pub fn oldest(&self) -> Option<u64> {
-        self.levels
-            .values()
-            .filter_map(|ids| ids.first().copied())
-            .min()
+        self.levels.values().filter_map(Level::first).min()
     }
 
     #[cfg(test)]
     pub fn contains(&self, priority: i32, id: u64) -> bool {
         self.levels
             .get(&Reverse(priority))
-            .is_some_and(|ids| ids.contains(&id))
+            .is_some_and(|level| level.iter().any(|i| i == id))
+    }
+}
+
+/// One priority level's ids, in ascending order over both parts. A new item's id is
+/// larger than any before it, so nearly every insert appends to `fresh`, a sorted
+/// deque (no tree walk, 8 bytes an id); an id put back (released, failed, expired) is
+/// usually older than the deque's last and goes to `returned`, a B-tree. The next id
+/// is the smaller of the two fronts.
+#[derive(Default)]
+struct Level {
+    fresh: VecDeque<u64>,
+    returned: BTreeSet<u64>,
+}
+
+impl Level {
+    /// Capacity a draining deque keeps at least before it gives memory back.
+    const KEEP: usize = 1024;
+
+    fn is_empty(&self) -> bool {
+        self.fresh.is_empty() && self.returned.is_empty()
+    }
+
+    /// False if `id` is already here.
+    fn insert(&mut self, id: u64) -> bool {
+        match self.fresh.back() {
+            Some(&last) if id <= last => {
+                self.fresh.binary_search(&id).is_err() && self.returned.insert(id)
+            }
+            _ => {
+                if self.returned.contains(&id) {
+                    return false;
+                }
+                self.fresh.push_back(id);
+                true
+            }
+        }
+    }
+
+    fn first(&self) -> Option<u64> {
+        match (self.fresh.front(), self.returned.first()) {
+            (Some(&a), Some(&b)) => Some(a.min(b)),
+            (a, b) => a.or(b).copied(),
+        }
+    }
+
+    fn pop_first(&mut self) -> Option<u64> {
+        let from_fresh = match (self.fresh.front(), self.returned.first()) {
+            (Some(a), Some(b)) => a < b,
+            (a, _) => a.is_some(),
+        };
+        if !from_fresh {
+            return self.returned.pop_first();
+        }
+        let id = self.fresh.pop_front();
+        // A drained deque gives back what a burst grew it to.
+        if self.fresh.capacity() > Self::KEEP && self.fresh.len() * 4 < self.fresh.capacity() {
+            self.fresh.shrink_to((self.fresh.len() * 2).max(Self::KEEP));
+        }
+        id
+    }
+
+    fn iter(&self) -> impl Iterator<Item = u64> + '_ {
+        let mut fresh = self.fresh.iter().copied().peekable();
+        let mut returned = self.returned.iter().copied().peekable();
+        std::iter::from_fn(move || match (fresh.peek(), returned.peek()) {
+            (Some(a), Some(b)) if b < a => returned.next(),
+            (Some(_), _) => fresh.next(),
+            (None, _) => returned.next(),
+        })
     }
 }
 
@@ -648,5 +714,70 @@ mod tests {
         }
         assert_eq!(popped, [4, 9, 2, 5, 1]);
         assert_eq!((ready.len(), ready.levels.len()), (0, 0));
+    }
+
+    /// New ids append to a level's deque and put-back ids go to its B-tree: checked
+    /// against a plain ordered set through a long random mix of enqueues, put-backs,
+    /// repeated inserts and leases.
+    #[test]
+    fn ready_index_matches_an_ordered_set_through_puts_back_and_repeats() {
+        let mut seed = 0x2545_f491_4f6c_dd1d_u64;
+        let mut random = move |below: u64| {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed % below
+        };
+        let mut ready = ReadyIndex::default();
+        let mut model: BTreeSet<(Reverse<i32>, u64)> = BTreeSet::new();
+        let mut next_id = 1;
+        let mut leased: Vec<(i32, u64)> = Vec::new();
+        for step in 0..20_000 {
+            match random(10) {
+                0..4 => {
+                    let priority = random(3) as i32 - 1;
+                    ready.insert(priority, next_id);
+                    model.insert((Reverse(priority), next_id));
+                    leased.push((priority, next_id));
+                    next_id += 1;
+                }
+                4 if !leased.is_empty() => {
+                    // Put back an item (or insert one that is already there).
+                    let (priority, id) = leased[random(leased.len() as u64) as usize];
+                    ready.insert(priority, id);
+                    model.insert((Reverse(priority), id));
+                }
+                _ => {
+                    let popped = ready.pop_first();
+                    assert_eq!(popped, model.pop_first().map(|(_, id)| id), "step {step}");
+                }
+            }
+            assert_eq!(ready.len(), model.len(), "step {step}");
+            if step % 97 == 0 {
+                let order: Vec<u64> = model.iter().map(|&(_, id)| id).collect();
+                assert_eq!(ready.iter().collect::<Vec<_>>(), order, "step {step}");
+                assert_eq!(ready.oldest(), order.iter().copied().min(), "step {step}");
+            }
+        }
+        while let Some(id) = ready.pop_first() {
+            assert_eq!(Some(id), model.pop_first().map(|(_, id)| id));
+        }
+        assert!(model.is_empty() && ready.levels.is_empty());
+    }
+
+    #[test]
+    fn a_drained_level_gives_its_deque_back() {
+        let mut level = Level::default();
+        for id in 0..100_000 {
+            level.insert(id);
+        }
+        let grown = level.fresh.capacity();
+        while level.pop_first().is_some() {}
+        assert!(grown >= 100_000);
+        assert!(
+            level.fresh.capacity() <= Level::KEEP,
+            "kept {}",
+            level.fresh.capacity()
+        );
     }
 }
