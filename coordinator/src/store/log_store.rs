@@ -59,6 +59,14 @@ use crate::error::{Error, Result};
 
 /// How long relaxed mode may hold unsynced writes.
 const RELAXED_FLUSH_EVERY: Duration = Duration::from_millis(500);
+/// Relaxed mode answers before the log is on disk, so a crash can lose ids and lease
+/// tokens already handed out. It logs the id counter this far ahead of its value, and
+/// recovery starts past the highest value logged, so nothing handed out and lost is
+/// handed out again: a lease token stays unique, and a worker holding one from before
+/// the crash is refused. No run can hand out 2^32 ids between two syncs (their log
+/// records would be hundreds of GiB). The price: a relaxed coordinator's ids jump by
+/// this much at each start.
+const RELAXED_ID_MARGIN: u64 = 1 << 32;
 /// Longest the flusher waits for the writers of the last sync to come back before it
 /// syncs without them (see [`gather_window`]).
 const MAX_GATHER: Duration = Duration::from_micros(250);
@@ -494,6 +502,12 @@ impl LogStore {
             }),
             flusher: Mutex::new(None),
         };
+        if durability == Durability::Relaxed {
+            // Claim the margin on disk before the first id is handed out: a crash
+            // before the first timed flush must not reuse this run's ids either.
+            store.write(|_| {})?;
+            flush_now(&store.inner)?;
+        }
         Ok(store)
     }
 
@@ -530,7 +544,7 @@ impl LogStore {
             frame.clear();
             let start = wal::begin_frame(frame);
             fill(&mut Batch { frame: &mut *frame });
-            let counter = self.inner.next_id.load(Ordering::SeqCst).to_le_bytes();
+            let counter = self.inner.logged_counter().to_le_bytes();
             wal::push_op(frame, NEXT_ID_KEY, Some(&counter));
             wal::end_frame(frame, start);
             let ticket = {
@@ -678,7 +692,7 @@ impl LogStore {
     pub fn finish_checkpoint(&self, writer: SnapshotWriter) -> Result<u64> {
         let SnapshotWriter { file, _running } = writer;
         let number = file.number;
-        let bytes = file.finish(self.inner.next_id.load(Ordering::SeqCst))?;
+        let bytes = file.finish(self.inner.logged_counter())?;
         // What the new snapshot replaces. A failure here only leaves files the next
         // start removes.
         remove_before(&self.inner.dir, number);
@@ -934,6 +948,15 @@ fn checkpoint_due(inner: &Inner) -> bool {
 }
 
 impl Inner {
+    /// The id counter as a batch or snapshot records it (see [`RELAXED_ID_MARGIN`]).
+    fn logged_counter(&self) -> u64 {
+        let next = self.next_id.load(Ordering::SeqCst);
+        match self.durability {
+            Durability::Strict => next,
+            Durability::Relaxed => next.saturating_add(RELAXED_ID_MARGIN),
+        }
+    }
+
     /// Asks the flusher for a sync of background changes (no one waits for it).
     fn ask_flush(&self) {
         let mut pending = lock(&self.pending);
@@ -1328,11 +1351,13 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = LogStore::open(dir.path(), Durability::Relaxed).unwrap();
         store.start();
+        // Opening synced once already: the id counter's claim (see the next test).
+        let opened = store.flush_stats().flushes.load(Ordering::SeqCst);
         let ticket = store.write(put_queue(7)).unwrap();
         assert!(store.is_synced(ticket), "relaxed mode answers at once");
         // A liveness guard: the timer fires every 500 ms.
         let deadline = Instant::now() + Duration::from_secs(30);
-        while store.flush_stats().flushes.load(Ordering::SeqCst) == 0 {
+        while store.flush_stats().flushes.load(Ordering::SeqCst) == opened {
             assert!(
                 Instant::now() < deadline,
                 "the relaxed flusher never synced"
@@ -1340,6 +1365,41 @@ mod tests {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         assert_eq!(logged_values(dir.path()), vec![7]);
+    }
+
+    /// Relaxed mode hands out ids and tokens before the batches carrying them are on
+    /// disk. Lost in a crash, they must not be handed out again: not after a start
+    /// that wrote nothing yet, and not after a snapshot replaced the log.
+    #[test]
+    fn relaxed_mode_never_reuses_ids_handed_out_before_a_crash() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut handed_out = Vec::new();
+        for round in 0..3 {
+            let store = LogStore::open(dir.path(), Durability::Relaxed).unwrap();
+            if round == 2 {
+                let writer = store
+                    .begin_checkpoint()
+                    .unwrap()
+                    .expect("no snapshot running");
+                store.finish_checkpoint(writer).unwrap();
+            }
+            let first = store.next_id();
+            assert!(
+                handed_out.iter().all(|&id| id < first),
+                "round {round}: {first} was handed out before"
+            );
+            handed_out.extend([first, store.next_id(), store.next_id()]);
+            // The batches carrying those ids never reach the log: a crash.
+            drop(store);
+        }
+        // Strict mode logs the counter as it is: an id reaches a client only once its
+        // batch is on disk, so one whose batch never got there may come again.
+        let store = LogStore::open(dir.path(), Durability::Strict).unwrap();
+        let next = store.next_id();
+        assert!(handed_out.iter().all(|&id| id < next));
+        drop(store);
+        let store = LogStore::open(dir.path(), Durability::Strict).unwrap();
+        assert_eq!(store.next_id(), next, "no margin in strict mode");
     }
 
     /// A log write that fails wakes every writer waiting for it or for a later sync
