@@ -11,7 +11,7 @@
 //! use workq_proto::{Client, ConnectOptions, pb};
 //! let client = Client::connect(ConnectOptions::new("http://127.0.0.1:7070")).await?;
 //! let (mut requests, mut responses) = client.wire_enqueue_stream().await?;
-//! let item = pb::NewItem { payload: b"hello".to_vec(), ..Default::default() };
+//! let item = pb::NewItem { payload: b"hello".to_vec().into(), ..Default::default() };
 //! requests.send(&pb::EnqueueRequest { queue: "q".into(), items: vec![item], seal: false }).await?;
 //! let answer = responses.message().await?;
 //! # let _ = answer; Ok(()) }
