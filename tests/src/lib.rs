@@ -279,6 +279,13 @@ impl Drop for Process {
 /// Leases the next item of `queue` by hand as `worker` (a worker that is not a
 /// `workq-worker` process), panicking if none is ready.
 pub async fn lease_one(client: &mut Client, queue: &str, worker: &str) -> pb::Lease {
+    try_lease_one(client, queue, worker)
+        .await
+        .unwrap_or_else(|| panic!("no item ready in queue '{queue}'"))
+}
+
+/// One item leased to `worker`, or `None` when none is ready.
+pub async fn try_lease_one(client: &mut Client, queue: &str, worker: &str) -> Option<pb::Lease> {
     client
         .lease(pb::LeaseRequest {
             queue: queue.into(),
@@ -291,7 +298,21 @@ pub async fn lease_one(client: &mut Client, queue: &str, worker: &str) -> pb::Le
         .into_inner()
         .leases
         .pop()
-        .unwrap_or_else(|| panic!("no item ready in queue '{queue}'"))
+}
+
+/// Enqueues one item with an empty payload; returns its id.
+pub async fn enqueue_empty(client: &mut Client, queue: &str) -> u64 {
+    client
+        .enqueue(pb::EnqueueRequest {
+            queue: queue.into(),
+            items: vec![pb::NewItem::default()],
+            seal: false,
+        })
+        .await
+        .expect("enqueue")
+        .into_inner()
+        .results[0]
+        .id
 }
 
 /// Every item of `queue`, by id, read page by page; an id listed twice fails the test.

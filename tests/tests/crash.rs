@@ -9,7 +9,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use workq_tests::{
-    Coordinator, all_items, create_queue, lease_one, pb, queue_stats, wait_for_async,
+    Coordinator, all_items, create_queue, enqueue_empty, lease_one, pb, queue_stats, try_lease_one,
+    wait_for_async,
 };
 
 const PRODUCERS: usize = 16;
@@ -149,17 +150,7 @@ async fn acknowledged_enqueues_survive_kill_9() {
         .into_inner();
     assert_eq!(item.state, pb::ItemState::Done as i32);
     // Ids keep increasing across the crash: a new item gets an id above every old one.
-    let fresh = client
-        .enqueue(pb::EnqueueRequest {
-            queue: "crash".into(),
-            items: vec![pb::NewItem::default()],
-            seal: false,
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .results[0]
-        .id;
+    let fresh = enqueue_empty(&mut client, "crash").await;
     let highest = found.keys().copied().max().unwrap_or(0).max(held.token);
     assert!(
         fresh > highest,
@@ -224,36 +215,14 @@ async fn relaxed_mode_never_hands_out_a_lost_id_or_token_again() {
         handed_out.insert(lease.token);
         held.push(lease);
     }
-    let lost = client
-        .enqueue(pb::EnqueueRequest {
-            queue: "relaxed".into(),
-            items: vec![pb::NewItem::default()],
-            seal: false,
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .results[0]
-        .id;
+    let lost = enqueue_empty(&mut client, "relaxed").await;
     handed_out.insert(lost);
     coordinator.kill9();
     coordinator.restart();
 
     let mut client = coordinator.client().await;
     let mut relet = 0;
-    while let Some(lease) = client
-        .lease(pb::LeaseRequest {
-            queue: "relaxed".into(),
-            worker_id: "after-crash".into(),
-            max_items: 1,
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .leases
-        .pop()
-    {
+    while let Some(lease) = try_lease_one(&mut client, "relaxed", "after-crash").await {
         assert!(
             !handed_out.contains(&lease.token),
             "token {} of item {} was handed out before the crash",
@@ -276,17 +245,7 @@ async fn relaxed_mode_never_hands_out_a_lost_id_or_token_again() {
         assert_eq!(refused.code(), tonic::Code::FailedPrecondition);
         relet += 1;
     }
-    let fresh = client
-        .enqueue(pb::EnqueueRequest {
-            queue: "relaxed".into(),
-            items: vec![pb::NewItem::default()],
-            seal: false,
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .results[0]
-        .id;
+    let fresh = enqueue_empty(&mut client, "relaxed").await;
     assert!(
         !handed_out.contains(&fresh),
         "id {fresh} was handed out before the crash"

@@ -721,13 +721,7 @@ mod tests {
     /// repeated inserts and leases.
     #[test]
     fn ready_index_matches_an_ordered_set_through_puts_back_and_repeats() {
-        let mut seed = 0x2545_f491_4f6c_dd1d_u64;
-        let mut random = move |below: u64| {
-            seed ^= seed << 13;
-            seed ^= seed >> 7;
-            seed ^= seed << 17;
-            seed % below
-        };
+        let mut random = crate::engine::test_random();
         let mut ready = ReadyIndex::default();
         let mut model: BTreeSet<(Reverse<i32>, u64)> = BTreeSet::new();
         let mut next_id = 1;

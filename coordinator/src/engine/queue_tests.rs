@@ -609,13 +609,7 @@ fn random_operations_keep_items_and_indexes_in_step() {
         retention_ms: 300,
         ..Options::default()
     });
-    let mut seed = 0x2545_f491_4f6c_dd1d_u64;
-    let mut random = move |below: u64| {
-        seed ^= seed << 13;
-        seed ^= seed >> 7;
-        seed ^= seed << 17;
-        seed % below
-    };
+    let mut random = super::test_random();
     // What each live id was enqueued with: (payload, priority, key).
     let mut enqueued: std::collections::HashMap<u64, (Vec<u8>, i32, String)> =
         std::collections::HashMap::new();
