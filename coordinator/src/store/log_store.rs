@@ -67,6 +67,11 @@ const RELAXED_FLUSH_EVERY: Duration = Duration::from_millis(500);
 /// records would be hundreds of GiB). The price: a relaxed coordinator's ids jump by
 /// this much at each start.
 const RELAXED_ID_MARGIN: u64 = 1 << 32;
+/// How many logged bytes relaxed mode lets wait for the disk before it waits for the
+/// disk itself: past this, every write is answered only once it is on disk, as in
+/// strict mode, until a sync catches up. A stalled disk then slows the writers
+/// instead of growing the coordinator's memory until it is killed.
+const RELAXED_MAX_UNSYNCED: u64 = 64 << 20;
 /// Longest the flusher waits for the writers of the last sync to come back before it
 /// syncs without them (see [`gather_window`]).
 const MAX_GATHER: Duration = Duration::from_micros(250);
@@ -202,6 +207,10 @@ struct Inner {
     spare: Mutex<Vec<u8>>,
     /// Highest ticket known to be durable.
     durable: AtomicU64,
+    /// Bytes written and not yet on disk (see [`RELAXED_MAX_UNSYNCED`]).
+    unsynced: AtomicU64,
+    /// [`RELAXED_MAX_UNSYNCED`], lowered by tests.
+    max_unsynced: AtomicU64,
     healthy: AtomicBool,
     started: AtomicBool,
     stats: FlushStats,
@@ -484,6 +493,8 @@ impl LogStore {
                 flushing: Mutex::new(()),
                 spare: Mutex::new(Vec::new()),
                 durable: AtomicU64::new(0),
+                unsynced: AtomicU64::new(0),
+                max_unsynced: AtomicU64::new(RELAXED_MAX_UNSYNCED),
                 healthy: AtomicBool::new(true),
                 started: AtomicBool::new(false),
                 stats: FlushStats {
@@ -551,6 +562,11 @@ impl LogStore {
                 let mut pending = lock(&self.inner.pending);
                 pending.bytes.extend_from_slice(frame);
                 pending.ticket += 1;
+                // Under the lock, so the flush that takes these bytes counts them off
+                // after they were counted on.
+                self.inner
+                    .unsynced
+                    .fetch_add(frame.len() as u64, Ordering::Relaxed);
                 Ticket(pending.ticket)
             };
             if frame.capacity() > MAX_SCRATCH_BYTES {
@@ -564,20 +580,21 @@ impl LogStore {
         Ticket(current_ticket(&self.inner))
     }
 
-    /// Strict: waits until `ticket` is durable. Relaxed: returns at once.
+    /// Strict: waits until `ticket` is durable. Relaxed: returns at once, unless more
+    /// than [`RELAXED_MAX_UNSYNCED`] bytes wait for the disk.
     pub async fn sync(&self, ticket: Ticket) -> Result<()> {
-        match self.inner.durability {
-            Durability::Strict => self.wait_durable(ticket).await,
-            Durability::Relaxed => Ok(()),
+        if self.is_synced(ticket) {
+            return Ok(());
         }
+        self.wait_durable(ticket).await
     }
 
     /// Whether [`LogStore::sync`] of `ticket` would return at once.
     pub fn is_synced(&self, ticket: Ticket) -> bool {
-        match self.inner.durability {
-            Durability::Strict => self.inner.durable.load(Ordering::SeqCst) >= ticket.0,
-            Durability::Relaxed => true,
-        }
+        let relaxed_and_keeping_up = self.inner.durability == Durability::Relaxed
+            && self.inner.unsynced.load(Ordering::Relaxed)
+                <= self.inner.max_unsynced.load(Ordering::Relaxed);
+        relaxed_and_keeping_up || self.inner.durable.load(Ordering::SeqCst) >= ticket.0
     }
 
     /// Waits until `ticket` is on disk, in either mode.
@@ -1109,6 +1126,9 @@ fn flush_now(inner: &Inner) -> Result<Flushed> {
         .stats
         .log_bytes
         .fetch_add(bytes.len() as u64, Ordering::SeqCst);
+    inner
+        .unsynced
+        .fetch_sub(bytes.len() as u64, Ordering::Relaxed);
     let took = started.elapsed();
     let micros = took.as_micros() as u64;
     inner.stats.flushes.fetch_add(1, Ordering::Relaxed);
@@ -1400,6 +1420,33 @@ mod tests {
         drop(store);
         let store = LogStore::open(dir.path(), Durability::Strict).unwrap();
         assert_eq!(store.next_id(), next, "no margin in strict mode");
+    }
+
+    /// Relaxed mode answers at once while the disk keeps up; once more than its limit
+    /// of logged bytes waits for the disk, a write is answered only when it is on
+    /// disk, and relaxed answers resume when a sync has caught up.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn relaxed_mode_waits_for_the_disk_once_too_much_is_unsynced() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = LogStore::open(dir.path(), Durability::Relaxed).unwrap();
+        store.inner.max_unsynced.store(4096, Ordering::Relaxed);
+        store.start();
+        let first = store.write(put_queue(1)).unwrap();
+        assert!(store.is_synced(first), "under the limit: answered at once");
+        store.sync(first).await.unwrap();
+        let mut last = first;
+        while store.inner.unsynced.load(Ordering::Relaxed) <= 4096 {
+            last = store.write(put_queue(2)).unwrap();
+        }
+        assert!(
+            !store.is_synced(last),
+            "over the limit: not before the disk"
+        );
+        store.sync(last).await.unwrap();
+        assert!(store.inner.durable.load(Ordering::SeqCst) >= last.0);
+        assert_eq!(store.inner.unsynced.load(Ordering::Relaxed), 0);
+        let after = store.write(put_queue(3)).unwrap();
+        assert!(store.is_synced(after), "caught up: relaxed again");
     }
 
     /// A log write that fails wakes every writer waiting for it or for a later sync
