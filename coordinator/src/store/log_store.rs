@@ -581,7 +581,8 @@ impl LogStore {
     }
 
     /// Strict: waits until `ticket` is durable. Relaxed: returns at once, unless more
-    /// than [`RELAXED_MAX_UNSYNCED`] bytes wait for the disk.
+    /// than [`RELAXED_MAX_UNSYNCED`] bytes wait for the disk or the log has failed (then
+    /// it reports the failure, as strict mode does).
     pub async fn sync(&self, ticket: Ticket) -> Result<()> {
         if self.is_synced(ticket) {
             return Ok(());
@@ -593,7 +594,8 @@ impl LogStore {
     pub fn is_synced(&self, ticket: Ticket) -> bool {
         let relaxed_and_keeping_up = self.inner.durability == Durability::Relaxed
             && self.inner.unsynced.load(Ordering::Relaxed)
-                <= self.inner.max_unsynced.load(Ordering::Relaxed);
+                <= self.inner.max_unsynced.load(Ordering::Relaxed)
+            && self.healthy();
         relaxed_and_keeping_up || self.inner.durable.load(Ordering::SeqCst) >= ticket.0
     }
 
@@ -1481,6 +1483,29 @@ mod tests {
         let later = store.write(put_queue(50)).unwrap();
         assert!(store.wait_durable(later).await.is_err());
         assert!(!store.is_synced(later));
+    }
+
+    /// Once the log has failed, relaxed mode stops answering writes as if they were
+    /// safe: they get the storage error, as in strict mode.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn relaxed_mode_reports_a_failed_log_instead_of_answering() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = LogStore::open(dir.path(), Durability::Relaxed).unwrap();
+        store.start();
+        let before = store.write(put_queue(1)).unwrap();
+        store.sync(before).await.unwrap();
+        *lock(&store.inner.segment) = Segment::failing(&dir.path().join("wal"), 99).unwrap();
+        let lost = store.write(put_queue(2)).unwrap();
+        assert!(store.is_synced(lost), "relaxed: answered before the disk");
+        // The next timed flush fails (a liveness guard: it runs every 500 ms).
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while store.healthy() {
+            assert!(Instant::now() < deadline, "the failing flush never ran");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let after = store.write(put_queue(3)).unwrap();
+        assert!(!store.is_synced(after));
+        assert!(store.sync(after).await.is_err());
     }
 
     /// A batch whose encoding panics half way leaves nothing in the log: the batches
