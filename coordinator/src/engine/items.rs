@@ -455,7 +455,7 @@ impl ItemMut<'_> {
 }
 
 /// READY items in lease order: highest priority first, then lowest id (FIFO). One
-/// [`Level`] per priority, so an entry is the 8-byte id alone.
+/// `Level` per priority, so an entry is the 8-byte id alone.
 #[derive(Default)]
 pub struct ReadyIndex {
     levels: BTreeMap<Reverse<i32>, Level>,

@@ -26,19 +26,6 @@ pub mod limits;
 pub mod queue;
 #[cfg(test)]
 mod queue_tests;
-
-/// A small repeatable random source for the engine's model tests (xorshift): each call
-/// returns a number below its argument.
-#[cfg(test)]
-fn test_random() -> impl FnMut(u64) -> u64 {
-    let mut seed = 0x2545_f491_4f6c_dd1d_u64;
-    move |below| {
-        seed ^= seed << 13;
-        seed ^= seed >> 7;
-        seed ^= seed << 17;
-        seed % below
-    }
-}
 mod reaper;
 
 use std::collections::HashMap;
@@ -1094,4 +1081,17 @@ fn queue_record(queue: &Queue) -> QueueRecord {
         queue.created_ms,
         &queue.counters,
     )
+}
+
+/// A small repeatable random source for the engine's model tests (xorshift): each call
+/// returns a number below its argument.
+#[cfg(test)]
+fn test_random() -> impl FnMut(u64) -> u64 {
+    let mut seed = 0x2545_f491_4f6c_dd1d_u64;
+    move |below| {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        seed % below
+    }
 }

@@ -9,7 +9,9 @@
 //! [`gather_window`]): the writers it just answered are about to come back, and a sync
 //! that leaves without them makes them wait for the whole next one.
 //! - **Strict**: a writer waits for its ticket before the engine answers.
-//! - **Relaxed**: answers at once; the flusher syncs every 500 ms.
+//! - **Relaxed**: answers at once; the flusher syncs every 500 ms. Past
+//!   [`RELAXED_MAX_UNSYNCED`] bytes waiting for the disk, or once the log has failed, a
+//!   writer waits for its ticket as in strict mode.
 //!
 //! **Snapshots.** The log only grows, so when it has grown enough (see
 //! [`LogStore::checkpoint_due`]) the engine writes its whole state to a snapshot file
