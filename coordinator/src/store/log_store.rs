@@ -342,12 +342,14 @@ impl Recovered {
         }
     }
 
-    /// Replays one log file; a torn tail (a crash mid-write, never acknowledged) ends it.
-    pub fn replay_log(&mut self, path: &Path) -> Result<()> {
-        if let (Ending::Damaged { offset }, _) = self.replay_file(path)? {
+    /// Replays one log file; a torn tail (a crash mid-write, never acknowledged) ends
+    /// it. Returns how many of its bytes hold intact frames.
+    pub fn replay_log(&mut self, path: &Path) -> Result<u64> {
+        let (ending, _) = self.replay_file(path)?;
+        if let Ending::Damaged { offset } = ending {
             tracing::warn!(file = %path.display(), offset, "log ends in a torn or corrupt record; ignoring the rest of this file");
         }
-        Ok(())
+        Ok(ending.frames_len(file_len(path)))
     }
 
     /// Loads a snapshot, which must be whole: it was synced before it got its name.
@@ -462,8 +464,7 @@ impl LogStore {
         let mut log_bytes = 0u64;
         for (number, path) in &logs {
             if *number >= base {
-                recovered.replay_log(path)?;
-                log_bytes += file_len(path);
+                log_bytes += recovered.replay_log(path)?;
             }
         }
         // Files the newest snapshot covers (a crash between its rename and their
@@ -1510,10 +1511,38 @@ mod tests {
         assert!(store.sync(after).await.is_err());
     }
 
+    /// After a restart the log's size counts its frames, not the zeros a log file keeps
+    /// ahead of them: the size decides when a snapshot is due.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_reopened_log_counts_its_frames_not_its_zeros() {
+        let dir = tempfile::tempdir().unwrap();
+        let logged = {
+            let store = LogStore::open(dir.path(), Durability::Strict).unwrap();
+            store.start();
+            for timeout in 1..=3 {
+                let ticket = store.write(put_queue(timeout)).unwrap();
+                store.wait_durable(ticket).await.unwrap();
+            }
+            store.flush_stats().log_bytes.load(Ordering::SeqCst)
+        };
+        let files: u64 = wal::list(&dir.path().join("wal"))
+            .unwrap()
+            .iter()
+            .map(|(_, path)| file_len(path))
+            .sum();
+        assert!(
+            logged > 0 && files > logged,
+            "{logged} bytes logged in {files}"
+        );
+        let store = LogStore::open(dir.path(), Durability::Strict).unwrap();
+        assert_eq!(store.flush_stats().log_bytes.load(Ordering::SeqCst), logged);
+        assert_eq!(logged_values(dir.path()), vec![1, 2, 3]);
+    }
+
     /// A batch whose encoding panics half way leaves nothing in the log: the batches
-    /// before and after it replay whole, and the file ends clean (half a frame would
-    /// end the replay there and lose everything after it), on the thread that
-    /// panicked as well.
+    /// before and after it replay whole, and the frames end cleanly where the file's
+    /// zeros start (half a frame would end the replay there and lose everything after
+    /// it), on the thread that panicked as well.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_batch_that_panics_while_encoding_leaves_nothing_behind() {
         let dir = tempfile::tempdir().unwrap();
@@ -1545,7 +1574,8 @@ mod tests {
         store.wait_durable(ticket).await.unwrap();
         assert_eq!(logged_values(dir.path()), vec![1, 2, 3]);
         for (_, path) in wal::list(&dir.path().join("wal")).unwrap() {
-            assert_eq!(wal::replay(&path, |_| {}).unwrap(), Ending::Clean);
+            let ending = wal::replay(&path, |_| {}).unwrap();
+            assert!(matches!(ending, Ending::Zeroed { .. }), "{ending:?}");
         }
     }
 }

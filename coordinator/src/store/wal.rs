@@ -5,10 +5,17 @@
 //! values (see [`frame`]). Reading stops at a torn or corrupt frame: in a log file that
 //! is a crash mid-write, bytes never acknowledged, because acknowledgement waits for
 //! the `fdatasync`. How the files are used is in [`super::log_store`].
+//!
+//! A log file is zero-filled ahead of its frames ([`Segment`]), so reading also stops,
+//! cleanly, where only zeros are left.
 
 use std::fs::{File, OpenOptions};
-use std::io::{Read, Write};
+use std::io::Read;
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+
+/// How far past its last frame a log file is zero-filled, at least (see [`Segment`]).
+const ZERO_AHEAD: u64 = 1 << 20;
 
 /// Appends one framed batch. Body: per op `[key len u32][key][tag u8]` and, for tag 1
 /// (put), `[value len u32][value]`; tag 0 is a delete. (The store builds frames op by
@@ -100,6 +107,19 @@ pub enum Ending {
     /// A torn, corrupt or undecodable frame at `offset`; it and everything after it
     /// were skipped.
     Damaged { offset: usize },
+    /// Intact frames up to `offset`, then only zeros: the room a log file keeps ahead
+    /// of its writes.
+    Zeroed { offset: usize },
+}
+
+impl Ending {
+    /// How many bytes of the file hold intact frames.
+    pub fn frames_len(self, file_len: u64) -> u64 {
+        match self {
+            Ending::Clean => file_len,
+            Ending::Damaged { offset } | Ending::Zeroed { offset } => offset as u64,
+        }
+    }
 }
 
 /// Hands every intact batch of a file to `visit`, in order, stopping at a torn or
@@ -115,6 +135,17 @@ pub fn replay(path: &Path, mut visit: impl FnMut(&[OpRef<'_>])) -> std::io::Resu
         };
         let len = u32::from_le_bytes(header[..4].try_into().expect("4 bytes")) as usize;
         let crc = u32::from_le_bytes(header[4..].try_into().expect("4 bytes"));
+        // No frame is empty (a log batch always holds the id counter, a snapshot frame
+        // at least one record), so a zero header is where the frames end: the zeroed
+        // room ahead of them, or a crash that left some zeros on disk in the middle of
+        // a sync's bytes. What follows those zeros belongs to a write that never
+        // completed.
+        if len == 0 && crc == 0 {
+            return Ok(match bytes[at..].iter().all(|&b| b == 0) {
+                true => Ending::Zeroed { offset: at },
+                false => damaged,
+            });
+        }
         let Some(body) = bytes.get(at + 8..at + 8 + len) else {
             return Ok(damaged);
         };
@@ -172,18 +203,38 @@ pub fn sync_dir(dir: &Path) -> std::io::Result<()> {
 }
 
 /// The log file being appended to.
+///
+/// The file is zero-filled ahead of its frames, [`ZERO_AHEAD`] at a time, and frames
+/// overwrite the zeros. A sync of an overwrite writes only the data: a sync that also
+/// grows the file must write the file's size as well, a second write to wait for
+/// (`ext4_write_inode`, measured: ~80 µs per append-and-sync against ~50 µs per
+/// overwrite-and-sync on this machine's disk). Growing the file is then one write of
+/// zeros per megabyte of log, and a crash in the middle of it leaves zeros, which
+/// reading takes for the end of the log.
 pub struct Segment {
     pub number: u64,
     file: File,
+    /// Where the next frame goes: the end of the frames.
+    end: u64,
+    /// The file's length: zeros from `end` to here.
+    zeroed_to: u64,
 }
 
 impl Segment {
     pub fn create(dir: &Path, number: u64) -> std::io::Result<Segment> {
         let path = path_of(dir, number);
-        let file = OpenOptions::new().create(true).append(true).open(&path)?;
+        let file = OpenOptions::new()
+            .create_new(true)
+            .write(true)
+            .open(&path)?;
         // Make the new file's directory entry durable before relying on it.
         sync_dir(dir)?;
-        Ok(Segment { number, file })
+        Ok(Segment {
+            number,
+            file,
+            end: 0,
+            zeroed_to: 0,
+        })
     }
 
     /// A segment whose every write fails (its file is open read-only): a disk that
@@ -195,13 +246,36 @@ impl Segment {
         Ok(Segment {
             number,
             file: File::open(&path)?,
+            end: 0,
+            zeroed_to: 0,
         })
     }
 
-    /// Writes `data` and waits until it is on disk.
+    /// Writes `data` after the last frame and waits until it is on disk. After an
+    /// error, the next call writes at the same place again.
     pub fn append_durably(&mut self, data: &[u8]) -> std::io::Result<()> {
-        self.file.write_all(data)?;
-        self.file.sync_data()
+        let end = self.end + data.len() as u64;
+        if end > self.zeroed_to {
+            self.zero_fill(end + ZERO_AHEAD)?;
+        }
+        self.file.write_all_at(data, self.end)?;
+        self.file.sync_data()?;
+        self.end = end;
+        Ok(())
+    }
+
+    /// Grows the file with zeros to `to` bytes (the next sync makes them durable, with
+    /// the file's new length).
+    fn zero_fill(&mut self, to: u64) -> std::io::Result<()> {
+        static ZEROS: [u8; 64 << 10] = [0; 64 << 10];
+        let mut at = self.zeroed_to.max(self.end);
+        while at < to {
+            let n = (to - at).min(ZEROS.len() as u64) as usize;
+            self.file.write_all_at(&ZEROS[..n], at)?;
+            at += n as u64;
+        }
+        self.zeroed_to = to;
+        Ok(())
     }
 }
 
@@ -288,13 +362,66 @@ mod tests {
     #[test]
     fn a_whole_file_reads_clean() {
         let dir = tempfile::tempdir().unwrap();
-        let mut segment = Segment::create(dir.path(), 1).unwrap();
         let mut buf = Vec::new();
         put(&[("a", Some(""))], &mut buf);
-        put(&[], &mut buf);
-        segment.append_durably(&buf).unwrap();
-        let (batches, ending) = read(&path_of(dir.path(), segment.number));
-        assert_eq!(batches, vec![owned(&[("a", Some(""))]), vec![]]);
+        put(&[("b", None)], &mut buf);
+        std::fs::write(path_of(dir.path(), 1), &buf).unwrap();
+        let (batches, ending) = read(&path_of(dir.path(), 1));
+        assert_eq!(
+            batches,
+            vec![owned(&[("a", Some(""))]), owned(&[("b", None)])]
+        );
         assert_eq!(ending, Ending::Clean);
+    }
+
+    /// The file keeps zeroed room ahead of its frames, also when a frame outgrows the
+    /// room, and reading ends cleanly where the zeros start.
+    #[test]
+    fn a_log_file_is_zero_filled_ahead_of_its_frames() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = path_of(dir.path(), 1);
+        let mut segment = Segment::create(dir.path(), 1).unwrap();
+        let (mut expected, mut frames_len) = (Vec::new(), 0);
+        let big = "y".repeat(ZERO_AHEAD as usize + 10);
+        for value in ["x", big.as_str(), "z", "w"] {
+            let mut buf = Vec::new();
+            put(&[("k", Some(value))], &mut buf);
+            segment.append_durably(&buf).unwrap();
+            frames_len += buf.len();
+            expected.push(owned(&[("k", Some(value))]));
+            let file_len = std::fs::metadata(&path).unwrap().len();
+            assert!(file_len > frames_len as u64, "no room ahead of the frames");
+            let (batches, ending) = read(&path);
+            assert_eq!(batches, expected);
+            assert_eq!(ending, Ending::Zeroed { offset: frames_len });
+            assert_eq!(ending.frames_len(file_len), frames_len as u64);
+        }
+    }
+
+    /// Zeros where a frame should start end the frames, as a clean end only when
+    /// nothing but zeros follows; a frame torn in the zeroed room is damage.
+    #[test]
+    fn zeros_end_the_frames_and_anything_after_them_is_damage() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = path_of(dir.path(), 1);
+        let mut buf = Vec::new();
+        put(&[("a", Some("1"))], &mut buf);
+        let first = buf.len();
+        buf.extend_from_slice(&[0; 4096]);
+        // A later frame that reached the disk while the bytes before it did not.
+        put(&[("b", Some("2"))], &mut buf);
+        std::fs::write(&path, &buf).unwrap();
+        let (batches, ending) = read(&path);
+        assert_eq!(batches, vec![owned(&[("a", Some("1"))])]);
+        assert_eq!(ending, Ending::Damaged { offset: first });
+
+        let mut torn = Vec::new();
+        put(&[("c", Some("3"))], &mut torn);
+        let mut segment = Segment::create(dir.path(), 2).unwrap();
+        segment.append_durably(&buf[..first]).unwrap();
+        segment.append_durably(&torn[..torn.len() - 1]).unwrap();
+        let (batches, ending) = read(&path_of(dir.path(), 2));
+        assert_eq!(batches, vec![owned(&[("a", Some("1"))])]);
+        assert_eq!(ending, Ending::Damaged { offset: first });
     }
 }
