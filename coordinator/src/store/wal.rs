@@ -16,6 +16,8 @@ use std::path::{Path, PathBuf};
 
 /// How far past its last frame a log file is zero-filled, at least (see [`Segment`]).
 const ZERO_AHEAD: u64 = 1 << 20;
+/// Writes at least this big grow the file themselves instead (see [`Segment`]).
+const ZERO_FILL_BELOW: usize = 32 << 10;
 
 /// Appends one framed batch. Body: per op `[key len u32][key][tag u8]` and, for tag 1
 /// (put), `[value len u32][value]`; tag 0 is a delete. (The store builds frames op by
@@ -211,6 +213,12 @@ pub fn sync_dir(dir: &Path) -> std::io::Result<()> {
 /// overwrite-and-sync on this machine's disk). Growing the file is then one write of
 /// zeros per megabyte of log, and a crash in the middle of it leaves zeros, which
 /// reading takes for the end of the log.
+///
+/// The zeros are written to disk too, so the room pays only for small syncs: a write
+/// of [`ZERO_FILL_BELOW`] or more that reaches past the room grows the file itself.
+/// Its sync writes the file's size as well, which costs less than writing as many
+/// zeros first (measured, 8 clients enqueueing 100 items per request: zero-filling
+/// for every write cost 10–15% of the rate).
 pub struct Segment {
     pub number: u64,
     file: File,
@@ -255,12 +263,13 @@ impl Segment {
     /// error, the next call writes at the same place again.
     pub fn append_durably(&mut self, data: &[u8]) -> std::io::Result<()> {
         let end = self.end + data.len() as u64;
-        if end > self.zeroed_to {
+        if end > self.zeroed_to && data.len() < ZERO_FILL_BELOW {
             self.zero_fill(end + ZERO_AHEAD)?;
         }
         self.file.write_all_at(data, self.end)?;
         self.file.sync_data()?;
         self.end = end;
+        self.zeroed_to = self.zeroed_to.max(end);
         Ok(())
     }
 
@@ -374,27 +383,34 @@ mod tests {
         assert_eq!(ending, Ending::Clean);
     }
 
-    /// The file keeps zeroed room ahead of its frames, also when a frame outgrows the
-    /// room, and reading ends cleanly where the zeros start.
+    /// The file keeps zeroed room ahead of small writes, a big write past the room
+    /// grows the file itself, and reading ends cleanly where the zeros start.
     #[test]
-    fn a_log_file_is_zero_filled_ahead_of_its_frames() {
+    fn a_log_file_is_zero_filled_ahead_of_small_writes() {
         let dir = tempfile::tempdir().unwrap();
         let path = path_of(dir.path(), 1);
         let mut segment = Segment::create(dir.path(), 1).unwrap();
         let (mut expected, mut frames_len) = (Vec::new(), 0);
-        let big = "y".repeat(ZERO_AHEAD as usize + 10);
-        for value in ["x", big.as_str(), "z", "w"] {
+        let big = "y".repeat(ZERO_AHEAD as usize);
+        let small = "s".repeat(ZERO_FILL_BELOW / 2);
+        // Two small writes in one room, a big one past it, small ones after it.
+        for value in ["x", small.as_str(), big.as_str(), "z", "w"] {
             let mut buf = Vec::new();
             put(&[("k", Some(value))], &mut buf);
             segment.append_durably(&buf).unwrap();
             frames_len += buf.len();
             expected.push(owned(&[("k", Some(value))]));
             let file_len = std::fs::metadata(&path).unwrap().len();
-            assert!(file_len > frames_len as u64, "no room ahead of the frames");
             let (batches, ending) = read(&path);
             assert_eq!(batches, expected);
-            assert_eq!(ending, Ending::Zeroed { offset: frames_len });
             assert_eq!(ending.frames_len(file_len), frames_len as u64);
+            if value == big {
+                assert_eq!(file_len, frames_len as u64, "the big write grew the file");
+                assert_eq!(ending, Ending::Clean);
+            } else {
+                assert!(file_len > frames_len as u64, "no room ahead of the frames");
+                assert_eq!(ending, Ending::Zeroed { offset: frames_len });
+            }
         }
     }
 
