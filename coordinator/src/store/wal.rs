@@ -231,10 +231,19 @@ pub struct Segment {
 impl Segment {
     pub fn create(dir: &Path, number: u64) -> std::io::Result<Segment> {
         let path = path_of(dir, number);
+        // An empty file of this number is left by an attempt that failed after
+        // creating it (its directory sync, say); one that holds data is never reused.
         let file = OpenOptions::new()
-            .create_new(true)
+            .create(true)
             .write(true)
+            .truncate(false)
             .open(&path)?;
+        if file.metadata()?.len() != 0 {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::AlreadyExists,
+                format!("{} already holds data", path.display()),
+            ));
+        }
         // Make the new file's directory entry durable before relying on it.
         sync_dir(dir)?;
         Ok(Segment {
@@ -412,6 +421,23 @@ mod tests {
                 assert_eq!(ending, Ending::Zeroed { offset: frames_len });
             }
         }
+    }
+
+    /// A new log file may reuse an empty file of its number (left by a failed attempt),
+    /// never one that holds data.
+    #[test]
+    fn a_log_file_is_created_empty_or_not_at_all() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(path_of(dir.path(), 1), b"").unwrap();
+        let mut segment = Segment::create(dir.path(), 1).unwrap();
+        segment.append_durably(b"frames").unwrap();
+        let err = Segment::create(dir.path(), 1).err().unwrap();
+        assert_eq!(err.kind(), std::io::ErrorKind::AlreadyExists);
+        assert!(
+            std::fs::read(path_of(dir.path(), 1))
+                .unwrap()
+                .starts_with(b"frames")
+        );
     }
 
     /// Zeros where a frame should start end the frames, as a clean end only when
