@@ -223,9 +223,11 @@ async fn main() -> Result<()> {
         ),
         Format::Table => {
             println!(
-                "machine: {} × {}; load average before {}, after {}; payload {} bytes; {}s",
+                "machine: {} × {}; workq worker threads: {}; load average before {}, after {}; \
+                 payload {} bytes; {}s",
                 machine["nproc"],
                 machine["cpu"].as_str().unwrap_or("?"),
+                machine["workq_worker_threads"].as_str().unwrap_or("?"),
                 machine["load_before"].as_str().unwrap_or("?"),
                 load_after,
                 args.payload_size,
@@ -263,7 +265,9 @@ fn machine() -> Value {
                 .map(|l| l.trim_start_matches([' ', '\t', ':']).to_string())
         })
         .unwrap_or_else(|| "unknown CPU".into());
-    json!({"nproc": nproc, "cpu": cpu, "load_before": loadavg()})
+    // The coordinator reads it (`--worker-threads`); it is inherited from this process.
+    let workq_threads = std::env::var("WORKQ_WORKER_THREADS").unwrap_or_else(|_| "default".into());
+    json!({"nproc": nproc, "cpu": cpu, "load_before": loadavg(), "workq_worker_threads": workq_threads})
 }
 
 fn loadavg() -> String {

@@ -70,6 +70,14 @@ struct Args {
     #[arg(long)]
     addr_file: Option<PathBuf>,
 
+    /// Threads that serve calls (the async runtime's workers) [default: the CPUs this
+    /// process may use]. The log's flusher thread comes on top. Fewer than the CPUs
+    /// can pay where the coordinator shares its machine with busy clients: see
+    /// BENCHMARKS.md.
+    #[arg(long, value_name = "N", env = "WORKQ_WORKER_THREADS",
+          value_parser = clap::value_parser!(u16).range(1..=1024))]
+    worker_threads: Option<u16>,
+
     /// Log format: text for people, json for log collectors. Level from RUST_LOG.
     #[arg(long, value_enum, default_value = "text")]
     log_format: LogFormat,
@@ -84,10 +92,12 @@ enum LogFormat {
 fn main() -> ExitCode {
     let args = Args::parse();
     init_logging(args.log_format);
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    let mut runtime = tokio::runtime::Builder::new_multi_thread();
+    runtime.enable_all();
+    if let Some(threads) = args.worker_threads {
+        runtime.worker_threads(usize::from(threads));
+    }
+    let runtime = match runtime.build() {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("workq-coordinator: cannot start the runtime: {e}");
