@@ -76,6 +76,12 @@ struct Args {
     #[arg(long, default_value_t = 64)]
     payload_size: usize,
 
+    /// Run each section this many times, every system taking its turn in each round,
+    /// and report each row's median round (by items/s; by p99 for e2e rows). This
+    /// machine's noise moves single runs by ±20%.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=9))]
+    rounds: u32,
+
     /// Where workq-coordinator and queue-cli are [default: this binary's directory].
     #[arg(long)]
     bin_dir: Option<PathBuf>,
@@ -123,6 +129,9 @@ struct Row {
     batch: usize,
     system: String,
     measured: Measured,
+    /// Items/s and p99 (µs) of every round, in run order (filled by [`median_rounds`]).
+    round_rates: Vec<f64>,
+    round_p99s: Vec<u32>,
 }
 
 impl Row {
@@ -149,6 +158,8 @@ impl Row {
             "cut_short": m.cut_short,
             "verified": m.problems.is_empty(),
             "problems": m.problems,
+            "round_items_per_sec": self.round_rates,
+            "round_p99_us": self.round_p99s,
         })
     }
 }
@@ -198,6 +209,7 @@ async fn main() -> Result<()> {
     for &durability in args.durability.iter().filter(|_| side_by_side) {
         run_durability(&args, &bin_dir, durability, &mut rows).await?;
     }
+    let rows = median_rounds(rows);
     let scale = if args.sections.contains(&Section::Scale) {
         Some(scale(&args, &bin_dir)?)
     } else {
@@ -213,6 +225,7 @@ async fn main() -> Result<()> {
                 "load_after": load_after,
                 "seconds": started.elapsed().as_secs(),
                 "payload_size": args.payload_size,
+                "rounds": args.rounds,
                 "runs": rows.iter().map(Row::json).collect::<Vec<_>>(),
                 "notes": notes(&rows),
                 "scale": scale,
@@ -224,14 +237,18 @@ async fn main() -> Result<()> {
         Format::Table => {
             println!(
                 "machine: {} × {}; workq worker threads: {}; load average before {}, after {}; \
-                 payload {} bytes; {}s",
+                 payload {} bytes; {}s; {}",
                 machine["nproc"],
                 machine["cpu"].as_str().unwrap_or("?"),
                 machine["workq_worker_threads"].as_str().unwrap_or("?"),
                 machine["load_before"].as_str().unwrap_or("?"),
                 load_after,
                 args.payload_size,
-                started.elapsed().as_secs()
+                started.elapsed().as_secs(),
+                match args.rounds {
+                    1 => "one round".to_string(),
+                    n => format!("each row the median of {n} rounds"),
+                }
             );
             print_rows(&rows);
             for note in notes(&rows) {
@@ -253,6 +270,46 @@ async fn main() -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// Folds the rounds of each row (same durability, workload, clients, batch and system)
+/// into one: the round with the median rate, or for e2e rows, whose rate is the offered
+/// one, the median p99 (the lower middle of an even count). It carries the problems of
+/// every round, so one failed check fails the row, and the rates of all rounds. Rows
+/// keep the order of their first round.
+fn median_rounds(rows: Vec<Row>) -> Vec<Row> {
+    let mut groups: Vec<Vec<Row>> = Vec::new();
+    for row in rows {
+        let same = |g: &&mut Vec<Row>| g[0].group() == row.group() && g[0].system == row.system;
+        match groups.iter_mut().find(same) {
+            Some(group) => group.push(row),
+            None => groups.push(vec![row]),
+        }
+    }
+    groups
+        .into_iter()
+        .map(|mut rounds| {
+            let rates = rounds
+                .iter()
+                .map(|r| r.measured.items_per_sec().round())
+                .collect();
+            let p99s = rounds.iter().map(|r| r.measured.latency.p99).collect();
+            let problems = rounds
+                .iter()
+                .flat_map(|r| r.measured.problems.iter().cloned())
+                .collect();
+            let key = |r: &Row| match r.workload {
+                "e2e" => f64::from(r.measured.latency.p99),
+                _ => r.measured.items_per_sec(),
+            };
+            rounds.sort_by(|a, b| key(a).total_cmp(&key(b)));
+            let mut median = rounds.swap_remove((rounds.len() - 1) / 2);
+            median.measured.problems = problems;
+            median.round_rates = rates;
+            median.round_p99s = p99s;
+            median
+        })
+        .collect()
 }
 
 fn machine() -> Value {
@@ -316,48 +373,130 @@ async fn run_durability(
         format!("bench-{}-{run}", std::process::id())
     };
     for &section in &args.sections {
-        let (clients, batch, items) = match section {
-            Section::Single => (32, 1, args.items),
-            Section::Batch => (8, 100, args.batch_items),
-            Section::E2e | Section::Scale => (0, 1, 0),
-        };
-        if matches!(section, Section::Single | Section::Batch) {
-            let shape = Shape {
-                clients,
-                batch,
-                payload_size: args.payload_size,
+        for round in 1..=args.rounds {
+            let of_rounds = match args.rounds {
+                1 => String::new(),
+                n => format!(" (round {round}/{n})"),
             };
-            for (server, peer) in &peers {
-                let ns = namespace();
-                eprintln!("{d}: {} enqueue+drain c{clients} b{batch}", server.label);
-                let (enq, counts) = peer::enqueue(*peer, &ns, items, shape, budget).await?;
-                let drained =
-                    peer::drain(*peer, &ns, items, clients, &counts, shape, budget).await?;
-                for (workload, measured) in [("enqueue", enq), ("drain", drained)] {
-                    rows.push(Row {
-                        durability: d,
-                        workload,
-                        clients: clients.to_string(),
-                        batch,
-                        system: server.label.clone(),
-                        measured,
-                    });
+            let (clients, batch, items) = match section {
+                Section::Single => (32, 1, args.items),
+                Section::Batch => (8, 100, args.batch_items),
+                Section::E2e | Section::Scale => (0, 1, 0),
+            };
+            if matches!(section, Section::Single | Section::Batch) {
+                let shape = Shape {
+                    clients,
+                    batch,
+                    payload_size: args.payload_size,
+                };
+                for (server, peer) in &peers {
+                    let ns = namespace();
+                    eprintln!(
+                        "{d}: {} enqueue+drain c{clients} b{batch}{of_rounds}",
+                        server.label
+                    );
+                    let (enq, counts) = peer::enqueue(*peer, &ns, items, shape, budget).await?;
+                    let drained =
+                        peer::drain(*peer, &ns, items, clients, &counts, shape, budget).await?;
+                    for (workload, measured) in [("enqueue", enq), ("drain", drained)] {
+                        rows.push(Row {
+                            durability: d,
+                            workload,
+                            clients: clients.to_string(),
+                            batch,
+                            system: server.label.clone(),
+                            measured,
+                            round_rates: Vec::new(),
+                            round_p99s: Vec::new(),
+                        });
+                    }
+                }
+                for mode in ["unary", "stream", "wire"] {
+                    for workload in ["enqueue", "drain"] {
+                        eprintln!(
+                            "{d}: {} {mode} {workload} c{clients} b{batch}{of_rounds}",
+                            workq.label
+                        );
+                        let flags = [
+                            "--workload",
+                            workload,
+                            "--mode",
+                            mode,
+                            "--items",
+                            &items.to_string(),
+                            "--concurrency",
+                            &clients.to_string(),
+                            "--batch",
+                            &batch.to_string(),
+                            "--payload-size",
+                            &args.payload_size.to_string(),
+                        ]
+                        .map(String::from);
+                        let measured = workq::bench(bin_dir, &workq.url(), &flags, workq_timeout)?;
+                        rows.push(Row {
+                            durability: d,
+                            workload,
+                            clients: clients.to_string(),
+                            batch,
+                            system: format!("workq {mode}"),
+                            measured,
+                            round_rates: Vec::new(),
+                            round_p99s: Vec::new(),
+                        });
+                    }
                 }
             }
-            for mode in ["unary", "stream", "wire"] {
-                for workload in ["enqueue", "drain"] {
-                    eprintln!("{d}: {} {mode} {workload} c{clients} b{batch}", workq.label);
+            if section == Section::E2e {
+                let (producers, consumers) = (8, 8);
+                let shape = Shape {
+                    clients: consumers,
+                    batch: 1,
+                    payload_size: args.payload_size,
+                };
+                let e2e_budget =
+                    Duration::from_secs_f64(args.e2e_items as f64 / args.rate) + budget;
+                for (server, peer) in &peers {
+                    eprintln!(
+                        "{d}: {} e2e {producers}+{consumers} at {}/s{of_rounds}",
+                        server.label, args.rate
+                    );
+                    let ns = namespace();
+                    let measured = peer::e2e(
+                        *peer,
+                        &ns,
+                        args.e2e_items,
+                        producers,
+                        shape,
+                        args.rate,
+                        e2e_budget,
+                    )
+                    .await?;
+                    rows.push(Row {
+                        durability: d,
+                        workload: "e2e",
+                        clients: format!("{producers}+{consumers}"),
+                        batch: 1,
+                        system: server.label.clone(),
+                        measured,
+                        round_rates: Vec::new(),
+                        round_p99s: Vec::new(),
+                    });
+                }
+                for mode in ["unary", "stream", "wire"] {
+                    eprintln!("{d}: {} {mode} e2e{of_rounds}", workq.label);
                     let flags = [
                         "--workload",
-                        workload,
+                        "e2e",
                         "--mode",
                         mode,
                         "--items",
-                        &items.to_string(),
-                        "--concurrency",
-                        &clients.to_string(),
-                        "--batch",
-                        &batch.to_string(),
+                        &args.e2e_items.to_string(),
+                        "--producers",
+                        &producers.to_string(),
+                        "--consumers",
+                        &consumers.to_string(),
+                        "--rate",
+                        &args.rate.to_string(),
                         "--payload-size",
                         &args.payload_size.to_string(),
                     ]
@@ -365,76 +504,15 @@ async fn run_durability(
                     let measured = workq::bench(bin_dir, &workq.url(), &flags, workq_timeout)?;
                     rows.push(Row {
                         durability: d,
-                        workload,
-                        clients: clients.to_string(),
-                        batch,
+                        workload: "e2e",
+                        clients: format!("{producers}+{consumers}"),
+                        batch: 1,
                         system: format!("workq {mode}"),
                         measured,
+                        round_rates: Vec::new(),
+                        round_p99s: Vec::new(),
                     });
                 }
-            }
-        }
-        if section == Section::E2e {
-            let (producers, consumers) = (8, 8);
-            let shape = Shape {
-                clients: consumers,
-                batch: 1,
-                payload_size: args.payload_size,
-            };
-            let e2e_budget = Duration::from_secs_f64(args.e2e_items as f64 / args.rate) + budget;
-            for (server, peer) in &peers {
-                eprintln!(
-                    "{d}: {} e2e {producers}+{consumers} at {}/s",
-                    server.label, args.rate
-                );
-                let ns = namespace();
-                let measured = peer::e2e(
-                    *peer,
-                    &ns,
-                    args.e2e_items,
-                    producers,
-                    shape,
-                    args.rate,
-                    e2e_budget,
-                )
-                .await?;
-                rows.push(Row {
-                    durability: d,
-                    workload: "e2e",
-                    clients: format!("{producers}+{consumers}"),
-                    batch: 1,
-                    system: server.label.clone(),
-                    measured,
-                });
-            }
-            for mode in ["unary", "stream", "wire"] {
-                eprintln!("{d}: {} {mode} e2e", workq.label);
-                let flags = [
-                    "--workload",
-                    "e2e",
-                    "--mode",
-                    mode,
-                    "--items",
-                    &args.e2e_items.to_string(),
-                    "--producers",
-                    &producers.to_string(),
-                    "--consumers",
-                    &consumers.to_string(),
-                    "--rate",
-                    &args.rate.to_string(),
-                    "--payload-size",
-                    &args.payload_size.to_string(),
-                ]
-                .map(String::from);
-                let measured = workq::bench(bin_dir, &workq.url(), &flags, workq_timeout)?;
-                rows.push(Row {
-                    durability: d,
-                    workload: "e2e",
-                    clients: format!("{producers}+{consumers}"),
-                    batch: 1,
-                    system: format!("workq {mode}"),
-                    measured,
-                });
             }
         }
     }
@@ -559,8 +637,17 @@ fn print_rows(rows: &[Row]) {
         } else {
             "ok".to_string()
         };
+        // The measure each round was ranked by.
+        let ranked: Vec<String> = match r.workload {
+            "e2e" => r.round_p99s.iter().map(|&p99| ms(p99)).collect(),
+            _ => r.round_rates.iter().map(|&x| rate(x)).collect(),
+        };
+        let rounds = match ranked.len() {
+            0 | 1 => String::new(),
+            _ => format!("  rounds: {}", ranked.join(" ")),
+        };
         println!(
-            "{:<8} {:<8} {:<7} {:<5} {:<19} {:>9} {:>9} {:>9} {:>9}  {check}",
+            "{:<8} {:<8} {:<7} {:<5} {:<19} {:>9} {:>9} {:>9} {:>9}  {check}{rounds}",
             r.durability,
             r.workload,
             r.clients,
@@ -805,4 +892,73 @@ fn targets(rows: &[Row], scale: Option<&Value>, rate_offered: f64) -> Vec<Target
         met: e2e("durable").map(|q| q.measured.latency.p99 <= 5_000),
     });
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sample::Percentiles;
+
+    fn row(system: &str, workload: &'static str, items_per_sec: u64, p99: u32) -> Row {
+        Row {
+            durability: "durable",
+            workload,
+            clients: "32".into(),
+            batch: 1,
+            system: system.into(),
+            measured: Measured {
+                items: items_per_sec,
+                seconds: 1.0,
+                latency: Percentiles {
+                    p99,
+                    ..Percentiles::default()
+                },
+                cut_short: false,
+                problems: Vec::new(),
+            },
+            round_rates: Vec::new(),
+            round_p99s: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn each_row_is_its_median_round_and_keeps_every_rounds_problems() {
+        let mut lost = row("a", "enqueue", 300, 0);
+        lost.measured.problems.push("1 item lost".into());
+        let rows = vec![
+            row("a", "enqueue", 100, 0),
+            row("b", "enqueue", 300, 0),
+            row("a", "e2e", 2000, 5000),
+            lost,
+            row("b", "enqueue", 100, 0),
+            row("a", "e2e", 2000, 1000),
+            row("a", "enqueue", 200, 0),
+            row("b", "enqueue", 200, 0),
+            row("a", "e2e", 1990, 3000),
+        ];
+        let folded = median_rounds(rows);
+        let summary: Vec<_> = folded
+            .iter()
+            .map(|r| {
+                (
+                    r.system.as_str(),
+                    r.workload,
+                    r.measured.items,
+                    r.measured.latency.p99,
+                    r.round_rates.clone(),
+                )
+            })
+            .collect();
+        assert_eq!(
+            summary,
+            vec![
+                ("a", "enqueue", 200, 0, vec![100.0, 300.0, 200.0]),
+                ("b", "enqueue", 200, 0, vec![300.0, 100.0, 200.0]),
+                ("a", "e2e", 1990, 3000, vec![2000.0, 2000.0, 1990.0]),
+            ]
+        );
+        assert_eq!(folded[2].round_p99s, vec![5000, 1000, 3000]);
+        assert_eq!(folded[0].measured.problems, vec!["1 item lost".to_string()]);
+        assert!(folded[1].measured.problems.is_empty());
+    }
 }
