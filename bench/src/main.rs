@@ -135,6 +135,27 @@ struct Row {
 }
 
 impl Row {
+    /// One round's row ([`median_rounds`] fills in the rounds).
+    fn new(
+        durability: &'static str,
+        workload: &'static str,
+        clients: String,
+        batch: usize,
+        system: String,
+        measured: Measured,
+    ) -> Row {
+        Row {
+            durability,
+            workload,
+            clients,
+            batch,
+            system,
+            measured,
+            round_rates: Vec::new(),
+            round_p99s: Vec::new(),
+        }
+    }
+
     fn group(&self) -> (&str, &str, &str, usize) {
         (self.durability, self.workload, &self.clients, self.batch)
     }
@@ -373,15 +394,15 @@ async fn run_durability(
         format!("bench-{}-{run}", std::process::id())
     };
     for &section in &args.sections {
+        let (clients, batch, items) = match section {
+            Section::Single => (32, 1, args.items),
+            Section::Batch => (8, 100, args.batch_items),
+            Section::E2e | Section::Scale => (0, 1, 0),
+        };
         for round in 1..=args.rounds {
             let of_rounds = match args.rounds {
                 1 => String::new(),
                 n => format!(" (round {round}/{n})"),
-            };
-            let (clients, batch, items) = match section {
-                Section::Single => (32, 1, args.items),
-                Section::Batch => (8, 100, args.batch_items),
-                Section::E2e | Section::Scale => (0, 1, 0),
             };
             if matches!(section, Section::Single | Section::Batch) {
                 let shape = Shape {
@@ -399,16 +420,14 @@ async fn run_durability(
                     let drained =
                         peer::drain(*peer, &ns, items, clients, &counts, shape, budget).await?;
                     for (workload, measured) in [("enqueue", enq), ("drain", drained)] {
-                        rows.push(Row {
-                            durability: d,
+                        rows.push(Row::new(
+                            d,
                             workload,
-                            clients: clients.to_string(),
+                            clients.to_string(),
                             batch,
-                            system: server.label.clone(),
+                            server.label.clone(),
                             measured,
-                            round_rates: Vec::new(),
-                            round_p99s: Vec::new(),
-                        });
+                        ));
                     }
                 }
                 for mode in ["unary", "stream", "wire"] {
@@ -433,16 +452,14 @@ async fn run_durability(
                         ]
                         .map(String::from);
                         let measured = workq::bench(bin_dir, &workq.url(), &flags, workq_timeout)?;
-                        rows.push(Row {
-                            durability: d,
+                        rows.push(Row::new(
+                            d,
                             workload,
-                            clients: clients.to_string(),
+                            clients.to_string(),
                             batch,
-                            system: format!("workq {mode}"),
+                            format!("workq {mode}"),
                             measured,
-                            round_rates: Vec::new(),
-                            round_p99s: Vec::new(),
-                        });
+                        ));
                     }
                 }
             }
@@ -471,16 +488,14 @@ async fn run_durability(
                         e2e_budget,
                     )
                     .await?;
-                    rows.push(Row {
-                        durability: d,
-                        workload: "e2e",
-                        clients: format!("{producers}+{consumers}"),
-                        batch: 1,
-                        system: server.label.clone(),
+                    rows.push(Row::new(
+                        d,
+                        "e2e",
+                        format!("{producers}+{consumers}"),
+                        1,
+                        server.label.clone(),
                         measured,
-                        round_rates: Vec::new(),
-                        round_p99s: Vec::new(),
-                    });
+                    ));
                 }
                 for mode in ["unary", "stream", "wire"] {
                     eprintln!("{d}: {} {mode} e2e{of_rounds}", workq.label);
@@ -502,16 +517,14 @@ async fn run_durability(
                     ]
                     .map(String::from);
                     let measured = workq::bench(bin_dir, &workq.url(), &flags, workq_timeout)?;
-                    rows.push(Row {
-                        durability: d,
-                        workload: "e2e",
-                        clients: format!("{producers}+{consumers}"),
-                        batch: 1,
-                        system: format!("workq {mode}"),
+                    rows.push(Row::new(
+                        d,
+                        "e2e",
+                        format!("{producers}+{consumers}"),
+                        1,
+                        format!("workq {mode}"),
                         measured,
-                        round_rates: Vec::new(),
-                        round_p99s: Vec::new(),
-                    });
+                    ));
                 }
             }
         }
@@ -900,25 +913,17 @@ mod tests {
     use crate::sample::Percentiles;
 
     fn row(system: &str, workload: &'static str, items_per_sec: u64, p99: u32) -> Row {
-        Row {
-            durability: "durable",
-            workload,
-            clients: "32".into(),
-            batch: 1,
-            system: system.into(),
-            measured: Measured {
-                items: items_per_sec,
-                seconds: 1.0,
-                latency: Percentiles {
-                    p99,
-                    ..Percentiles::default()
-                },
-                cut_short: false,
-                problems: Vec::new(),
+        let measured = Measured {
+            items: items_per_sec,
+            seconds: 1.0,
+            latency: Percentiles {
+                p99,
+                ..Percentiles::default()
             },
-            round_rates: Vec::new(),
-            round_p99s: Vec::new(),
-        }
+            cut_short: false,
+            problems: Vec::new(),
+        };
+        Row::new("durable", workload, "32".into(), 1, system.into(), measured)
     }
 
     #[test]
