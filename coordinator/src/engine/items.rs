@@ -1,20 +1,21 @@
 //! Where a queue keeps its items: one allocation per item, sized to it.
 //!
 //! A queue may hold millions of items, nearly all of them READY with nothing but a
-//! payload and a few numbers. So an item's record is a small fixed header (its id
-//! first) followed by its payload, in one `Box<[u8]>`, and the records sit in a hash
-//! table found by the id inside them, so a bucket is the record's pointer and length
-//! alone ([`Items`]). What only some items have (a dedup key, a live lease, what past
+//! payload and a few numbers. So an item's record is a small fixed header followed by
+//! its payload, in one `Box<[u8]>`, and the records sit in a hash table whose bucket
+//! is the item's id beside the record's pointer and length ([`Items`]): finding an
+//! item, telling apart two ids that share a tag and moving buckets when the table grows
+//! all read the bucket alone, never a record. What only some items have (a dedup key, a live lease, what past
 //! deliveries left) is a boxed [`Extras`] in a slab, its slot's number in the record's
 //! header (0 for the many items without): reaching it is an array index, not a second
 //! hash lookup. The engine reads items through [`ItemView`], which an owned [`Item`]
 //! also gives, so encoding and the APIs have one shape to read.
 //!
-//! Memory at a million queued 64-byte items, per item: the record (37 + 64 bytes, a
-//! 112-byte allocation with glibc's header and rounding), the table's bucket (16 bytes
+//! Memory at a million queued 64-byte items, per item: the record (29 + 64 bytes, a
+//! 112-byte allocation with glibc's header and rounding), the table's bucket (24 bytes
 //! and a control byte, the table being between seven sixteenths and seven eighths
-//! full: ~36 bytes at a million), and the ready index (an 8-byte id in a deque that
-//! grows by doubling, 8 to 16): ~157 bytes, where a struct with its own payload `Vec`,
+//! full: ~52 bytes at a million), and the ready index (an 8-byte id in a deque that
+//! grows by doubling, 8 to 16): ~173 bytes, where a struct with its own payload `Vec`,
 //! boxed in a `HashMap` by id, took ~250.
 
 use std::cmp::Reverse;
@@ -115,17 +116,16 @@ pub struct Header {
     pub ready_at_ms: u64,
 }
 
-// The record's layout: the id and the header's fields little-endian at these offsets,
-// then the payload.
-const ID: usize = 0;
-const STATE: usize = 8;
-const PRIORITY: usize = 9;
-const ATTEMPTS: usize = 13;
-const ENQUEUED: usize = 17;
-const READY_AT: usize = 25;
+// The record's layout: the header's fields little-endian at these offsets, then the
+// payload. The id is in the table's bucket ([`Slot`]).
+const STATE: usize = 0;
+const PRIORITY: usize = 1;
+const ATTEMPTS: usize = 5;
+const ENQUEUED: usize = 9;
+const READY_AT: usize = 17;
 /// u32: the item's slot in the extras slab; 0 = no extras.
-const EXTRAS: usize = 33;
-const HEADER_LEN: usize = 37;
+const EXTRAS: usize = 25;
+const HEADER_LEN: usize = 29;
 
 impl Header {
     fn read(record: &[u8]) -> Header {
@@ -141,7 +141,7 @@ impl Header {
         }
     }
 
-    /// Writes the header into `record` (after its id).
+    /// Writes the header into the front of `record`.
     fn write(&self, record: &mut [u8]) {
         record[STATE] = self.state.code();
         record[PRIORITY..PRIORITY + 4].copy_from_slice(&self.priority.to_le_bytes());
@@ -222,16 +222,12 @@ impl<'a> ItemView<'a> {
     }
 }
 
-fn record_id(record: &[u8]) -> u64 {
-    u64::from_le_bytes(record[ID..ID + 8].try_into().expect("8"))
-}
-
 /// Where an item's bucket is: ids come from one counter, so a batch enqueued together
 /// has consecutive ids, and leases and acks take them in that order. Each run of 64
 /// ids gets one well-mixed start and the ids of the run follow it, so a lease of 100
 /// items touches a few runs of neighbouring buckets instead of 100 random cache
 /// lines. The table's tag (the top 7 bits) comes from the whole id, so the ids of one
-/// run still tell apart without reading their records.
+/// run still tell apart by their control bytes, without reading their buckets.
 fn hash_id(id: u64) -> u64 {
     const TAG: u64 = 0xFE00_0000_0000_0000;
     let mixed = |value: u64| BuildHasherDefault::<IdHasher>::default().hash_one(value);
@@ -243,6 +239,7 @@ fn hash_id(id: u64) -> u64 {
 /// into, so a restart builds each item once, in the shape the queue keeps.
 #[derive(Debug)]
 pub struct Stored {
+    id: u64,
     record: Box<[u8]>,
     extras: Option<Box<Extras>>,
 }
@@ -262,37 +259,47 @@ impl Stored {
             outcome: item.outcome.map(|o| *o),
         };
         Stored {
-            record: encode_record(item.id, header, &item.payload),
+            id: item.id,
+            record: encode_record(header, &item.payload),
             extras: extras.boxed(),
         }
     }
 
     pub fn id(&self) -> u64 {
-        record_id(&self.record)
+        self.id
     }
 
     pub fn view(&self) -> ItemView<'_> {
-        ItemView::new(self.id(), &self.record, self.extras.as_deref())
+        ItemView::new(self.id, &self.record, self.extras.as_deref())
     }
 }
 
-/// A record without extras (slot 0).
-fn encode_record(id: u64, header: Header, payload: &[u8]) -> Box<[u8]> {
-    let mut record = vec![0u8; HEADER_LEN + payload.len()].into_boxed_slice();
-    record[ID..ID + 8].copy_from_slice(&id.to_le_bytes());
-    header.write(&mut record);
-    record[HEADER_LEN..].copy_from_slice(payload);
-    record
+/// A record without extras (slot 0). Allocated at its exact size and written once:
+/// no zeroing first, no regrowth.
+fn encode_record(header: Header, payload: &[u8]) -> Box<[u8]> {
+    let mut head = [0u8; HEADER_LEN];
+    header.write(&mut head);
+    let mut record = Vec::with_capacity(HEADER_LEN + payload.len());
+    record.extend_from_slice(&head);
+    record.extend_from_slice(payload);
+    record.into_boxed_slice()
 }
 
-fn hash_record(record: &[u8]) -> u64 {
-    hash_id(record_id(record))
+/// A bucket of the item table: the id beside its record, so that probing, comparing
+/// and rehashing never read a record (each would be a cache miss at a random address).
+struct Slot {
+    id: u64,
+    record: Box<[u8]>,
+}
+
+fn slot_hash(slot: &Slot) -> u64 {
+    hash_id(slot.id)
 }
 
 /// A queue's items by id.
 #[derive(Default)]
 pub struct Items {
-    records: HashTable<Box<[u8]>>,
+    records: HashTable<Slot>,
     extras: ExtrasSlab,
 }
 
@@ -306,19 +313,19 @@ impl Items {
     }
 
     pub fn reserve(&mut self, additional: usize) {
-        self.records.reserve(additional, |r| hash_record(r));
+        self.records.reserve(additional, slot_hash);
     }
 
     pub fn ids(&self) -> impl Iterator<Item = u64> + '_ {
-        self.records.iter().map(|record| record_id(record))
+        self.records.iter().map(|slot| slot.id)
     }
 
     pub fn get(&self, id: u64) -> Option<ItemView<'_>> {
-        self.record(id).map(|record| self.view(record))
+        self.slot(id).map(|slot| self.view(slot))
     }
 
     pub fn iter(&self) -> impl Iterator<Item = ItemView<'_>> + '_ {
-        self.records.iter().map(|record| self.view(record))
+        self.records.iter().map(|slot| self.view(slot))
     }
 
     pub fn header(&self, id: u64) -> Option<Header> {
@@ -327,10 +334,10 @@ impl Items {
 
     pub fn get_mut(&mut self, id: u64) -> Option<ItemMut<'_>> {
         let Items { records, extras } = self;
-        let record = records.find_mut(hash_id(id), |r| record_id(r) == id)?;
+        let slot = records.find_mut(hash_id(id), |s| s.id == id)?;
         Some(ItemMut {
             id,
-            record,
+            record: &mut slot.record,
             slab: extras,
         })
     }
@@ -338,28 +345,29 @@ impl Items {
     /// Adds an item (replacing one with the same id).
     pub fn insert(&mut self, id: u64, header: Header, payload: &[u8], extras: Extras) {
         self.insert_stored(Stored {
-            record: encode_record(id, header, payload),
+            id,
+            record: encode_record(header, payload),
             extras: extras.boxed(),
         });
     }
 
     /// Adds an item built earlier (replacing one with the same id).
     pub fn insert_stored(&mut self, stored: Stored) {
-        let Stored { mut record, extras } = stored;
-        let id = record_id(&record);
+        let Stored {
+            id,
+            mut record,
+            extras,
+        } = stored;
         if let Some(extras) = extras {
             set_extras_slot(&mut record, self.extras.add(extras));
         }
-        match self
-            .records
-            .entry(hash_id(id), |r| record_id(r) == id, |r| hash_record(r))
-        {
+        match self.records.entry(hash_id(id), |s| s.id == id, slot_hash) {
             Entry::Occupied(mut old) => {
-                self.extras.take(extras_slot(old.get()));
-                *old.get_mut() = record;
+                self.extras.take(extras_slot(&old.get().record));
+                old.get_mut().record = record;
             }
             Entry::Vacant(vacant) => {
-                vacant.insert(record);
+                vacant.insert(Slot { id, record });
             }
         }
     }
@@ -367,12 +375,12 @@ impl Items {
     /// Removes an item; returns its extras (empty for an item without any), or `None`
     /// when there was no such item.
     pub fn remove(&mut self, id: u64) -> Option<Extras> {
-        let (record, _) = self
+        let (slot, _) = self
             .records
-            .find_entry(hash_id(id), |r| record_id(r) == id)
+            .find_entry(hash_id(id), |s| s.id == id)
             .ok()?
             .remove();
-        let extras = self.extras.take(extras_slot(&record));
+        let extras = self.extras.take(extras_slot(&slot.record));
         Some(extras.map(|e| *e).unwrap_or_default())
     }
 
@@ -380,13 +388,12 @@ impl Items {
     #[cfg(test)]
     pub fn check(&self) {
         let mut with_extras = 0;
-        for record in self.records.iter() {
+        for Slot { id, record } in self.records.iter() {
             let slot = extras_slot(record);
             if slot != 0 {
                 assert!(
                     self.extras.get(slot).is_some(),
-                    "item {}: empty slot {slot}",
-                    record_id(record)
+                    "item {id}: empty slot {slot}"
                 );
                 with_extras += 1;
             }
@@ -394,15 +401,17 @@ impl Items {
         assert_eq!(self.extras.len(), with_extras, "extras without an item");
     }
 
-    fn record(&self, id: u64) -> Option<&[u8]> {
-        self.records
-            .find(hash_id(id), |r| record_id(r) == id)
-            .map(|r| &**r)
+    fn slot(&self, id: u64) -> Option<&Slot> {
+        self.records.find(hash_id(id), |s| s.id == id)
     }
 
-    fn view<'a>(&'a self, record: &'a [u8]) -> ItemView<'a> {
-        let extras = self.extras.get(extras_slot(record));
-        ItemView::new(record_id(record), record, extras)
+    fn record(&self, id: u64) -> Option<&[u8]> {
+        self.slot(id).map(|s| &*s.record)
+    }
+
+    fn view<'a>(&'a self, slot: &'a Slot) -> ItemView<'a> {
+        let extras = self.extras.get(extras_slot(&slot.record));
+        ItemView::new(slot.id, &slot.record, extras)
     }
 }
 
@@ -628,7 +637,12 @@ mod tests {
         // glibc serves up to 104 bytes from a 112-byte chunk: a 64-byte payload fits.
         assert_eq!(extras_slot(record), 0, "no extras");
         assert!(record.len() <= 104, "record grew to {} bytes", record.len());
-        assert_eq!(record_id(record), 7);
+        assert_eq!(items.get(7).unwrap().id, 7);
+        assert_eq!(
+            std::mem::size_of::<Slot>(),
+            24,
+            "a bucket is the id and a box"
+        );
     }
 
     #[test]
