@@ -46,6 +46,41 @@ impl<T: Send + 'static> Replies<T> for mpsc::Sender<Result<T, Status>> {
     }
 }
 
+/// An enqueue request as a stream session reads it: prost's decoded message (the
+/// gRPC stream) or the encoded message itself (the wire protocol, read in place by
+/// `crate::wire`).
+pub trait EnqueueInput {
+    /// The request's contents, or why it is malformed.
+    fn read(&self) -> Result<ReadEnqueue<'_>, Status>;
+}
+
+/// An enqueue request's contents, the items' payloads borrowed from the request.
+pub struct ReadEnqueue<'a> {
+    pub queue: &'a str,
+    pub items: Vec<engine::NewItem<&'a [u8]>>,
+    pub seal: bool,
+}
+
+impl EnqueueInput for pb::EnqueueRequest {
+    fn read(&self) -> Result<ReadEnqueue<'_>, Status> {
+        let items = self
+            .items
+            .iter()
+            .map(|i| engine::NewItem {
+                payload: &i.payload[..],
+                priority: i.priority,
+                delay_ms: i.delay_ms,
+                key: i.key.clone(),
+            })
+            .collect();
+        Ok(ReadEnqueue {
+            queue: &self.queue,
+            items,
+            seal: self.seal,
+        })
+    }
+}
+
 /// Answers each enqueue request in order. Requests are applied one by one as they
 /// are read, and up to `ENQUEUE_PIPELINE` of them wait for their flush at once, so a
 /// pipelining producer shares group commits. The first refused request ends the
@@ -58,7 +93,7 @@ impl<T: Send + 'static> Replies<T> for mpsc::Sender<Result<T, Status>> {
 /// answered, and the wait moves to the next unanswered one.
 pub async fn enqueue_stream(
     engine: Arc<Engine>,
-    mut requests: impl Stream<Item = Result<pb::EnqueueRequest, Status>> + Unpin + Send,
+    mut requests: impl Stream<Item = Result<impl EnqueueInput + Send, Status>> + Unpin + Send,
     out: &mut impl Replies<pb::EnqueueResponse>,
 ) {
     let mut unanswered: VecDeque<(Ticket, Vec<engine::Enqueued>)> = VecDeque::new();
@@ -70,8 +105,10 @@ pub async fn enqueue_stream(
             request = requests.next(), if input_open && unanswered.len() < ENQUEUE_PIPELINE => {
                 match request {
                     Some(Ok(r)) => {
-                        let items = r.items.into_iter().map(crate::grpc::new_item).collect();
-                        match engine.enqueue_unsynced(&r.queue, items, r.seal) {
+                        let applied = r.read().and_then(|r| {
+                            engine.enqueue_unsynced(r.queue, r.items, r.seal).map_err(status)
+                        });
+                        match applied {
                             // Durable already (the memory store) and nothing before it
                             // to answer first: answer now.
                             Ok((results, ticket)) if unanswered.is_empty() && engine.is_durable(ticket) => {
@@ -85,8 +122,8 @@ pub async fn enqueue_stream(
                                 }
                                 unanswered.push_back((ticket, results));
                             }
-                            Err(e) => {
-                                refused = Some(status(e));
+                            Err(refusal) => {
+                                refused = Some(refusal);
                                 input_open = false;
                             }
                         }

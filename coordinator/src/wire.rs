@@ -17,6 +17,7 @@ use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use bytes::{Bytes, BytesMut};
 use futures_util::stream;
 use prost::Message;
 use tokio::io::AsyncWriteExt;
@@ -25,12 +26,14 @@ use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::sync::watch;
 use tokio_stream::Stream;
 use tonic::Status;
+use workq_proto::in_place::read_enqueue_request;
 use workq_proto::pb;
 use workq_proto::wire::{FrameReader, KIND_MESSAGE, KIND_STATUS, PREAMBLE, encode_frame};
 
 use crate::auth::Auth;
 use crate::engine::Engine;
-use crate::stream::Replies;
+use crate::engine::NewItem;
+use crate::stream::{EnqueueInput, ReadEnqueue, Replies};
 
 /// How long a new connection may take to show its first bytes, and a wire client its
 /// hello, before the coordinator drops it.
@@ -91,18 +94,41 @@ pub async fn serve(
     let requests = Requests::new(frames, stop);
     match call {
         pb::WireCall::EnqueueStream => {
-            let mut requests = requests.messages::<pb::EnqueueRequest>();
+            let mut requests = requests.messages(|body| Ok(InPlace(body.freeze())));
             crate::stream::enqueue_stream(engine.clone(), &mut requests, &mut out).await;
             Replies::<pb::EnqueueResponse>::send(&mut out, Err(requests.ending())).await;
         }
         pb::WireCall::Work => {
-            let mut requests = requests.messages::<pb::WorkRequest>();
+            let mut requests = requests.messages(|body| {
+                pb::WorkRequest::decode(body)
+                    .map_err(|e| Status::invalid_argument(format!("malformed request: {e}")))
+            });
             crate::stream::work_session(engine.clone(), &mut requests, &mut out).await;
             Replies::<pb::WorkResponse>::send(&mut out, Err(requests.ending())).await;
         }
         pb::WireCall::Unspecified => unreachable!("hello() refuses it"),
     }
     let _ = out.io.shutdown().await;
+}
+
+/// An `EnqueueRequest` frame, read in place when the session takes it: the items'
+/// payloads stay slices of the frame until the engine copies each into its record.
+struct InPlace(Bytes);
+
+impl EnqueueInput for InPlace {
+    fn read(&self) -> Result<ReadEnqueue<'_>, Status> {
+        let mut items = Vec::new();
+        let (queue, seal) = read_enqueue_request(&self.0, |item| {
+            items.push(NewItem {
+                payload: item.payload,
+                priority: item.priority,
+                delay_ms: item.delay_ms,
+                key: item.key.to_string(),
+            })
+        })
+        .map_err(|e| Status::invalid_argument(format!("malformed request: {e}")))?;
+        Ok(ReadEnqueue { queue, items, seal })
+    }
 }
 
 /// Reads the preamble and the hello; the call it names, once the token checks out.
@@ -213,8 +239,10 @@ impl Requests {
         Requests { frames, stopped }
     }
 
-    fn messages<T: Message + Default + Send + 'static>(
+    /// The call's requests, each frame's body made one by `decode`.
+    fn messages<T: Send + 'static>(
         self,
+        decode: fn(BytesMut) -> Result<T, Status>,
     ) -> Messages<impl Stream<Item = Result<T, Status>> + Unpin + Send> {
         let end = Arc::new(Mutex::new(None));
         let record = end.clone();
@@ -227,9 +255,7 @@ impl Requests {
                         Err(Status::unavailable("the coordinator is shutting down"))
                     }
                     frame = state.frames.read_frame() => match frame {
-                        Ok(Some((KIND_MESSAGE, body))) => T::decode(body).map_err(|e| {
-                            Status::invalid_argument(format!("malformed request: {e}"))
-                        }),
+                        Ok(Some((KIND_MESSAGE, body))) => decode(body),
                         Ok(Some((kind, _))) => Err(Status::invalid_argument(format!(
                             "a client frame of kind {kind} (only 0 is defined)"
                         ))),

@@ -798,6 +798,25 @@ async fn malformed_frames_end_the_call_with_invalid_argument() {
     // Field 2 (the token, or the items) says 5 bytes follow; one does.
     let not_protobuf = [0x12, 0x05, b'x'];
     let cat = |parts: &[&[u8]]| parts.concat();
+    // A batch whose first item is whole and whose second item's key is not UTF-8:
+    // refused as a whole (the coordinator reads enqueue frames in place).
+    let mut bad_second_key = pb::EnqueueRequest {
+        queue: "q".into(),
+        items: vec![
+            item("first"),
+            pb::NewItem {
+                key: "~".into(),
+                ..item("second")
+            },
+        ],
+        seal: false,
+    }
+    .encode_to_vec();
+    let tilde = bad_second_key
+        .iter()
+        .rposition(|&b| b == b'~')
+        .expect("the key");
+    bad_second_key[tilde] = 0xff;
 
     let cases: Vec<(&str, Vec<u8>)> = vec![
         (
@@ -807,6 +826,10 @@ async fn malformed_frames_end_the_call_with_invalid_argument() {
         (
             "an enqueue request that is not a protobuf",
             cat(&[&hello(enqueue), &raw_frame(KIND_MESSAGE, &not_protobuf)]),
+        ),
+        (
+            "an enqueue request with a key that is not UTF-8",
+            cat(&[&hello(enqueue), &raw_frame(KIND_MESSAGE, &bad_second_key)]),
         ),
         (
             "a work request that is not a protobuf",

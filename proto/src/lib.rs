@@ -5,6 +5,7 @@
 
 pub mod client;
 pub mod duration;
+pub mod in_place;
 pub mod wire;
 
 /// Generated `workq.v1` messages, client and server.

@@ -512,7 +512,7 @@ impl Engine {
     pub fn enqueue_unsynced(
         &self,
         name: &str,
-        items: Vec<NewItem>,
+        items: Vec<NewItem<impl AsRef<[u8]>>>,
         seal: bool,
     ) -> Result<(Vec<Enqueued>, crate::store::Ticket)> {
         if items.is_empty() && !seal {
@@ -956,28 +956,33 @@ impl Engine {
     ) -> Result<Option<crate::store::Ticket>> {
         let journal = queue.take_journal();
         if journal.is_empty() && !meta_changed {
+            queue.return_journal(journal);
             return Ok(None);
         }
         if !self.store.is_persistent() {
             // Nothing to write: skip encoding records (the in-memory hot path).
+            queue.return_journal(journal);
             return Ok(Some(self.store.last_ticket()));
         }
         let record = queue_record(queue);
-        let queue = &*queue;
-        let ticket = self.store.write(|batch| {
-            for change in journal {
-                match change {
-                    queue::Change::Put(id) => {
-                        if let Some(item) = queue.item(id) {
-                            batch.put_item(id, |buf| encode_item(&queue.name, item, buf));
+        let written = {
+            let queue = &*queue;
+            self.store.write(|batch| {
+                for &change in &journal {
+                    match change {
+                        queue::Change::Put(id) => {
+                            if let Some(item) = queue.item(id) {
+                                batch.put_item(id, |buf| encode_item(&queue.name, item, buf));
+                            }
                         }
+                        queue::Change::Delete(id) => batch.delete_item(id),
                     }
-                    queue::Change::Delete(id) => batch.delete_item(id),
                 }
-            }
-            batch.put_queue(&record);
-        })?;
-        Ok(Some(ticket))
+                batch.put_queue(&record);
+            })
+        };
+        queue.return_journal(journal);
+        Ok(Some(written?))
     }
 
     /// Wakes the reaper if `deadline` is earlier than what it sleeps toward.

@@ -183,10 +183,11 @@ pub struct Counters {
 
 /// A new item as a producer sends it.
 #[derive(Clone, Debug, Default)]
-pub struct NewItem {
+pub struct NewItem<P = bytes::Bytes> {
     /// A slice of the request it came in, where it came over the API: the item's
-    /// record is the one copy the engine keeps.
-    pub payload: bytes::Bytes,
+    /// record is the one copy the engine keeps. Shared (`Bytes`) where the request was
+    /// decoded into owned values, borrowed (`&[u8]`) where it is read in place.
+    pub payload: P,
     pub priority: i32,
     pub delay_ms: u64,
     pub key: String,
@@ -331,6 +332,17 @@ impl Queue {
         std::mem::take(&mut self.journal)
     }
 
+    /// Hands a taken journal back once it is written, so the next call records into
+    /// its room instead of growing a new one from empty (a big batch's room is not
+    /// kept).
+    pub fn return_journal(&mut self, mut journal: Vec<Change>) {
+        const KEEP: usize = 1024;
+        if self.journal.is_empty() && journal.capacity() <= KEEP {
+            journal.clear();
+            self.journal = journal;
+        }
+    }
+
     pub fn item(&self, id: u64) -> Option<ItemView<'_>> {
         self.items.get(id)
     }
@@ -361,7 +373,7 @@ impl Queue {
     pub fn enqueue(
         &mut self,
         now: u64,
-        batch: Vec<NewItem>,
+        batch: Vec<NewItem<impl AsRef<[u8]>>>,
         seal: bool,
         mut ids: impl FnMut() -> u64,
     ) -> Result<Vec<Enqueued>> {
@@ -369,10 +381,10 @@ impl Queue {
             return Err(Error::Sealed(self.name.clone()));
         }
         for (i, item) in batch.iter().enumerate() {
-            if item.payload.len() as u64 > self.options.max_payload_bytes {
+            if item.payload.as_ref().len() as u64 > self.options.max_payload_bytes {
                 return Err(Error::invalid(format!(
                     "item {i}: payload of {} bytes is over queue '{}''s max payload of {} bytes",
-                    item.payload.len(),
+                    item.payload.as_ref().len(),
                     self.name,
                     self.options.max_payload_bytes
                 )));
@@ -436,7 +448,7 @@ impl Queue {
                 key: new.key,
                 ..Extras::default()
             };
-            self.items.insert(id, header, &new.payload, extras);
+            self.items.insert(id, header, new.payload.as_ref(), extras);
             self.journal.push(Change::Put(id));
             self.counters.enqueued += 1;
             results.push(Enqueued {

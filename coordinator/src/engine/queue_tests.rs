@@ -349,7 +349,7 @@ fn dedup_returns_the_existing_item_until_retention_removes_it() {
 #[test]
 fn dedup_inside_one_batch() {
     let mut f = Fixture::new();
-    let item = |key: &str| NewItem {
+    let item = |key: &str| NewItem::<bytes::Bytes> {
         payload: b"x".to_vec().into(),
         key: key.into(),
         ..NewItem::default()
@@ -370,14 +370,14 @@ fn dedup_inside_one_batch() {
 fn sealed_queue_refuses_enqueue_and_unseal_reopens() {
     let mut f = Fixture::new();
     let mut ids = 0;
-    f.q.enqueue(T0, vec![NewItem::default()], true, || {
+    f.q.enqueue(T0, vec![NewItem::<bytes::Bytes>::default()], true, || {
         ids += 1;
         ids
     })
     .unwrap();
     assert!(f.q.sealed);
     let err =
-        f.q.enqueue(T0, vec![NewItem::default()], false, || 99)
+        f.q.enqueue(T0, vec![NewItem::<bytes::Bytes>::default()], false, || 99)
             .unwrap_err();
     assert!(matches!(err, Error::Sealed(_)), "{err:?}");
     assert_eq!(

@@ -369,7 +369,7 @@ async fn enqueue(
             }
         }
     }
-    let item = NewItem {
+    let item: NewItem = NewItem {
         payload: payload.into(),
         ..NewItem::default()
     };
