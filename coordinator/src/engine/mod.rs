@@ -1091,7 +1091,7 @@ fn queue_record(queue: &Queue) -> QueueRecord {
 /// A small repeatable random source for the engine's model tests (xorshift): each call
 /// returns a number below its argument.
 #[cfg(test)]
-fn test_random() -> impl FnMut(u64) -> u64 {
+pub(crate) fn test_random() -> impl FnMut(u64) -> u64 {
     let mut seed = 0x2545_f491_4f6c_dd1d_u64;
     move |below| {
         seed ^= seed << 13;

@@ -219,9 +219,17 @@ pub fn sync_dir(dir: &Path) -> std::io::Result<()> {
 /// Its sync writes the file's size as well, which costs less than writing as many
 /// zeros first (measured, 8 clients enqueueing 100 items per request: zero-filling
 /// for every write cost 10–15% of the rate).
+///
+/// Where the filesystem takes them (Linux, `O_DIRECT`), writes go straight to the
+/// disk instead of through the page cache ([`Direct`]): the log is written once and
+/// read only at start-up, so caching it buys nothing, and the `fdatasync` after a
+/// buffered write spends its CPU on writing the dirty pages back (measured: a 2 KB
+/// write and its sync took ~36 µs of CPU and ~84 µs buffered, ~19 µs and ~60 µs
+/// direct). Elsewhere, or once a direct write is refused, writes are buffered.
 pub struct Segment {
     pub number: u64,
     file: File,
+    direct: Option<Direct>,
     /// Where the next frame goes: the end of the frames.
     end: u64,
     /// The file's length: zeros from `end` to here.
@@ -230,6 +238,14 @@ pub struct Segment {
 
 impl Segment {
     pub fn create(dir: &Path, number: u64) -> std::io::Result<Segment> {
+        let mut segment = Segment::create_buffered(dir, number)?;
+        segment.direct = Direct::open(&path_of(dir, number));
+        Ok(segment)
+    }
+
+    /// A segment whose writes go through the page cache, as on a filesystem that
+    /// refuses direct writes.
+    fn create_buffered(dir: &Path, number: u64) -> std::io::Result<Segment> {
         let path = path_of(dir, number);
         // An empty file of this number is left by an attempt that failed after
         // creating it (its directory sync, say); one that holds data is never reused.
@@ -249,6 +265,7 @@ impl Segment {
         Ok(Segment {
             number,
             file,
+            direct: None,
             end: 0,
             zeroed_to: 0,
         })
@@ -263,6 +280,7 @@ impl Segment {
         Ok(Segment {
             number,
             file: File::open(&path)?,
+            direct: None,
             end: 0,
             zeroed_to: 0,
         })
@@ -272,13 +290,35 @@ impl Segment {
     /// error, the next call writes at the same place again.
     pub fn append_durably(&mut self, data: &[u8]) -> std::io::Result<()> {
         let end = self.end + data.len() as u64;
-        if end > self.zeroed_to && data.len() < ZERO_FILL_BELOW {
-            self.zero_fill(end + ZERO_AHEAD)?;
-        }
-        self.file.write_all_at(data, self.end)?;
+        let room_to = if end > self.zeroed_to && data.len() < ZERO_FILL_BELOW {
+            end + ZERO_AHEAD
+        } else {
+            end
+        };
+        let written_to = match &mut self.direct {
+            Some(direct) => match direct.write(self.end, data, room_to) {
+                Ok(written_to) => written_to,
+                Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+                    tracing::warn!(error = %e, "the log's filesystem refused a direct write; writing through the page cache");
+                    self.direct = None;
+                    return self.append_durably(data);
+                }
+                Err(e) => return Err(e),
+            },
+            None => {
+                if room_to > end {
+                    self.zero_fill(room_to)?;
+                }
+                self.file.write_all_at(data, self.end)?;
+                room_to
+            }
+        };
         self.file.sync_data()?;
+        if let Some(direct) = &mut self.direct {
+            direct.advance(self.end, data);
+        }
         self.end = end;
-        self.zeroed_to = self.zeroed_to.max(end);
+        self.zeroed_to = self.zeroed_to.max(written_to);
         Ok(())
     }
 
@@ -292,9 +332,113 @@ impl Segment {
             self.file.write_all_at(&ZEROS[..n], at)?;
             at += n as u64;
         }
-        self.zeroed_to = to;
         Ok(())
     }
+
+    #[cfg(test)]
+    fn is_direct(&self) -> bool {
+        self.direct.is_some()
+    }
+}
+
+/// Direct writes are whole blocks at block offsets from block-aligned memory; 4096
+/// bytes is a multiple of every logical block size in use.
+const BLOCK: u64 = 4096;
+/// The aligned buffer holds a small write with the zeros of a new room: one write.
+const WINDOW: usize = ZERO_AHEAD as usize + ZERO_FILL_BELOW + 2 * BLOCK as usize;
+
+/// A log file's direct-write side: the file opened with `O_DIRECT`, an aligned
+/// buffer, and the bytes of the partial block the frames end in, which each write
+/// starts with (it rewrites them as they are, so a torn write cannot change them).
+struct Direct {
+    file: File,
+    /// `WINDOW` bytes from `start` are block-aligned in memory. Never resized.
+    buf: Vec<u8>,
+    start: usize,
+    /// The frames' bytes from the start of the block that holds their end.
+    tail: Vec<u8>,
+}
+
+impl Direct {
+    /// `None` where the file cannot be opened for direct writes.
+    fn open(path: &Path) -> Option<Direct> {
+        #[cfg(target_os = "linux")]
+        {
+            use std::os::unix::fs::OpenOptionsExt;
+            let file = match OpenOptions::new()
+                .write(true)
+                .custom_flags(libc::O_DIRECT)
+                .open(path)
+            {
+                Ok(file) => file,
+                Err(e) => {
+                    tracing::info!(error = %e, "the log's filesystem takes no direct writes; writing through the page cache");
+                    return None;
+                }
+            };
+            let buf = vec![0u8; WINDOW + BLOCK as usize];
+            let start = (BLOCK as usize - buf.as_ptr().addr() % BLOCK as usize) % BLOCK as usize;
+            Some(Direct {
+                file,
+                buf,
+                start,
+                tail: Vec::with_capacity(BLOCK as usize),
+            })
+        }
+        #[cfg(not(target_os = "linux"))]
+        {
+            let _ = path;
+            None
+        }
+    }
+
+    /// Writes the frames' tail, `data` after it (at `end`) and zeros up to `room_to`,
+    /// from the block the tail starts in, in whole blocks; returns where the writes
+    /// ended (the file's length, if they grew it). Syncing is the caller's.
+    fn write(&mut self, end: u64, data: &[u8], room_to: u64) -> std::io::Result<u64> {
+        let base = end - end % BLOCK;
+        debug_assert_eq!((end - base) as usize, self.tail.len());
+        let stop = (room_to.max(end + data.len() as u64)).next_multiple_of(BLOCK);
+        let total = (stop - base) as usize;
+        let mut done = 0;
+        while done < total {
+            let n = (total - done).min(WINDOW);
+            let window = &mut self.buf[self.start..self.start + n];
+            fill(window, done, &self.tail, data);
+            self.file.write_all_at(window, base + done as u64)?;
+            done += n;
+        }
+        Ok(stop)
+    }
+
+    /// The tail once `data` is written after `end`.
+    fn advance(&mut self, end: u64, data: &[u8]) {
+        let tail_len = ((end + data.len() as u64) % BLOCK) as usize;
+        if data.len() >= tail_len {
+            self.tail.clear();
+            self.tail.extend_from_slice(&data[data.len() - tail_len..]);
+        } else {
+            // The new end is in the same block as the old one.
+            self.tail.extend_from_slice(data);
+        }
+        debug_assert_eq!(self.tail.len(), tail_len);
+    }
+}
+
+/// Fills `window` with the bytes from `from` on of the stream `tail`, `data`, then
+/// zeros.
+fn fill(window: &mut [u8], from: usize, tail: &[u8], data: &[u8]) {
+    let (mut at, mut filled, mut part_start) = (from, 0, 0);
+    for part in [tail, data] {
+        let part_end = part_start + part.len();
+        if at < part_end && filled < window.len() {
+            let n = (part_end - at).min(window.len() - filled);
+            window[filled..filled + n].copy_from_slice(&part[at - part_start..][..n]);
+            (filled, at) = (filled + n, at + n);
+        }
+        part_start = part_end;
+    }
+    window[filled..].fill(0);
 }
 
 #[cfg(test)]
@@ -392,33 +536,88 @@ mod tests {
         assert_eq!(ending, Ending::Clean);
     }
 
+    /// A segment written directly where this filesystem takes direct writes (checked
+    /// on a file beside it), and one written through the page cache.
+    fn both_kinds(dir: &Path) -> [Segment; 2] {
+        let probe = dir.join("probe");
+        File::create(&probe).unwrap();
+        let direct = Segment::create(dir, 1).unwrap();
+        assert_eq!(
+            direct.is_direct(),
+            Direct::open(&probe).is_some(),
+            "direct writes wherever the filesystem takes them"
+        );
+        [direct, Segment::create_buffered(dir, 2).unwrap()]
+    }
+
     /// The file keeps zeroed room ahead of small writes, a big write past the room
     /// grows the file itself, and reading ends cleanly where the zeros start.
     #[test]
     fn a_log_file_is_zero_filled_ahead_of_small_writes() {
         let dir = tempfile::tempdir().unwrap();
-        let path = path_of(dir.path(), 1);
-        let mut segment = Segment::create(dir.path(), 1).unwrap();
-        let (mut expected, mut frames_len) = (Vec::new(), 0);
-        let big = "y".repeat(ZERO_AHEAD as usize);
-        let small = "s".repeat(ZERO_FILL_BELOW / 2);
-        // Two small writes in one room, a big one past it, small ones after it.
-        for value in ["x", small.as_str(), big.as_str(), "z", "w"] {
-            let mut buf = Vec::new();
-            put(&[("k", Some(value))], &mut buf);
-            segment.append_durably(&buf).unwrap();
-            frames_len += buf.len();
-            expected.push(owned(&[("k", Some(value))]));
-            let file_len = std::fs::metadata(&path).unwrap().len();
-            let (batches, ending) = read(&path);
-            assert_eq!(batches, expected);
-            assert_eq!(ending.frames_len(file_len), frames_len as u64);
-            if value == big {
-                assert_eq!(file_len, frames_len as u64, "the big write grew the file");
-                assert_eq!(ending, Ending::Clean);
-            } else {
-                assert!(file_len > frames_len as u64, "no room ahead of the frames");
-                assert_eq!(ending, Ending::Zeroed { offset: frames_len });
+        for mut segment in both_kinds(dir.path()) {
+            let path = path_of(dir.path(), segment.number);
+            let (mut expected, mut frames_len) = (Vec::new(), 0);
+            let big = "y".repeat(ZERO_AHEAD as usize);
+            let small = "s".repeat(ZERO_FILL_BELOW / 2);
+            // Two small writes in one room, a big one past it, small ones after it.
+            for value in ["x", small.as_str(), big.as_str(), "z", "w"] {
+                let mut buf = Vec::new();
+                put(&[("k", Some(value))], &mut buf);
+                segment.append_durably(&buf).unwrap();
+                frames_len += buf.len() as u64;
+                expected.push(owned(&[("k", Some(value))]));
+                let file_len = std::fs::metadata(&path).unwrap().len();
+                let (batches, ending) = read(&path);
+                assert_eq!(batches, expected);
+                assert_eq!(ending.frames_len(file_len), frames_len);
+                if value == big {
+                    // To the end of its last block, when written directly.
+                    assert!(
+                        (frames_len..frames_len.next_multiple_of(BLOCK) + 1).contains(&file_len),
+                        "the big write grew the file to {file_len}, its frames end at {frames_len}"
+                    );
+                } else {
+                    assert!(file_len > frames_len, "no room ahead of the frames");
+                    assert_eq!(
+                        ending,
+                        Ending::Zeroed {
+                            offset: frames_len as usize
+                        }
+                    );
+                }
+            }
+        }
+    }
+
+    /// Writes of every size, ending inside a block or on its end, small ones and ones
+    /// bigger than the direct-write buffer: the file holds exactly what was written,
+    /// then zeros, after each of them, written directly or not.
+    #[test]
+    fn the_file_holds_every_write_and_zeros_after_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut random = crate::engine::test_random();
+        for mut segment in both_kinds(dir.path()) {
+            let path = path_of(dir.path(), segment.number);
+            let mut expected: Vec<u8> = Vec::new();
+            for step in 0..120u64 {
+                let len = match random(10) {
+                    0..4 => 1 + random(300),
+                    4..7 => random(6000),
+                    7 | 8 => BLOCK - expected.len() as u64 % BLOCK,
+                    _ => ZERO_FILL_BELOW as u64 + random(WINDOW as u64 + 3 * BLOCK),
+                };
+                let data: Vec<u8> = (0..len).map(|i| (step + i) as u8 | 1).collect();
+                segment.append_durably(&data).unwrap();
+                expected.extend_from_slice(&data);
+                if step % 10 == 9 || len > ZERO_FILL_BELOW as u64 {
+                    let bytes = std::fs::read(&path).unwrap();
+                    assert_eq!(&bytes[..expected.len()], &expected[..], "step {step}");
+                    assert!(
+                        bytes[expected.len()..].iter().all(|&b| b == 0),
+                        "step {step}: only zeros after the writes"
+                    );
+                }
             }
         }
     }
