@@ -622,6 +622,28 @@ mod tests {
         }
     }
 
+    /// A filesystem that opens a file for direct writes and then refuses one (here the
+    /// kernel refuses a buffer off its alignment, `EINVAL`): that write goes through the
+    /// page cache instead, whole, and so do the ones after it.
+    #[test]
+    fn a_refused_direct_write_goes_through_the_page_cache() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = path_of(dir.path(), 1);
+        let mut segment = Segment::create(dir.path(), 1).unwrap();
+        if let Some(direct) = &mut segment.direct {
+            direct.start += 1;
+        }
+        let mut expected = Vec::new();
+        for data in [&b"first"[..], b"second", &[7; 5000]] {
+            segment.append_durably(data).unwrap();
+            expected.extend_from_slice(data);
+            assert!(!segment.is_direct(), "back to buffered writes");
+            let bytes = std::fs::read(&path).unwrap();
+            assert_eq!(&bytes[..expected.len()], &expected[..]);
+            assert!(bytes[expected.len()..].iter().all(|&b| b == 0));
+        }
+    }
+
     /// A new log file may reuse an empty file of its number (left by a failed attempt),
     /// never one that holds data.
     #[test]
