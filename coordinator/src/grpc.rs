@@ -12,6 +12,7 @@ use workq_proto::pb;
 use crate::engine::{self, Engine, OptionsPatch, QueueView};
 use crate::error::Error;
 use crate::http::metrics;
+use crate::stream::EnqueueInput;
 
 /// The one mapping from domain errors to gRPC status codes.
 pub fn status(error: Error) -> Status {
@@ -144,15 +145,6 @@ pub fn item_pb(queue: &str, item: engine::Item) -> pb::Item {
         key: item.key,
         result: outcome.result,
         last_error: outcome.last_error,
-    }
-}
-
-pub fn new_item(i: pb::NewItem) -> engine::NewItem {
-    engine::NewItem {
-        payload: i.payload,
-        priority: i.priority,
-        delay_ms: i.delay_ms,
-        key: i.key,
     }
 }
 
@@ -342,12 +334,16 @@ impl pb::work_q_server::WorkQ for Service {
 
     async fn enqueue(&self, request: Request<pb::EnqueueRequest>) -> Reply<pb::EnqueueResponse> {
         let r = request.into_inner();
-        let items = r.items.into_iter().map(new_item).collect();
+        let read = r.read()?;
+        let (results, ticket) = self
+            .engine
+            .enqueue_unsynced(read.queue, read.items, read.seal)
+            .map_err(status)?;
         reply(
             self.engine
-                .enqueue(&r.queue, items, r.seal)
+                .sync(ticket)
                 .await
-                .map(enqueue_response),
+                .map(|()| enqueue_response(results)),
         )
     }
 

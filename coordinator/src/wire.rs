@@ -17,7 +17,7 @@ use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use bytes::{Bytes, BytesMut};
+use bytes::BytesMut;
 use futures_util::stream;
 use prost::Message;
 use tokio::io::AsyncWriteExt;
@@ -94,7 +94,7 @@ pub async fn serve(
     let requests = Requests::new(frames, stop);
     match call {
         pb::WireCall::EnqueueStream => {
-            let mut requests = requests.messages(|body| Ok(InPlace(body.freeze())));
+            let mut requests = requests.messages(|body| Ok(InPlace(body)));
             crate::stream::enqueue_stream(engine.clone(), &mut requests, &mut out).await;
             Replies::<pb::EnqueueResponse>::send(&mut out, Err(requests.ending())).await;
         }
@@ -113,7 +113,7 @@ pub async fn serve(
 
 /// An `EnqueueRequest` frame, read in place when the session takes it: the items'
 /// payloads stay slices of the frame until the engine copies each into its record.
-struct InPlace(Bytes);
+struct InPlace(BytesMut);
 
 impl EnqueueInput for InPlace {
     fn read(&self) -> Result<ReadEnqueue<'_>, Status> {
