@@ -297,27 +297,51 @@ fn slot_hash(slot: &Slot) -> u64 {
 }
 
 /// A queue's items by id.
+///
+/// A hash table grows by moving every bucket into a table twice its size, at once. For
+/// a table of millions of items that is tens of milliseconds under the queue's lock,
+/// with every caller of the queue waiting. So past [`Items::SPLIT_AT`] items a queue's
+/// items are spread over [`Items::SHARDS`] tables by their id's hash (a run of 64 ids
+/// stays in one): each grows on its own, moving its share only, and the shares cross
+/// their thresholds at different times. A small queue keeps one table, so it costs no
+/// more than before.
 #[derive(Default)]
 pub struct Items {
-    records: HashTable<Slot>,
+    /// None, one, or [`Items::SHARDS`].
+    tables: Vec<HashTable<Slot>>,
+    len: usize,
     extras: ExtrasSlab,
 }
 
 impl Items {
+    /// Tables of a large queue.
+    const SHARDS: usize = 256;
+    /// Items at which one table becomes [`Items::SHARDS`].
+    const SPLIT_AT: usize = 8192;
+
     pub fn len(&self) -> usize {
-        self.records.len()
+        self.len
     }
 
     pub fn is_empty(&self) -> bool {
-        self.records.is_empty()
+        self.len == 0
     }
 
+    /// Room for `additional` more items (recovery): each table gets its share and an
+    /// eighth more, as shares are uneven.
     pub fn reserve(&mut self, additional: usize) {
-        self.records.reserve(additional, slot_hash);
+        self.make_room(self.len + additional);
+        let share = match self.tables.len() {
+            1 => additional,
+            n => additional.div_ceil(n) * 9 / 8,
+        };
+        for table in &mut self.tables {
+            table.reserve(share, slot_hash);
+        }
     }
 
     pub fn ids(&self) -> impl Iterator<Item = u64> + '_ {
-        self.records.iter().map(|slot| slot.id)
+        self.slots().map(|slot| slot.id)
     }
 
     pub fn get(&self, id: u64) -> Option<ItemView<'_>> {
@@ -325,7 +349,7 @@ impl Items {
     }
 
     pub fn iter(&self) -> impl Iterator<Item = ItemView<'_>> + '_ {
-        self.records.iter().map(|slot| self.view(slot))
+        self.slots().map(|slot| self.view(slot))
     }
 
     pub fn header(&self, id: u64) -> Option<Header> {
@@ -333,8 +357,10 @@ impl Items {
     }
 
     pub fn get_mut(&mut self, id: u64) -> Option<ItemMut<'_>> {
-        let Items { records, extras } = self;
-        let slot = records.find_mut(hash_id(id), |s| s.id == id)?;
+        let hash = hash_id(id);
+        let table = self.table_of(hash);
+        let Items { tables, extras, .. } = self;
+        let slot = tables.get_mut(table)?.find_mut(hash, |s| s.id == id)?;
         Some(ItemMut {
             id,
             record: &mut slot.record,
@@ -361,13 +387,17 @@ impl Items {
         if let Some(extras) = extras {
             set_extras_slot(&mut record, self.extras.add(extras));
         }
-        match self.records.entry(hash_id(id), |s| s.id == id, slot_hash) {
+        self.make_room(self.len + 1);
+        let hash = hash_id(id);
+        let table = self.table_of(hash);
+        match self.tables[table].entry(hash, |s| s.id == id, slot_hash) {
             Entry::Occupied(mut old) => {
                 self.extras.take(extras_slot(&old.get().record));
                 old.get_mut().record = record;
             }
             Entry::Vacant(vacant) => {
                 vacant.insert(Slot { id, record });
+                self.len += 1;
             }
         }
     }
@@ -375,34 +405,72 @@ impl Items {
     /// Removes an item; returns its extras (empty for an item without any), or `None`
     /// when there was no such item.
     pub fn remove(&mut self, id: u64) -> Option<Extras> {
+        let hash = hash_id(id);
+        let table = self.table_of(hash);
         let (slot, _) = self
-            .records
-            .find_entry(hash_id(id), |s| s.id == id)
+            .tables
+            .get_mut(table)?
+            .find_entry(hash, |s| s.id == id)
             .ok()?
             .remove();
+        self.len -= 1;
         let extras = self.extras.take(extras_slot(&slot.record));
         Some(extras.map(|e| *e).unwrap_or_default())
     }
 
-    /// Every record's extras slot holds its extras, and the slab holds nothing else.
+    /// Every record's extras slot holds its extras, the slab holds nothing else, and
+    /// every id is in the table its hash names.
     #[cfg(test)]
     pub fn check(&self) {
         let mut with_extras = 0;
-        for Slot { id, record } in self.records.iter() {
-            let slot = extras_slot(record);
-            if slot != 0 {
-                assert!(
-                    self.extras.get(slot).is_some(),
-                    "item {id}: empty slot {slot}"
-                );
-                with_extras += 1;
+        for (index, table) in self.tables.iter().enumerate() {
+            for Slot { id, record } in table.iter() {
+                assert_eq!(self.table_of(hash_id(*id)), index, "item {id}: table");
+                let slot = extras_slot(record);
+                if slot != 0 {
+                    assert!(
+                        self.extras.get(slot).is_some(),
+                        "item {id}: empty slot {slot}"
+                    );
+                    with_extras += 1;
+                }
             }
         }
+        assert_eq!(self.slots().count(), self.len, "len");
         assert_eq!(self.extras.len(), with_extras, "extras without an item");
     }
 
+    /// The table an id's hash belongs in. Bits 40 and up: the tables use the low bits
+    /// for a bucket's position and the top seven for its tag.
+    fn table_of(&self, hash: u64) -> usize {
+        (hash >> 40) as usize & self.tables.len().saturating_sub(1)
+    }
+
+    /// Makes the tables ready for `len` items: the first table, or the split.
+    fn make_room(&mut self, len: usize) {
+        if self.tables.is_empty() {
+            self.tables.push(HashTable::new());
+        }
+        if self.tables.len() == 1 && len > Self::SPLIT_AT {
+            let one = std::mem::take(&mut self.tables);
+            self.tables = (0..Self::SHARDS).map(|_| HashTable::new()).collect();
+            for slot in one.into_iter().flat_map(HashTable::into_iter) {
+                let hash = hash_id(slot.id);
+                let table = self.table_of(hash);
+                self.tables[table].insert_unique(hash, slot, slot_hash);
+            }
+        }
+    }
+
+    fn slots(&self) -> impl Iterator<Item = &Slot> + '_ {
+        self.tables.iter().flat_map(HashTable::iter)
+    }
+
     fn slot(&self, id: u64) -> Option<&Slot> {
-        self.records.find(hash_id(id), |s| s.id == id)
+        let hash = hash_id(id);
+        self.tables
+            .get(self.table_of(hash))?
+            .find(hash, |s| s.id == id)
     }
 
     fn record(&self, id: u64) -> Option<&[u8]> {
@@ -706,6 +774,104 @@ mod tests {
             "only {} of 1024 buckets",
             buckets.len()
         );
+    }
+
+    /// Through the split from one table to many: inserts, replacements and removals
+    /// checked against a map, every id in the table its hash names.
+    #[test]
+    fn items_match_a_map_through_the_split_into_tables() {
+        let mut random = crate::engine::test_random();
+        let mut items = Items::default();
+        let mut model: std::collections::HashMap<u64, (u8, bool)> = Default::default();
+        let mut next_id = 1u64 << 32;
+        for step in 0..40_000u64 {
+            match random(10) {
+                0..6 => {
+                    // Ids arrive in runs with gaps, as when queues share the counter.
+                    next_id += 1 + random(3) * random(2) * 60;
+                    let keyed = random(5) == 0;
+                    let extras = Extras {
+                        key: if keyed {
+                            format!("k{next_id}")
+                        } else {
+                            String::new()
+                        },
+                        ..Extras::default()
+                    };
+                    items.insert(next_id, header(State::Ready), &[step as u8], extras);
+                    model.insert(next_id, (step as u8, keyed));
+                }
+                6 if !model.is_empty() => {
+                    let id = next_id - random(next_id.min(5_000));
+                    if model.contains_key(&id) {
+                        items.insert(id, header(State::Done), &[7], Extras::default());
+                        model.insert(id, (7, false));
+                    }
+                }
+                _ => {
+                    let id = next_id - random(next_id.min(50_000));
+                    assert_eq!(items.remove(id).is_some(), model.remove(&id).is_some());
+                }
+            }
+            if step % 4_999 == 0 {
+                items.check();
+            }
+        }
+        assert_eq!(items.tables.len(), Items::SHARDS, "split");
+        items.check();
+        assert_eq!(items.len(), model.len());
+        for (&id, &(byte, keyed)) in &model {
+            let view = items.get(id).unwrap();
+            assert_eq!((view.payload, !view.key.is_empty()), (&[byte][..], keyed));
+        }
+        let mut ids: Vec<u64> = items.ids().collect();
+        ids.sort_unstable();
+        let mut expected: Vec<u64> = model.keys().copied().collect();
+        expected.sort_unstable();
+        assert_eq!(ids, expected);
+    }
+
+    #[test]
+    fn a_large_queue_spreads_over_tables_that_grow_alone() {
+        let mut items = Items::default();
+        items.reserve(10);
+        assert_eq!(items.tables.len(), 1, "a small queue keeps one table");
+        let mut sizes = Vec::new();
+        for id in 0..Items::SPLIT_AT as u64 * 8 {
+            items.insert(id, header(State::Ready), b"", Extras::default());
+            if id == Items::SPLIT_AT as u64 {
+                assert_eq!(items.tables.len(), Items::SHARDS);
+                items.check();
+            }
+        }
+        // A run of 64 ids shares a table.
+        for run in [0u64, 64, 6400] {
+            let table = items.table_of(hash_id(run));
+            assert!((run..run + 64).all(|id| items.table_of(hash_id(id)) == table));
+        }
+        for table in &items.tables {
+            sizes.push((table.len(), table.capacity()));
+        }
+        let mean = items.len() / Items::SHARDS;
+        assert!(
+            sizes
+                .iter()
+                .all(|&(len, _)| len > mean / 3 && len < mean * 3),
+            "uneven tables: {sizes:?}"
+        );
+        let capacities: std::collections::HashSet<usize> = sizes.iter().map(|s| s.1).collect();
+        assert!(
+            capacities.len() > 1,
+            "the tables grew in step: {capacities:?}"
+        );
+        items.reserve(100_000);
+        assert!(
+            items
+                .tables
+                .iter()
+                .all(|t| t.capacity() >= t.len() + 100_000 / Items::SHARDS)
+        );
+        items.check();
     }
 
     #[test]
