@@ -5,7 +5,8 @@
 //! its payload, in one `Box<[u8]>`, and the records sit in a hash table whose bucket
 //! is the item's id beside the record's pointer and length ([`Items`]): finding an
 //! item, telling apart two ids that share a tag and moving buckets when the table grows
-//! all read the bucket alone, never a record. What only some items have (a dedup key, a live lease, what past
+//! all read the bucket alone, never a record. A large queue's table is 256 tables that
+//! grow one at a time, so growing never stops the queue for long. What only some items have (a dedup key, a live lease, what past
 //! deliveries left) is a boxed [`Extras`] in a slab, its slot's number in the record's
 //! header (0 for the many items without): reaching it is an array index, not a second
 //! hash lookup. The engine reads items through [`ItemView`], which an owned [`Item`]
