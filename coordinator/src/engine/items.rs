@@ -23,8 +23,7 @@ use std::cmp::Reverse;
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::hash::{BuildHasher, BuildHasherDefault};
 
-use hashbrown::HashTable;
-use hashbrown::hash_table::Entry;
+use super::split::Split;
 
 use super::queue::{IdHasher, Item, LeaseInfo, Outcome, State};
 
@@ -297,52 +296,28 @@ fn slot_hash(slot: &Slot) -> u64 {
     hash_id(slot.id)
 }
 
-/// A queue's items by id.
-///
-/// A hash table grows by moving every bucket into a table twice its size, at once. For
-/// a table of millions of items that is tens of milliseconds under the queue's lock,
-/// with every caller of the queue waiting. So past [`Items::SPLIT_AT`] items a queue's
-/// items are spread over [`Items::SHARDS`] tables by their id's hash (a run of 64 ids
-/// stays in one): each grows on its own, moving its share only, and the shares cross
-/// their thresholds at different times. A small queue keeps one table, so it costs no
-/// more than before.
+/// A queue's items by id, in tables that grow a share at a time (see [`Split`]).
 #[derive(Default)]
 pub struct Items {
-    /// None, one, or [`Items::SHARDS`].
-    tables: Vec<HashTable<Slot>>,
-    len: usize,
+    records: Split<Slot>,
     extras: ExtrasSlab,
 }
 
 impl Items {
-    /// Tables of a large queue.
-    const SHARDS: usize = 256;
-    /// Items at which one table becomes [`Items::SHARDS`].
-    const SPLIT_AT: usize = 8192;
-
     pub fn len(&self) -> usize {
-        self.len
+        self.records.len()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.len == 0
+        self.records.is_empty()
     }
 
-    /// Room for `additional` more items (recovery): each table gets its share and an
-    /// eighth more, as shares are uneven.
     pub fn reserve(&mut self, additional: usize) {
-        self.make_room(self.len + additional);
-        let share = match self.tables.len() {
-            1 => additional,
-            n => additional.div_ceil(n) * 9 / 8,
-        };
-        for table in &mut self.tables {
-            table.reserve(share, slot_hash);
-        }
+        self.records.reserve(additional, slot_hash);
     }
 
     pub fn ids(&self) -> impl Iterator<Item = u64> + '_ {
-        self.slots().map(|slot| slot.id)
+        self.records.iter().map(|slot| slot.id)
     }
 
     pub fn get(&self, id: u64) -> Option<ItemView<'_>> {
@@ -350,7 +325,7 @@ impl Items {
     }
 
     pub fn iter(&self) -> impl Iterator<Item = ItemView<'_>> + '_ {
-        self.slots().map(|slot| self.view(slot))
+        self.records.iter().map(|slot| self.view(slot))
     }
 
     pub fn header(&self, id: u64) -> Option<Header> {
@@ -358,10 +333,8 @@ impl Items {
     }
 
     pub fn get_mut(&mut self, id: u64) -> Option<ItemMut<'_>> {
-        let hash = hash_id(id);
-        let table = self.table_of(hash);
-        let Items { tables, extras, .. } = self;
-        let slot = tables.get_mut(table)?.find_mut(hash, |s| s.id == id)?;
+        let Items { records, extras } = self;
+        let slot = records.find_mut(hash_id(id), |s| s.id == id)?;
         Some(ItemMut {
             id,
             record: &mut slot.record,
@@ -388,90 +361,44 @@ impl Items {
         if let Some(extras) = extras {
             set_extras_slot(&mut record, self.extras.add(extras));
         }
-        self.make_room(self.len + 1);
-        let hash = hash_id(id);
-        let table = self.table_of(hash);
-        match self.tables[table].entry(hash, |s| s.id == id, slot_hash) {
-            Entry::Occupied(mut old) => {
-                self.extras.take(extras_slot(&old.get().record));
-                old.get_mut().record = record;
-            }
-            Entry::Vacant(vacant) => {
-                vacant.insert(Slot { id, record });
-                self.len += 1;
-            }
+        let slot = Slot { id, record };
+        if let Some(old) = self
+            .records
+            .insert(hash_id(id), slot, |s| s.id == id, slot_hash)
+        {
+            self.extras.take(extras_slot(&old.record));
         }
     }
 
     /// Removes an item; returns its extras (empty for an item without any), or `None`
     /// when there was no such item.
     pub fn remove(&mut self, id: u64) -> Option<Extras> {
-        let hash = hash_id(id);
-        let table = self.table_of(hash);
-        let (slot, _) = self
-            .tables
-            .get_mut(table)?
-            .find_entry(hash, |s| s.id == id)
-            .ok()?
-            .remove();
-        self.len -= 1;
+        let slot = self.records.remove(hash_id(id), |s| s.id == id)?;
         let extras = self.extras.take(extras_slot(&slot.record));
         Some(extras.map(|e| *e).unwrap_or_default())
     }
 
     /// Every record's extras slot holds its extras, the slab holds nothing else, and
-    /// every id is in the table its hash names.
+    /// the tables are in order.
     #[cfg(test)]
     pub fn check(&self) {
         let mut with_extras = 0;
-        for (index, table) in self.tables.iter().enumerate() {
-            for Slot { id, record } in table.iter() {
-                assert_eq!(self.table_of(hash_id(*id)), index, "item {id}: table");
-                let slot = extras_slot(record);
-                if slot != 0 {
-                    assert!(
-                        self.extras.get(slot).is_some(),
-                        "item {id}: empty slot {slot}"
-                    );
-                    with_extras += 1;
-                }
+        for Slot { id, record } in self.records.iter() {
+            let slot = extras_slot(record);
+            if slot != 0 {
+                assert!(
+                    self.extras.get(slot).is_some(),
+                    "item {id}: empty slot {slot}"
+                );
+                with_extras += 1;
             }
         }
-        assert_eq!(self.slots().count(), self.len, "len");
         assert_eq!(self.extras.len(), with_extras, "extras without an item");
-    }
-
-    /// The table an id's hash belongs in. Bits 40 and up: the tables use the low bits
-    /// for a bucket's position and the top seven for its tag.
-    fn table_of(&self, hash: u64) -> usize {
-        (hash >> 40) as usize & self.tables.len().saturating_sub(1)
-    }
-
-    /// Makes the tables ready for `len` items: the first table, or the split.
-    fn make_room(&mut self, len: usize) {
-        if self.tables.is_empty() {
-            self.tables.push(HashTable::new());
-        }
-        if self.tables.len() == 1 && len > Self::SPLIT_AT {
-            let one = std::mem::take(&mut self.tables);
-            self.tables = (0..Self::SHARDS).map(|_| HashTable::new()).collect();
-            for slot in one.into_iter().flat_map(HashTable::into_iter) {
-                let hash = hash_id(slot.id);
-                let table = self.table_of(hash);
-                self.tables[table].insert_unique(hash, slot, slot_hash);
-            }
-        }
-    }
-
-    fn slots(&self) -> impl Iterator<Item = &Slot> + '_ {
-        self.tables.iter().flat_map(HashTable::iter)
+        self.records.check(slot_hash);
     }
 
     fn slot(&self, id: u64) -> Option<&Slot> {
-        let hash = hash_id(id);
-        self.tables
-            .get(self.table_of(hash))?
-            .find(hash, |s| s.id == id)
+        self.records.find(hash_id(id), |s| s.id == id)
     }
 
     fn record(&self, id: u64) -> Option<&[u8]> {
@@ -481,6 +408,64 @@ impl Items {
     fn view<'a>(&'a self, slot: &'a Slot) -> ItemView<'a> {
         let extras = self.extras.get(extras_slot(&slot.record));
         ItemView::new(slot.id, &slot.record, extras)
+    }
+}
+
+/// A queue's dedup keys: each key's hash beside the id of the item that carries it,
+/// 16 bytes a key. The key itself is kept once, in the item's extras, and is read
+/// only to confirm a match of the full 64-bit hash, so adding a new key reads no item
+/// and growing the tables moves hashes and ids without hashing a key again. The hash
+/// is SipHash with this queue's own random keys: clients choose the keys.
+#[derive(Default)]
+pub struct Keys<S = std::hash::RandomState> {
+    hasher: S,
+    entries: Split<(u64, u64)>,
+}
+
+fn key_entry_hash(entry: &(u64, u64)) -> u64 {
+    entry.0
+}
+
+impl<S: BuildHasher> Keys<S> {
+    /// The item that carries `key`.
+    pub fn get(&self, key: &str, items: &Items) -> Option<u64> {
+        let hash = self.hasher.hash_one(key);
+        let carries =
+            |&(h, id): &(u64, u64)| h == hash && items.get(id).is_some_and(|item| item.key == key);
+        self.entries.find(hash, carries).map(|&(_, id)| id)
+    }
+
+    /// Makes `id` the item that carries `key`, in place of any other. The items
+    /// already keyed must be in `items`; item `id` need not be yet.
+    pub fn insert(&mut self, key: &str, id: u64, items: &Items) {
+        let hash = self.hasher.hash_one(key);
+        let carries = |&(h, other): &(u64, u64)| {
+            h == hash && items.get(other).is_some_and(|item| item.key == key)
+        };
+        self.entries
+            .insert(hash, (hash, id), carries, key_entry_hash);
+    }
+
+    /// Forgets `key` if item `id` is the one that carries it. Reads no item, so it
+    /// works after the item is gone.
+    pub fn remove(&mut self, key: &str, id: u64) {
+        let hash = self.hasher.hash_one(key);
+        self.entries.remove(hash, |&entry| entry == (hash, id));
+    }
+
+    /// Every key maps to an item that carries it.
+    #[cfg(test)]
+    pub fn check(&self, items: &Items) {
+        for &(hash, id) in self.entries.iter() {
+            let item = items.get(id).expect("keyed item exists");
+            assert_eq!(self.hasher.hash_one(item.key), hash, "item {id}: key");
+        }
+        self.entries.check(key_entry_hash);
+    }
+
+    #[cfg(test)]
+    pub fn count(&self) -> usize {
+        self.entries.len()
     }
 }
 
@@ -664,6 +649,7 @@ impl Level {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::engine::split;
 
     fn header(state: State) -> Header {
         Header {
@@ -777,8 +763,9 @@ mod tests {
         );
     }
 
-    /// Through the split from one table to many: inserts, replacements and removals
-    /// checked against a map, every id in the table its hash names.
+    /// Items through the split into many tables (see `split`): records, extras and
+    /// keys checked against a map, with ids in runs with gaps as when queues share the
+    /// id counter.
     #[test]
     fn items_match_a_map_through_the_split_into_tables() {
         let mut random = crate::engine::test_random();
@@ -788,7 +775,6 @@ mod tests {
         for step in 0..40_000u64 {
             match random(10) {
                 0..6 => {
-                    // Ids arrive in runs with gaps, as when queues share the counter.
                     next_id += 1 + random(3) * random(2) * 60;
                     let keyed = random(5) == 0;
                     let extras = Extras {
@@ -818,7 +804,7 @@ mod tests {
                 items.check();
             }
         }
-        assert_eq!(items.tables.len(), Items::SHARDS, "split");
+        assert_eq!(items.records.tables().len(), split::SHARDS, "split");
         items.check();
         assert_eq!(items.len(), model.len());
         for (&id, &(byte, keyed)) in &model {
@@ -832,47 +818,119 @@ mod tests {
         assert_eq!(ids, expected);
     }
 
+    fn keyed(key: &str) -> Extras {
+        Extras {
+            key: key.into(),
+            ..Extras::default()
+        }
+    }
+
+    /// Keys through the split into many tables: lookups, a key freed when its item
+    /// goes (and taken again), a key moved to another item, against a map.
     #[test]
-    fn a_large_queue_spreads_over_tables_that_grow_alone() {
-        let mut items = Items::default();
-        items.reserve(10);
-        assert_eq!(items.tables.len(), 1, "a small queue keeps one table");
-        let mut sizes = Vec::new();
-        for id in 0..Items::SPLIT_AT as u64 * 8 {
-            items.insert(id, header(State::Ready), b"", Extras::default());
-            if id == Items::SPLIT_AT as u64 {
-                assert_eq!(items.tables.len(), Items::SHARDS);
-                items.check();
+    fn keys_match_a_map_through_the_split_into_tables() {
+        let mut random = crate::engine::test_random();
+        let (mut items, mut keys) = (Items::default(), Keys::<std::hash::RandomState>::default());
+        let mut model: std::collections::HashMap<String, u64> = Default::default();
+        for id in 1..=30_000u64 {
+            let key = format!("key-{}", random(20_000));
+            match model.get(&key) {
+                Some(&carrier) => {
+                    assert_eq!(keys.get(&key, &items), Some(carrier), "dedup {key}");
+                    if random(2) == 0 {
+                        // The carrier goes: its key is free for the next item.
+                        let extras = items.remove(carrier).unwrap();
+                        keys.remove(&extras.key, carrier);
+                        model.remove(&key);
+                        assert_eq!(keys.get(&key, &items), None);
+                    }
+                }
+                None => {
+                    assert_eq!(keys.get(&key, &items), None, "new {key}");
+                    keys.insert(&key, id, &items);
+                    items.insert(id, header(State::Ready), b"", keyed(&key));
+                    model.insert(key, id);
+                }
             }
         }
-        // A run of 64 ids shares a table.
+        assert!(keys.count() > split::SPLIT_AT, "split");
+        keys.check(&items);
+        assert_eq!(keys.count(), model.len());
+        for (key, &id) in &model {
+            assert_eq!(keys.get(key, &items), Some(id));
+        }
+        // Removing with an id that does not carry the key changes nothing.
+        let (key, &id) = model.iter().next().unwrap();
+        keys.remove(key, id + 1);
+        assert_eq!(keys.get(key, &items), Some(id));
+        // Recovery may put a later item in place of the one carrying a key.
+        keys.insert(key, 99_999, &items);
+        items.insert(99_999, header(State::Ready), b"", keyed(key));
+        assert_eq!(keys.get(key, &items), Some(99_999));
+        assert_eq!(keys.count(), model.len(), "replaced, not added");
+    }
+
+    /// A hash that only counts bytes: keys of one length collide in full.
+    #[derive(Default)]
+    struct Crude(u64);
+
+    impl std::hash::Hasher for Crude {
+        fn finish(&self) -> u64 {
+            self.0
+        }
+
+        fn write(&mut self, bytes: &[u8]) {
+            self.0 += bytes.len() as u64;
+        }
+    }
+
+    #[test]
+    fn keys_whose_hashes_collide_are_told_apart_by_the_key() {
+        let mut keys: Keys<BuildHasherDefault<Crude>> = Keys::default();
+        let mut items = Items::default();
+        for id in 1..=9u64 {
+            let key = format!("k-{id}");
+            assert_eq!(keys.get(&key, &items), None);
+            keys.insert(&key, id, &items);
+            items.insert(id, header(State::Ready), b"", keyed(&key));
+        }
+        for id in 1..=9u64 {
+            assert_eq!(keys.get(&format!("k-{id}"), &items), Some(id));
+        }
+        assert_eq!(keys.get("k-0", &items), None);
+        keys.remove("k-4", 4);
+        items.remove(4);
+        assert_eq!(
+            (keys.get("k-4", &items), keys.get("k-5", &items)),
+            (None, Some(5))
+        );
+        keys.insert("k-5", 50, &items);
+        items.insert(50, header(State::Ready), b"", keyed("k-5"));
+        assert_eq!(
+            (keys.get("k-5", &items), keys.get("k-6", &items)),
+            (Some(50), Some(6))
+        );
+        assert_eq!(keys.count(), 8);
+        keys.check(&items);
+    }
+
+    #[test]
+    fn a_run_of_ids_shares_a_table() {
+        let mut items = Items::default();
+        for id in 0..split::SPLIT_AT as u64 * 2 {
+            items.insert(id, header(State::Ready), b"", Extras::default());
+        }
+        let tables = items.records.tables();
+        let table_of = |id: u64| {
+            tables
+                .iter()
+                .position(|t| t.find(hash_id(id), |s| s.id == id).is_some())
+                .unwrap()
+        };
         for run in [0u64, 64, 6400] {
-            let table = items.table_of(hash_id(run));
-            assert!((run..run + 64).all(|id| items.table_of(hash_id(id)) == table));
+            assert!((run..run + 64).all(|id| table_of(id) == table_of(run)));
         }
-        for table in &items.tables {
-            sizes.push((table.len(), table.capacity()));
-        }
-        let mean = items.len() / Items::SHARDS;
-        assert!(
-            sizes
-                .iter()
-                .all(|&(len, _)| len > mean / 3 && len < mean * 3),
-            "uneven tables: {sizes:?}"
-        );
-        let capacities: std::collections::HashSet<usize> = sizes.iter().map(|s| s.1).collect();
-        assert!(
-            capacities.len() > 1,
-            "the tables grew in step: {capacities:?}"
-        );
-        items.reserve(100_000);
-        assert!(
-            items
-                .tables
-                .iter()
-                .all(|t| t.capacity() >= t.len() + 100_000 / Items::SHARDS)
-        );
-        items.check();
+        assert_ne!(table_of(0), table_of(64 * 7), "runs spread");
     }
 
     #[test]

@@ -27,6 +27,7 @@ pub mod queue;
 #[cfg(test)]
 mod queue_tests;
 mod reaper;
+mod split;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};

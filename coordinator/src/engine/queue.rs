@@ -19,7 +19,7 @@ use std::collections::{BTreeSet, HashMap};
 use std::hash::Hasher;
 use std::sync::Arc;
 
-use super::items::{Extras, Header, ItemView, Items, ReadyIndex, Stored};
+use super::items::{Extras, Header, ItemView, Items, Keys, ReadyIndex, Stored};
 use super::limits;
 use crate::error::{Error, Result};
 
@@ -279,7 +279,7 @@ pub struct Queue {
     /// (done_at, id)
     done: BTreeSet<(u64, u64)>,
     dead: BTreeSet<u64>,
-    keys: HashMap<String, u64>,
+    keys: Keys,
     workers: HashMap<Arc<str>, WorkerInfo>,
     /// Completions per second: (unix second, count), a ring of RATE_BUCKETS.
     completions: [(u64, u32); RATE_BUCKETS],
@@ -302,7 +302,7 @@ impl Queue {
             leased: BTreeSet::new(),
             done: BTreeSet::new(),
             dead: BTreeSet::new(),
-            keys: HashMap::new(),
+            keys: Keys::default(),
             workers: HashMap::new(),
             completions: [(0, 0); RATE_BUCKETS],
             journal: Vec::new(),
@@ -397,7 +397,8 @@ impl Queue {
                 .iter()
                 .filter(|i| {
                     i.key.is_empty()
-                        || (!self.keys.contains_key(&i.key) && seen.insert(i.key.as_str()))
+                        || (self.keys.get(&i.key, &self.items).is_none()
+                            && seen.insert(i.key.as_str()))
                 })
                 .count() as u64;
             if self.unfinished() + new > self.options.max_depth {
@@ -413,7 +414,10 @@ impl Queue {
 
         let mut results = Vec::with_capacity(batch.len());
         for new in batch {
-            if let Some(&existing) = self.keys.get(&new.key).filter(|_| !new.key.is_empty()) {
+            let existing = (!new.key.is_empty())
+                .then(|| self.keys.get(&new.key, &self.items))
+                .flatten();
+            if let Some(existing) = existing {
                 self.counters.deduplicated += 1;
                 let enqueued_ms = self.items.header(existing).map_or(0, |h| h.enqueued_ms);
                 results.push(Enqueued {
@@ -442,7 +446,7 @@ impl Queue {
                 self.ready.insert(new.priority, id);
             }
             if !new.key.is_empty() {
-                self.keys.insert(new.key.clone(), id);
+                self.keys.insert(&new.key, id, &self.items);
             }
             let extras = Extras {
                 key: new.key,
@@ -925,7 +929,7 @@ impl Queue {
             }
         }
         if !item.key.is_empty() {
-            self.keys.insert(item.key.to_string(), item.id);
+            self.keys.insert(item.key, item.id, &self.items);
         }
     }
 
@@ -985,8 +989,8 @@ impl Queue {
     /// Deletes an item that is already out of the state indexes.
     fn forget(&mut self, id: u64) {
         if let Some(extras) = self.items.remove(id) {
-            if !extras.key.is_empty() && self.keys.get(&extras.key) == Some(&id) {
-                self.keys.remove(&extras.key);
+            if !extras.key.is_empty() {
+                self.keys.remove(&extras.key, id);
             }
             self.journal.push(Change::Delete(id));
         }
@@ -1041,9 +1045,7 @@ impl Queue {
             + self.done.len()
             + self.dead.len();
         assert_eq!(counted, indexed, "items and indexes disagree");
-        for (key, id) in &self.keys {
-            assert_eq!(self.items.get(*id).expect("keyed item exists").key, key);
-        }
+        self.keys.check(&self.items);
     }
 }
 
