@@ -199,3 +199,58 @@ fn human_output_names_throughput_latency_and_verification() {
     }
     assert!(out.contains("yes: every item acked exactly once"), "{out}");
 }
+
+#[test]
+fn keyed_runs_give_every_item_its_own_key_and_do_not_dedup_each_other() {
+    let env = Env::start();
+    for mode in ["stream", "wire"] {
+        let report = bench(
+            &env,
+            &[
+                "--workload",
+                "enqueue",
+                "--mode",
+                mode,
+                "--queue",
+                "keyed",
+                "--keyed",
+                "--items",
+                "120",
+                "--batch",
+                "7",
+                "-c",
+                "3",
+            ],
+        );
+        assert_eq!(report["keyed"], true, "{report}");
+    }
+    assert_eq!(env.stats("keyed")["ready"], 240, "two runs, no dedup");
+    let items = env.json(&["items", "keyed", "--limit", "0"]);
+    let keys: std::collections::HashSet<&str> = items["items"]
+        .as_array()
+        .expect("items")
+        .iter()
+        .map(|item| item["key"].as_str().expect("a key"))
+        .collect();
+    assert_eq!(keys.len(), 240, "a key of its own for every item");
+    assert!(!keys.contains(""), "every item keyed");
+
+    let drain = bench(
+        &env,
+        &[
+            "--workload",
+            "drain",
+            "--mode",
+            "wire",
+            "--keyed",
+            "--items",
+            "300",
+            "--batch",
+            "10",
+        ],
+    );
+    assert_eq!(
+        (drain["keyed"].clone(), drain["lost_leases"].clone()),
+        (true.into(), 0.into())
+    );
+}

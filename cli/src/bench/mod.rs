@@ -73,7 +73,8 @@ Examples:
 JSON (-o json): {\"workload\", \"mode\", \"items\", \"concurrency\", \"batch\",
 \"payload_size\", \"seconds\", \"items_per_sec\", \"latency_us\": {\"p50\", \"p99\",
 \"p999\", \"max\"}, \"latency_of\": \"request\"|\"lease_to_ack\"|\"enqueue_to_ack\",
-\"verified\": BOOL, \"problems\": [TEXT...], \"queue\", \"pipeline\", \"lost_leases\"},
+\"verified\": BOOL, \"problems\": [TEXT...], \"queue\", \"pipeline\", \"keyed\",
+\"lost_leases\"},
 plus \"producers\", \"consumers\" and \"rate\" for e2e (where concurrency is
 producers + consumers).")]
 pub struct BenchArgs {
@@ -128,6 +129,11 @@ pub struct BenchArgs {
     /// producers send as fast as answers come back.
     #[arg(long, value_name = "ITEMS_PER_SEC")]
     pub rate: Option<f64>,
+
+    /// Give every item a dedup key of its own (unique in the run), so that the
+    /// coordinator's key index is part of what is measured.
+    #[arg(long)]
+    pub keyed: bool,
 
     /// Use this queue (created if missing, left in place) instead of a fresh
     /// `bench-<random>` queue that is deleted afterwards. drain and e2e need it empty.
@@ -301,7 +307,15 @@ fn shape(args: &BenchArgs) -> Shape {
         payload_size: args.payload_size as usize,
         mode: args.mode,
         pipeline: args.pipeline as usize,
+        keys: args.keyed.then(run_number),
     }
+}
+
+/// A number for this run: the wall clock in nanoseconds.
+fn run_number() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64)
 }
 
 async fn join_produced(mut tasks: JoinSet<Result<Produced>>) -> Result<Produced> {
@@ -349,6 +363,7 @@ async fn preload(global: &Global, queue: &str, args: &BenchArgs) -> Result<Produ
         payload_size: args.payload_size as usize,
         mode: Mode::Stream,
         pipeline: PRELOAD_PIPELINE,
+        ..shape(args)
     };
     let mut tasks = JoinSet::new();
     for (i, client) in clients.into_iter().enumerate() {
@@ -600,6 +615,7 @@ fn report(args: &BenchArgs, queue: &str, mut outcome: Outcome, problems: Vec<Str
         "problems": problems,
         "queue": queue,
         "pipeline": args.pipeline,
+        "keyed": args.keyed,
         "lost_leases": lost,
     });
     let clients = match args.workload {
@@ -625,11 +641,12 @@ fn report(args: &BenchArgs, queue: &str, mut outcome: Outcome, problems: Vec<Str
         (
             "workload",
             format!(
-                "{} ({}, batch {}{pipeline}, {}-byte payloads, {clients})",
+                "{} ({}, batch {}{pipeline}, {}-byte payloads{}, {clients})",
                 args.workload.name(),
                 args.mode.name(),
                 args.batch,
-                args.payload_size
+                args.payload_size,
+                if args.keyed { ", keyed" } else { "" }
             ),
         ),
         ("queue", queue.to_string()),

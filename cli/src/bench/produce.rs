@@ -40,6 +40,9 @@ pub struct Shape {
     pub mode: Mode,
     /// Requests outstanding at once on a stream (closed loop only).
     pub pipeline: usize,
+    /// Dedup keys: item `i` of the run gets the key `{run:x}-{i}`, the run a number
+    /// of its own so that runs into one `--queue` do not deduplicate each other.
+    pub keys: Option<u64>,
 }
 
 /// A fixed schedule: request `j` leaves at `start + offset + j * interval`.
@@ -57,12 +60,15 @@ impl Pace {
 }
 
 /// A request for the items `range`, each stamped `at_us`.
-fn request(queue: &str, range: Range<u64>, at_us: u64, size: usize) -> pb::EnqueueRequest {
+fn request(queue: &str, range: Range<u64>, at_us: u64, shape: Shape) -> pb::EnqueueRequest {
     pb::EnqueueRequest {
         queue: queue.to_string(),
         items: range
             .map(|index| pb::NewItem {
-                payload: payload::encode(index, at_us, size).into(),
+                payload: payload::encode(index, at_us, shape.payload_size).into(),
+                key: shape
+                    .keys
+                    .map_or_else(String::new, |run| format!("{run:x}-{index}")),
                 ..Default::default()
             })
             .collect(),
@@ -101,7 +107,7 @@ pub async fn closed(
             for range in batches(items, shape.batch) {
                 let expected = (range.end - range.start) as usize;
                 let started = Instant::now();
-                let req = request(queue, range, payload::now_us(), shape.payload_size);
+                let req = request(queue, range, payload::now_us(), shape);
                 let response = client.enqueue(req).await.context("enqueue")?.into_inner();
                 produced
                     .latencies
@@ -120,7 +126,7 @@ pub async fn closed(
                 while outstanding.len() < window {
                     let Some(range) = pending.next() else { break };
                     let expected = (range.end - range.start) as usize;
-                    let req = request(queue, range, payload::now_us(), shape.payload_size);
+                    let req = request(queue, range, payload::now_us(), shape);
                     outstanding.push_back((Instant::now(), expected));
                     tx.send(req).await?;
                 }
@@ -167,7 +173,7 @@ pub async fn paced(
                 let at = pace.at(j as u64);
                 tokio::time::sleep_until(at.into()).await;
                 let expected = (range.end - range.start) as usize;
-                let req = request(queue, range, payload::us_at(at), shape.payload_size);
+                let req = request(queue, range, payload::us_at(at), shape);
                 let mut client = client.clone();
                 tasks.spawn(async move {
                     let started = Instant::now();
@@ -192,7 +198,7 @@ pub async fn paced(
                     let at = pace.at(j as u64);
                     tokio::time::sleep_until(at.into()).await;
                     let expected = (range.end - range.start) as usize;
-                    let req = request(&queue, range, payload::us_at(at), shape.payload_size);
+                    let req = request(&queue, range, payload::us_at(at), shape);
                     let sent_at = Instant::now();
                     if tx.send(req).await.is_err() {
                         break;
