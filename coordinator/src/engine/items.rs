@@ -1,23 +1,26 @@
 //! Where a queue keeps its items: one allocation per item, sized to it.
 //!
 //! A queue may hold millions of items, nearly all of them READY with nothing but a
-//! payload and a few numbers. So an item's record is a small fixed header followed by
-//! its payload, in one `Box<[u8]>`, and the records sit in a hash table whose bucket
-//! is the item's id beside the record's pointer and length ([`Items`]): finding an
-//! item, telling apart two ids that share a tag and moving buckets when the table grows
-//! all read the bucket alone, never a record. A large queue's table is 256 tables that
-//! grow one at a time, so growing never stops the queue for long. What only some items have (a dedup key, a live lease, what past
-//! deliveries left) is a boxed [`Extras`] in a slab, its slot's number in the record's
-//! header (0 for the many items without): reaching it is an array index, not a second
-//! hash lookup. The engine reads items through [`ItemView`], which an owned [`Item`]
-//! also gives, so encoding and the APIs have one shape to read.
+//! payload, a few numbers and perhaps a dedup key. So an item's record is a small
+//! fixed header followed by its key and its payload, in one `Box<[u8]>`, and the
+//! records sit in a hash table whose bucket is the item's id beside the record's
+//! pointer and length ([`Items`]): finding an item, telling apart two ids that share a
+//! tag and moving buckets when the table grows all read the bucket alone, never a
+//! record. A large queue's table is 256 tables that grow one at a time, so growing
+//! never stops the queue for long. What only items that were leased have (a live
+//! lease, what past deliveries left) is a boxed [`Extras`] in a slab, its slot's
+//! number in the record's header (0 for the many items without): reaching it is an
+//! array index, not a second hash lookup. Dedup keys are indexed by [`Keys`]. The
+//! engine reads items through [`ItemView`], which an owned [`Item`] also gives, so
+//! encoding and the APIs have one shape to read.
 //!
-//! Memory at a million queued 64-byte items, per item: the record (29 + 64 bytes, a
+//! Memory at a million queued 64-byte items, per item: the record (31 + 64 bytes, a
 //! 112-byte allocation with glibc's header and rounding), the table's bucket (24 bytes
 //! and a control byte, the table being between seven sixteenths and seven eighths
 //! full: ~52 bytes at a million), and the ready index (an 8-byte id in a deque that
 //! grows by doubling, 8 to 16): ~173 bytes, where a struct with its own payload `Vec`,
-//! boxed in a `HashMap` by id, took ~250.
+//! boxed in a `HashMap` by id, took ~250. A key adds its length to the record and a
+//! 16-byte entry in [`Keys`].
 
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
@@ -30,8 +33,6 @@ use super::queue::{IdHasher, Item, LeaseInfo, Outcome, State};
 /// The parts of an item only some items have.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Extras {
-    /// Dedup key; empty = none.
-    pub key: String,
     /// Set while LEASED, and only then.
     pub lease: Option<LeaseInfo>,
     /// `None` until the item is first leased.
@@ -45,7 +46,7 @@ impl Extras {
     }
 
     fn is_empty(&self) -> bool {
-        self.key.is_empty() && self.lease.is_none() && self.outcome.is_none()
+        self.lease.is_none() && self.outcome.is_none()
     }
 
     fn boxed(self) -> Option<Box<Extras>> {
@@ -117,7 +118,8 @@ pub struct Header {
 }
 
 // The record's layout: the header's fields little-endian at these offsets, then the
-// payload. The id is in the table's bucket ([`Slot`]).
+// dedup key (`KEY_LEN` bytes, UTF-8; none for most items), then the payload. The id is
+// in the table's bucket ([`Slot`]). The key never changes once the item is made.
 const STATE: usize = 0;
 const PRIORITY: usize = 1;
 const ATTEMPTS: usize = 5;
@@ -125,7 +127,25 @@ const ENQUEUED: usize = 9;
 const READY_AT: usize = 17;
 /// u32: the item's slot in the extras slab; 0 = no extras.
 const EXTRAS: usize = 25;
-const HEADER_LEN: usize = 29;
+/// u16: the key's length.
+const KEY_LEN: usize = 29;
+const HEADER_LEN: usize = 31;
+
+fn key_len(record: &[u8]) -> usize {
+    usize::from(u16::from_le_bytes([record[KEY_LEN], record[KEY_LEN + 1]]))
+}
+
+fn record_key(record: &[u8]) -> &str {
+    match key_len(record) {
+        0 => "",
+        len => std::str::from_utf8(&record[HEADER_LEN..HEADER_LEN + len])
+            .expect("keys are stored from a str"),
+    }
+}
+
+fn record_payload(record: &[u8]) -> &[u8] {
+    &record[HEADER_LEN + key_len(record)..]
+}
 
 impl Header {
     fn read(record: &[u8]) -> Header {
@@ -177,8 +197,8 @@ impl<'a> ItemView<'a> {
             attempts: header.attempts,
             enqueued_ms: header.enqueued_ms,
             ready_at_ms: header.ready_at_ms,
-            payload: &record[HEADER_LEN..],
-            key: extras.map_or("", |e| e.key.as_str()),
+            payload: record_payload(record),
+            key: record_key(record),
             lease: extras.and_then(|e| e.lease.as_ref()),
             outcome: extras.and_then(|e| e.outcome.as_ref()),
         }
@@ -254,13 +274,12 @@ impl Stored {
             ready_at_ms: item.ready_at_ms,
         };
         let extras = Extras {
-            key: item.key,
             lease: item.lease.map(|l| *l),
             outcome: item.outcome.map(|o| *o),
         };
         Stored {
             id: item.id,
-            record: encode_record(header, &item.payload),
+            record: encode_record(header, &item.key, &item.payload),
             extras: extras.boxed(),
         }
     }
@@ -276,13 +295,33 @@ impl Stored {
 
 /// A record without extras (slot 0). Allocated at its exact size and written once:
 /// no zeroing first, no regrowth.
-fn encode_record(header: Header, payload: &[u8]) -> Box<[u8]> {
+fn encode_record(header: Header, key: &str, payload: &[u8]) -> Box<[u8]> {
     let mut head = [0u8; HEADER_LEN];
     header.write(&mut head);
-    let mut record = Vec::with_capacity(HEADER_LEN + payload.len());
+    let key_len = u16::try_from(key.len()).expect("keys are checked against MAX_KEY_BYTES");
+    head[KEY_LEN..KEY_LEN + 2].copy_from_slice(&key_len.to_le_bytes());
+    let mut record = Vec::with_capacity(HEADER_LEN + key.len() + payload.len());
     record.extend_from_slice(&head);
+    record.extend_from_slice(key.as_bytes());
     record.extend_from_slice(payload);
     record.into_boxed_slice()
+}
+
+/// An item taken out of [`Items`].
+pub struct Removed {
+    record: Box<[u8]>,
+    extras: Option<Box<Extras>>,
+}
+
+impl Removed {
+    pub fn key(&self) -> &str {
+        record_key(&self.record)
+    }
+
+    /// Its extras (empty for an item without any).
+    pub fn extras(self) -> Extras {
+        self.extras.map(|e| *e).unwrap_or_default()
+    }
 }
 
 /// A bucket of the item table: the id beside its record, so that probing, comparing
@@ -343,10 +382,10 @@ impl Items {
     }
 
     /// Adds an item (replacing one with the same id).
-    pub fn insert(&mut self, id: u64, header: Header, payload: &[u8], extras: Extras) {
+    pub fn insert(&mut self, id: u64, header: Header, key: &str, payload: &[u8], extras: Extras) {
         self.insert_stored(Stored {
             id,
-            record: encode_record(header, payload),
+            record: encode_record(header, key, payload),
             extras: extras.boxed(),
         });
     }
@@ -370,12 +409,14 @@ impl Items {
         }
     }
 
-    /// Removes an item; returns its extras (empty for an item without any), or `None`
-    /// when there was no such item.
-    pub fn remove(&mut self, id: u64) -> Option<Extras> {
+    /// Removes an item; `None` when there was no such item.
+    pub fn remove(&mut self, id: u64) -> Option<Removed> {
         let slot = self.records.remove(hash_id(id), |s| s.id == id)?;
         let extras = self.extras.take(extras_slot(&slot.record));
-        Some(extras.map(|e| *e).unwrap_or_default())
+        Some(Removed {
+            record: slot.record,
+            extras,
+        })
     }
 
     /// Every record's extras slot holds its extras, the slab holds nothing else, and
@@ -494,7 +535,11 @@ impl ItemMut<'_> {
     }
 
     pub fn payload(&self) -> &[u8] {
-        &self.record[HEADER_LEN..]
+        record_payload(self.record)
+    }
+
+    pub fn key(&self) -> &str {
+        record_key(self.record)
     }
 
     pub fn extras(&self) -> Option<&Extras> {
@@ -674,7 +719,7 @@ mod tests {
         .into_iter()
         .enumerate()
         {
-            items.insert(id as u64, header(state), b"payload", Extras::default());
+            items.insert(id as u64, header(state), "", b"payload", Extras::default());
             assert_eq!(items.header(id as u64), Some(header(state)));
         }
         let view = items.get(2).unwrap();
@@ -684,9 +729,9 @@ mod tests {
     }
 
     #[test]
-    fn a_record_is_a_small_header_and_the_payload() {
+    fn a_record_is_a_small_header_the_key_and_the_payload() {
         let mut items = Items::default();
-        items.insert(7, header(State::Ready), &[5; 64], Extras::default());
+        items.insert(7, header(State::Ready), "", &[5; 64], Extras::default());
         let record = items.record(7).unwrap();
         assert_eq!(record.len(), HEADER_LEN + 64);
         // glibc serves up to 104 bytes from a 112-byte chunk: a 64-byte payload fits.
@@ -698,23 +743,46 @@ mod tests {
             24,
             "a bucket is the id and a box"
         );
+        // A key goes between the header and the payload, and needs no extras.
+        let key = "k".repeat(crate::engine::limits::MAX_KEY_BYTES);
+        items.insert(8, header(State::Done), &key, b"pay", Extras::default());
+        let view = items.get(8).unwrap();
+        assert_eq!(
+            (view.key, view.payload, view.state),
+            (&*key, &b"pay"[..], State::Done)
+        );
+        assert_eq!(items.record(8).unwrap().len(), HEADER_LEN + key.len() + 3);
+        assert_eq!(items.extras.len(), 0, "a key is not an extra");
+        let mut item = items.get_mut(8).unwrap();
+        item.update(|h| h.attempts = 2);
+        assert_eq!((item.key(), item.payload()), (&*key, &b"pay"[..]));
+        assert_eq!(items.remove(8).unwrap().key(), key);
     }
 
     #[test]
     fn extras_are_made_only_for_items_that_need_them() {
         let mut items = Items::default();
-        items.insert(1, header(State::Ready), b"", Extras::default());
+        items.insert(1, header(State::Ready), "", b"", Extras::default());
+        let done = Outcome {
+            worker: "v".into(),
+            ..Outcome::default()
+        };
         items.insert(
             2,
-            header(State::Ready),
+            header(State::Done),
+            "k",
             b"x",
             Extras {
-                key: "k".into(),
+                outcome: Some(done),
                 ..Extras::default()
             },
         );
-        assert_eq!(items.extras.len(), 1, "only the keyed item has extras");
-        assert_eq!(items.get(2).unwrap().key, "k");
+        assert_eq!(
+            items.extras.len(),
+            1,
+            "only the item with an outcome has extras"
+        );
+        assert_eq!(items.get(2).unwrap().worker(), "v");
 
         let mut item = items.get_mut(1).unwrap();
         assert!(item.extras().is_none());
@@ -725,19 +793,35 @@ mod tests {
         assert_eq!(view.payload, b"", "an update leaves the payload alone");
 
         assert_eq!(
-            items.remove(1).unwrap().outcome.unwrap().worker.as_ref(),
+            items
+                .remove(1)
+                .unwrap()
+                .extras()
+                .outcome
+                .unwrap()
+                .worker
+                .as_ref(),
             "w"
         );
-        assert_eq!(items.remove(2).unwrap().key, "k");
-        assert_eq!(items.remove(2), None);
+        let removed = items.remove(2).unwrap();
+        assert_eq!(removed.key(), "k");
+        assert_eq!(removed.extras().outcome.unwrap().worker.as_ref(), "v");
+        assert!(items.remove(2).is_none());
         assert_eq!((items.len(), items.extras.len()), (0, 0));
         assert_eq!(items.extras.free.len(), 2, "both slots can be reused");
+        let lease = LeaseInfo {
+            token: 1,
+            deadline_ms: 2,
+            timeout_ms: 3,
+            worker: "x".into(),
+        };
         items.insert(
             3,
-            header(State::Dead),
+            header(State::Leased),
+            "again",
             b"",
             Extras {
-                key: "again".into(),
+                lease: Some(lease),
                 ..Extras::default()
             },
         );
@@ -770,29 +854,36 @@ mod tests {
     fn items_match_a_map_through_the_split_into_tables() {
         let mut random = crate::engine::test_random();
         let mut items = Items::default();
-        let mut model: std::collections::HashMap<u64, (u8, bool)> = Default::default();
+        // id -> (payload byte, key, has an outcome)
+        let mut model: std::collections::HashMap<u64, (u8, String, bool)> = Default::default();
         let mut next_id = 1u64 << 32;
         for step in 0..40_000u64 {
             match random(10) {
                 0..6 => {
                     next_id += 1 + random(3) * random(2) * 60;
-                    let keyed = random(5) == 0;
-                    let extras = Extras {
-                        key: if keyed {
-                            format!("k{next_id}")
-                        } else {
-                            String::new()
-                        },
-                        ..Extras::default()
+                    let key = match random(5) {
+                        0 => format!("k{next_id}"),
+                        _ => String::new(),
                     };
-                    items.insert(next_id, header(State::Ready), &[step as u8], extras);
-                    model.insert(next_id, (step as u8, keyed));
+                    items.insert(
+                        next_id,
+                        header(State::Ready),
+                        &key,
+                        &[step as u8],
+                        Extras::default(),
+                    );
+                    model.insert(next_id, (step as u8, key, false));
                 }
                 6 if !model.is_empty() => {
                     let id = next_id - random(next_id.min(5_000));
-                    if model.contains_key(&id) {
-                        items.insert(id, header(State::Done), &[7], Extras::default());
-                        model.insert(id, (7, false));
+                    if let Some((_, key, _)) = model.get(&id) {
+                        let key = key.clone();
+                        let extras = Extras {
+                            outcome: Some(Outcome::default()),
+                            ..Extras::default()
+                        };
+                        items.insert(id, header(State::Done), &key, &[7], extras);
+                        model.insert(id, (7, key, true));
                     }
                 }
                 _ => {
@@ -807,22 +898,16 @@ mod tests {
         assert_eq!(items.records.tables().len(), split::SHARDS, "split");
         items.check();
         assert_eq!(items.len(), model.len());
-        for (&id, &(byte, keyed)) in &model {
+        for (&id, (byte, key, done)) in &model {
             let view = items.get(id).unwrap();
-            assert_eq!((view.payload, !view.key.is_empty()), (&[byte][..], keyed));
+            let expected = (&[*byte][..], key.as_str(), *done);
+            assert_eq!((view.payload, view.key, view.outcome.is_some()), expected);
         }
         let mut ids: Vec<u64> = items.ids().collect();
         ids.sort_unstable();
         let mut expected: Vec<u64> = model.keys().copied().collect();
         expected.sort_unstable();
         assert_eq!(ids, expected);
-    }
-
-    fn keyed(key: &str) -> Extras {
-        Extras {
-            key: key.into(),
-            ..Extras::default()
-        }
     }
 
     /// Keys through the split into many tables: lookups, a key freed when its item
@@ -839,8 +924,8 @@ mod tests {
                     assert_eq!(keys.get(&key, &items), Some(carrier), "dedup {key}");
                     if random(2) == 0 {
                         // The carrier goes: its key is free for the next item.
-                        let extras = items.remove(carrier).unwrap();
-                        keys.remove(&extras.key, carrier);
+                        let removed = items.remove(carrier).unwrap();
+                        keys.remove(removed.key(), carrier);
                         model.remove(&key);
                         assert_eq!(keys.get(&key, &items), None);
                     }
@@ -848,7 +933,7 @@ mod tests {
                 None => {
                     assert_eq!(keys.get(&key, &items), None, "new {key}");
                     keys.insert(&key, id, &items);
-                    items.insert(id, header(State::Ready), b"", keyed(&key));
+                    items.insert(id, header(State::Ready), &key, b"", Extras::default());
                     model.insert(key, id);
                 }
             }
@@ -865,7 +950,7 @@ mod tests {
         assert_eq!(keys.get(key, &items), Some(id));
         // Recovery may put a later item in place of the one carrying a key.
         keys.insert(key, 99_999, &items);
-        items.insert(99_999, header(State::Ready), b"", keyed(key));
+        items.insert(99_999, header(State::Ready), key, b"", Extras::default());
         assert_eq!(keys.get(key, &items), Some(99_999));
         assert_eq!(keys.count(), model.len(), "replaced, not added");
     }
@@ -892,7 +977,7 @@ mod tests {
             let key = format!("k-{id}");
             assert_eq!(keys.get(&key, &items), None);
             keys.insert(&key, id, &items);
-            items.insert(id, header(State::Ready), b"", keyed(&key));
+            items.insert(id, header(State::Ready), &key, b"", Extras::default());
         }
         for id in 1..=9u64 {
             assert_eq!(keys.get(&format!("k-{id}"), &items), Some(id));
@@ -905,7 +990,7 @@ mod tests {
             (None, Some(5))
         );
         keys.insert("k-5", 50, &items);
-        items.insert(50, header(State::Ready), b"", keyed("k-5"));
+        items.insert(50, header(State::Ready), "k-5", b"", Extras::default());
         assert_eq!(
             (keys.get("k-5", &items), keys.get("k-6", &items)),
             (Some(50), Some(6))
@@ -918,7 +1003,7 @@ mod tests {
     fn a_run_of_ids_shares_a_table() {
         let mut items = Items::default();
         for id in 0..split::SPLIT_AT as u64 * 2 {
-            items.insert(id, header(State::Ready), b"", Extras::default());
+            items.insert(id, header(State::Ready), "", b"", Extras::default());
         }
         let tables = items.records.tables();
         let table_of = |id: u64| {

@@ -448,11 +448,13 @@ impl Queue {
             if !new.key.is_empty() {
                 self.keys.insert(&new.key, id, &self.items);
             }
-            let extras = Extras {
-                key: new.key,
-                ..Extras::default()
-            };
-            self.items.insert(id, header, new.payload.as_ref(), extras);
+            self.items.insert(
+                id,
+                header,
+                &new.key,
+                new.payload.as_ref(),
+                Extras::default(),
+            );
             self.journal.push(Change::Put(id));
             self.counters.enqueued += 1;
             results.push(Enqueued {
@@ -507,6 +509,7 @@ impl Queue {
                 h.state = State::Leased;
                 h.attempts += 1;
             });
+            let key = item.key().to_string();
             let extras = item.extras_mut();
             let outcome = extras.outcome_mut();
             if *outcome.worker != *worker {
@@ -518,7 +521,6 @@ impl Queue {
                 timeout_ms,
                 worker: worker_id.clone(),
             });
-            let key = extras.key.clone();
             granted.push(Granted {
                 id,
                 token,
@@ -988,9 +990,9 @@ impl Queue {
 
     /// Deletes an item that is already out of the state indexes.
     fn forget(&mut self, id: u64) {
-        if let Some(extras) = self.items.remove(id) {
-            if !extras.key.is_empty() {
-                self.keys.remove(&extras.key, id);
+        if let Some(removed) = self.items.remove(id) {
+            if !removed.key().is_empty() {
+                self.keys.remove(removed.key(), id);
             }
             self.journal.push(Change::Delete(id));
         }
