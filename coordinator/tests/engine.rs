@@ -241,19 +241,7 @@ async fn disk_store_restores_queues_items_and_live_leases() {
         // No close: a crash.
         (lc, a, b)
     };
-    // The dropped engine's flusher may still hold the data dir's lock for a moment.
-    let mut tries = 0;
-    let store = loop {
-        match open_store() {
-            Ok(store) => break store,
-            Err(e) if e.to_string().contains("in use") && tries < 500 => {
-                tries += 1;
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
-            Err(e) => panic!("reopen: {e}"),
-        }
-    };
-    let engine = Engine::open(store, Clock::system()).unwrap();
+    let engine = reopen(dir.path()).await;
     let stats = engine.stats("q").unwrap();
     assert_eq!((stats.done, stats.dead, stats.leased), (1, 1, 1));
     assert_eq!(stats.counters.enqueued, 3);
@@ -270,4 +258,77 @@ async fn disk_store_restores_queues_items_and_live_leases() {
         next > lease.token,
         "ids and tokens keep increasing across restarts"
     );
+}
+
+/// Opens the engine on `dir` again after a crash (no close). The dropped engine's
+/// flusher may still hold the data dir's lock for a moment.
+async fn reopen(dir: &std::path::Path) -> Arc<Engine> {
+    let mut tries = 0;
+    let store = loop {
+        match Store::open_disk(dir, Durability::Strict) {
+            Ok(store) => break store,
+            Err(e) if e.to_string().contains("in use") && tries < 500 => {
+                tries += 1;
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            Err(e) => panic!("reopen: {e}"),
+        }
+    };
+    Engine::open(store, Clock::system()).unwrap()
+}
+
+fn keyed(indexes: impl Iterator<Item = usize>) -> Vec<NewItem> {
+    indexes
+        .map(|i| NewItem {
+            payload: bytes::Bytes::from(format!("p{i}")),
+            key: format!("key-{i}"),
+            ..NewItem::default()
+        })
+        .collect()
+}
+
+/// A queue past the split of its item and key tables (8,192 entries) comes back whole
+/// from a snapshot and the log after it: every key still deduplicates to its item.
+#[tokio::test]
+async fn keys_of_a_large_queue_deduplicate_after_a_restart() {
+    const ITEMS: usize = 12_000;
+    let dir = tempfile::tempdir().unwrap();
+    let ids: Vec<u64> = {
+        let engine = Engine::open(
+            Store::open_disk(dir.path(), Durability::Strict).unwrap(),
+            Clock::system(),
+        )
+        .unwrap();
+        create(&engine, "q", 60_000).await;
+        let mut ids = Vec::new();
+        for start in (0..ITEMS).step_by(1_000) {
+            if start == ITEMS / 2 {
+                assert!(engine.checkpoint().await.unwrap().is_some());
+            }
+            let enqueued = engine
+                .enqueue("q", keyed(start..start + 1_000), false)
+                .await
+                .unwrap();
+            assert!(enqueued.iter().all(|e| !e.deduplicated));
+            ids.extend(enqueued.iter().map(|e| e.id));
+        }
+        ids
+    };
+    let engine = reopen(dir.path()).await;
+    assert_eq!(engine.stats("q").unwrap().ready, ITEMS as u64);
+    let sample = [0, 4_321, ITEMS / 2 - 1, ITEMS / 2, ITEMS - 1];
+    let again = engine
+        .enqueue("q", keyed(sample.into_iter()), false)
+        .await
+        .unwrap();
+    for (e, i) in again.iter().zip(sample) {
+        assert!(e.deduplicated, "key-{i}");
+        assert_eq!(e.id, ids[i], "key-{i}");
+    }
+    let fresh = engine
+        .enqueue("q", keyed(ITEMS..ITEMS + 1), false)
+        .await
+        .unwrap();
+    assert!(!fresh[0].deduplicated, "a new key");
+    assert_eq!(engine.stats("q").unwrap().ready, ITEMS as u64 + 1);
 }
