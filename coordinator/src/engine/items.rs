@@ -14,7 +14,7 @@
 //! engine reads items through [`ItemView`], which an owned [`Item`] also gives, so
 //! encoding and the APIs have one shape to read.
 //!
-//! Memory at a million queued 64-byte items, per item: the record (31 + 64 bytes, a
+//! Memory at a million queued 64-byte items, per item: the record (33 + 64 bytes, a
 //! 112-byte allocation with glibc's header and rounding), the table's bucket (24 bytes
 //! and a control byte, the table being between seven sixteenths and seven eighths
 //! full: ~52 bytes at a million), and the ready index (an 8-byte id in a deque that
@@ -127,12 +127,13 @@ const ENQUEUED: usize = 9;
 const READY_AT: usize = 17;
 /// u32: the item's slot in the extras slab; 0 = no extras.
 const EXTRAS: usize = 25;
-/// u16: the key's length.
+/// u32: the key's length (keys are at most 512 bytes when enqueued, but a record read
+/// back from storage is taken as it is).
 const KEY_LEN: usize = 29;
-const HEADER_LEN: usize = 31;
+const HEADER_LEN: usize = 33;
 
 fn key_len(record: &[u8]) -> usize {
-    usize::from(u16::from_le_bytes([record[KEY_LEN], record[KEY_LEN + 1]]))
+    u32::from_le_bytes(record[KEY_LEN..KEY_LEN + 4].try_into().expect("4")) as usize
 }
 
 fn record_key(record: &[u8]) -> &str {
@@ -298,8 +299,8 @@ impl Stored {
 fn encode_record(header: Header, key: &str, payload: &[u8]) -> Box<[u8]> {
     let mut head = [0u8; HEADER_LEN];
     header.write(&mut head);
-    let key_len = u16::try_from(key.len()).expect("keys are checked against MAX_KEY_BYTES");
-    head[KEY_LEN..KEY_LEN + 2].copy_from_slice(&key_len.to_le_bytes());
+    let key_len = u32::try_from(key.len()).expect("a record is under 4 GiB");
+    head[KEY_LEN..KEY_LEN + 4].copy_from_slice(&key_len.to_le_bytes());
     let mut record = Vec::with_capacity(HEADER_LEN + key.len() + payload.len());
     record.extend_from_slice(&head);
     record.extend_from_slice(key.as_bytes());
@@ -757,6 +758,10 @@ mod tests {
         item.update(|h| h.attempts = 2);
         assert_eq!((item.key(), item.payload()), (&*key, &b"pay"[..]));
         assert_eq!(items.remove(8).unwrap().key(), key);
+        // A record read back from storage is taken as it is, even past the limit.
+        let long = "x".repeat(70_000);
+        items.insert(9, header(State::Ready), &long, b"p", Extras::default());
+        assert_eq!(items.get(9).unwrap().key, long);
     }
 
     #[test]
