@@ -308,23 +308,6 @@ fn encode_record(header: Header, key: &str, payload: &[u8]) -> Box<[u8]> {
     record.into_boxed_slice()
 }
 
-/// An item taken out of [`Items`].
-pub struct Removed {
-    record: Box<[u8]>,
-    extras: Option<Box<Extras>>,
-}
-
-impl Removed {
-    pub fn key(&self) -> &str {
-        record_key(&self.record)
-    }
-
-    /// Its extras (empty for an item without any).
-    pub fn extras(self) -> Extras {
-        self.extras.map(|e| *e).unwrap_or_default()
-    }
-}
-
 /// A bucket of the item table: the id beside its record, so that probing, comparing
 /// and rehashing never read a record (each would be a cache miss at a random address).
 struct Slot {
@@ -410,11 +393,12 @@ impl Items {
         }
     }
 
-    /// Removes an item; `None` when there was no such item.
-    pub fn remove(&mut self, id: u64) -> Option<Removed> {
+    /// Takes an item out; `None` when there was no such item.
+    pub fn remove(&mut self, id: u64) -> Option<Stored> {
         let slot = self.records.remove(hash_id(id), |s| s.id == id)?;
         let extras = self.extras.take(extras_slot(&slot.record));
-        Some(Removed {
+        Some(Stored {
+            id,
             record: slot.record,
             extras,
         })
@@ -454,7 +438,7 @@ impl Items {
 }
 
 /// A queue's dedup keys: each key's hash beside the id of the item that carries it,
-/// 16 bytes a key. The key itself is kept once, in the item's extras, and is read
+/// 16 bytes a key. The key itself is kept once, in the item's record, and is read
 /// only to confirm a match of the full 64-bit hash, so adding a new key reads no item
 /// and growing the tables moves hashes and ids without hashing a key again. The hash
 /// is SipHash with this queue's own random keys: clients choose the keys.
@@ -468,24 +452,45 @@ fn key_entry_hash(entry: &(u64, u64)) -> u64 {
     entry.0
 }
 
+/// Whether an entry is `key`'s: its hash matches in full and its item carries the key.
+fn carries<'a>(hash: u64, key: &'a str, items: &'a Items) -> impl Fn(&(u64, u64)) -> bool + 'a {
+    move |&(h, id)| h == hash && items.get(id).is_some_and(|item| item.key == key)
+}
+
+/// The hash of a key no item carries, from [`Keys::find`], to add it with
+/// [`Keys::add`] without hashing it again.
+#[derive(Clone, Copy)]
+pub struct FreeKey(u64);
+
 impl<S: BuildHasher> Keys<S> {
     /// The item that carries `key`.
     pub fn get(&self, key: &str, items: &Items) -> Option<u64> {
-        let hash = self.hasher.hash_one(key);
-        let carries =
-            |&(h, id): &(u64, u64)| h == hash && items.get(id).is_some_and(|item| item.key == key);
-        self.entries.find(hash, carries).map(|&(_, id)| id)
+        self.find(key, items).ok()
     }
 
-    /// Makes `id` the item that carries `key`, in place of any other. The items
-    /// already keyed must be in `items`; item `id` need not be yet.
+    /// The item that carries `key`, or the key's hash when none does.
+    pub fn find(&self, key: &str, items: &Items) -> Result<u64, FreeKey> {
+        let hash = self.hasher.hash_one(key);
+        match self.entries.find(hash, carries(hash, key, items)) {
+            Some(&(_, id)) => Ok(id),
+            None => Err(FreeKey(hash)),
+        }
+    }
+
+    /// Gives a key [`Keys::find`] found free to item `id` (no other change may come
+    /// between the two).
+    pub fn add(&mut self, key: FreeKey, id: u64) {
+        let FreeKey(hash) = key;
+        self.entries
+            .insert(hash, (hash, id), |_| false, key_entry_hash);
+    }
+
+    /// Makes `id` the item that carries `key`, in place of any other (recovery). The
+    /// items already keyed must be in `items`; item `id` need not be yet.
     pub fn insert(&mut self, key: &str, id: u64, items: &Items) {
         let hash = self.hasher.hash_one(key);
-        let carries = |&(h, other): &(u64, u64)| {
-            h == hash && items.get(other).is_some_and(|item| item.key == key)
-        };
         self.entries
-            .insert(hash, (hash, id), carries, key_entry_hash);
+            .insert(hash, (hash, id), carries(hash, key, items), key_entry_hash);
     }
 
     /// Forgets `key` if item `id` is the one that carries it. Reads no item, so it
@@ -757,7 +762,7 @@ mod tests {
         let mut item = items.get_mut(8).unwrap();
         item.update(|h| h.attempts = 2);
         assert_eq!((item.key(), item.payload()), (&*key, &b"pay"[..]));
-        assert_eq!(items.remove(8).unwrap().key(), key);
+        assert_eq!(items.remove(8).unwrap().view().key, key);
         // A record read back from storage is taken as it is, even past the limit.
         let long = "x".repeat(70_000);
         items.insert(9, header(State::Ready), &long, b"p", Extras::default());
@@ -797,20 +802,9 @@ mod tests {
         assert_eq!((view.worker(), view.attempts), ("w", 9));
         assert_eq!(view.payload, b"", "an update leaves the payload alone");
 
-        assert_eq!(
-            items
-                .remove(1)
-                .unwrap()
-                .extras()
-                .outcome
-                .unwrap()
-                .worker
-                .as_ref(),
-            "w"
-        );
+        assert_eq!(items.remove(1).unwrap().view().worker(), "w");
         let removed = items.remove(2).unwrap();
-        assert_eq!(removed.key(), "k");
-        assert_eq!(removed.extras().outcome.unwrap().worker.as_ref(), "v");
+        assert_eq!((removed.view().key, removed.view().worker()), ("k", "v"));
         assert!(items.remove(2).is_none());
         assert_eq!((items.len(), items.extras.len()), (0, 0));
         assert_eq!(items.extras.free.len(), 2, "both slots can be reused");
@@ -930,14 +924,17 @@ mod tests {
                     if random(2) == 0 {
                         // The carrier goes: its key is free for the next item.
                         let removed = items.remove(carrier).unwrap();
-                        keys.remove(removed.key(), carrier);
+                        keys.remove(removed.view().key, carrier);
                         model.remove(&key);
                         assert_eq!(keys.get(&key, &items), None);
                     }
                 }
                 None => {
-                    assert_eq!(keys.get(&key, &items), None, "new {key}");
-                    keys.insert(&key, id, &items);
+                    // As an enqueue adds a key: found free, then given to the new item.
+                    let Err(free) = keys.find(&key, &items) else {
+                        panic!("new {key} found carried");
+                    };
+                    keys.add(free, id);
                     items.insert(id, header(State::Ready), &key, b"", Extras::default());
                     model.insert(key, id);
                 }
@@ -980,8 +977,10 @@ mod tests {
         let mut items = Items::default();
         for id in 1..=9u64 {
             let key = format!("k-{id}");
-            assert_eq!(keys.get(&key, &items), None);
-            keys.insert(&key, id, &items);
+            let Err(free) = keys.find(&key, &items) else {
+                panic!("{key} found carried");
+            };
+            keys.add(free, id);
             items.insert(id, header(State::Ready), &key, b"", Extras::default());
         }
         for id in 1..=9u64 {

@@ -414,10 +414,8 @@ impl Queue {
 
         let mut results = Vec::with_capacity(batch.len());
         for new in batch {
-            let existing = (!new.key.is_empty())
-                .then(|| self.keys.get(&new.key, &self.items))
-                .flatten();
-            if let Some(existing) = existing {
+            let found = (!new.key.is_empty()).then(|| self.keys.find(&new.key, &self.items));
+            if let Some(Ok(existing)) = found {
                 self.counters.deduplicated += 1;
                 let enqueued_ms = self.items.header(existing).map_or(0, |h| h.enqueued_ms);
                 results.push(Enqueued {
@@ -445,8 +443,8 @@ impl Queue {
             } else {
                 self.ready.insert(new.priority, id);
             }
-            if !new.key.is_empty() {
-                self.keys.insert(&new.key, id, &self.items);
+            if let Some(Err(free)) = found {
+                self.keys.add(free, id);
             }
             self.items.insert(
                 id,
@@ -991,8 +989,9 @@ impl Queue {
     /// Deletes an item that is already out of the state indexes.
     fn forget(&mut self, id: u64) {
         if let Some(removed) = self.items.remove(id) {
-            if !removed.key().is_empty() {
-                self.keys.remove(removed.key(), id);
+            let key = removed.view().key;
+            if !key.is_empty() {
+                self.keys.remove(key, id);
             }
             self.journal.push(Change::Delete(id));
         }
