@@ -539,8 +539,10 @@ impl Engine {
             }
         }
         let slot = self.slot(name)?;
+        let room = items.len();
         self.apply(&slot, name, |q, now, store| {
-            q.enqueue(now, items, seal, || store.next_id())
+            let mut ids = store.ids(room);
+            q.enqueue(now, items, seal, || ids.take())
         })
     }
 
@@ -602,8 +604,9 @@ impl Engine {
             // this poll.
             woken.as_mut().enable();
             let (outcome, ticket) = self.apply(&slot, name, |q, now, store| {
+                let mut tokens = store.ids(max);
                 let granted = q.lease(now, &request.worker, max, request.lease_timeout_ms, || {
-                    store.next_id()
+                    tokens.take()
                 });
                 Ok(LeaseOutcome {
                     drained: q.drained(),
@@ -750,7 +753,8 @@ impl Engine {
                 })
                 .collect();
             let granted = if max > 0 {
-                q.lease(now, worker, max, lease_timeout_ms, || store.next_id())
+                let mut tokens = store.ids(max);
+                q.lease(now, worker, max, lease_timeout_ms, || tokens.take())
             } else {
                 Vec::new()
             };

@@ -543,7 +543,12 @@ impl LogStore {
     }
 
     pub fn next_id(&self) -> u64 {
-        self.inner.next_id.fetch_add(1, Ordering::SeqCst)
+        self.reserve_ids(1)
+    }
+
+    /// The first of `n` fresh ids in a row.
+    pub fn reserve_ids(&self, n: u64) -> u64 {
+        self.inner.next_id.fetch_add(n, Ordering::SeqCst)
     }
 
     /// Writes one batch whose records `fill` encodes in place: into this thread's
