@@ -24,13 +24,13 @@ pub fn us_at(at: Instant) -> u64 {
     at.saturating_duration_since(*EPOCH).as_micros() as u64
 }
 
-/// A payload of `size` bytes (at least [`MIN_SIZE`]) for item `index` stamped `at_us`.
-pub fn encode(index: u64, at_us: u64, size: usize) -> Vec<u8> {
-    let mut payload = Vec::with_capacity(size.max(MIN_SIZE));
-    payload.extend_from_slice(&index.to_le_bytes());
-    payload.extend_from_slice(&at_us.to_le_bytes());
-    payload.resize(size.max(MIN_SIZE), b'x');
-    payload
+/// Appends a payload of `size` bytes (at least [`MIN_SIZE`]) for item `index` stamped
+/// `at_us` to `out`, so that a batch's payloads can share one buffer.
+pub fn append(out: &mut Vec<u8>, index: u64, at_us: u64, size: usize) {
+    let end = out.len() + size.max(MIN_SIZE);
+    out.extend_from_slice(&index.to_le_bytes());
+    out.extend_from_slice(&at_us.to_le_bytes());
+    out.resize(end, b'x');
 }
 
 /// The index and timestamp of a bench payload; `None` for anything shorter.
@@ -46,9 +46,16 @@ mod tests {
 
     #[test]
     fn payloads_round_trip_at_the_requested_size() {
-        let payload = encode(42, 1_234_567, 64);
+        let mut payload = Vec::new();
+        append(&mut payload, 42, 1_234_567, 64);
         assert_eq!(payload.len(), 64);
         assert_eq!(decode(&payload), Some((42, 1_234_567)));
         assert_eq!(decode(b"short"), None);
+        let mut two = Vec::new();
+        append(&mut two, 1, 5, 20);
+        append(&mut two, 2, 6, 3);
+        assert_eq!(two.len(), 20 + MIN_SIZE);
+        assert_eq!(decode(&two[..20]), Some((1, 5)));
+        assert_eq!(decode(&two[20..]), Some((2, 6)));
     }
 }
