@@ -100,7 +100,7 @@ pub async fn serve(
         }
         pb::WireCall::Work => {
             let mut requests = requests.messages(|body| {
-                pb::WorkRequest::decode(body)
+                pb::WorkRequest::decode(&body[..])
                     .map_err(|e| Status::invalid_argument(format!("malformed request: {e}")))
             });
             crate::stream::work_session(engine.clone(), &mut requests, &mut out).await;
