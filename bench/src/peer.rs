@@ -9,7 +9,8 @@
 //!   completing them one step at a time, until the queue is empty. Latency per item
 //!   from the lease request to the completed delete.
 //! - e2e: P producers at a fixed offered rate (each request stamped with its
-//!   scheduled time) and C consumers that block on reserve; latency per item from
+//!   scheduled time, or with when it left if the producer was idle until then, see
+//!   `sample::pace`) and C consumers that block on reserve; latency per item from
 //!   the stamped time to the completed delete.
 //!
 //! Every acked item's index is counted, so a run shows items lost or done twice.
@@ -389,15 +390,16 @@ pub async fn e2e(
             let interval = per_request.mul_f64(producers as f64);
             let mut next = range.start;
             let mut j = 0u32;
+            let mut free_at = started;
             while next < range.end && Instant::now() < deadline {
-                let at = started + offset + interval * j;
-                tokio::time::sleep_until(at.into()).await;
+                let at = sample::pace(started + offset + interval * j, free_at).await;
                 let end = (next + consumers.batch as u64).min(range.end);
                 let stamp = sample::us_at(at);
                 let payloads: Vec<Vec<u8>> = (next..end)
                     .map(|index| sample::encode(index, stamp, consumers.payload_size))
                     .collect();
                 conn.enqueue(&payloads).await?;
+                free_at = Instant::now();
                 next = end;
                 j += 1;
             }

@@ -3,7 +3,7 @@
 //! microseconds on this process's clock (u64 LE), then filler to the payload size.
 
 use std::sync::LazyLock;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 
@@ -12,6 +12,24 @@ static EPOCH: LazyLock<Instant> = LazyLock::new(Instant::now);
 /// Microseconds since the process's clock started.
 pub fn now_us() -> u64 {
     EPOCH.elapsed().as_micros() as u64
+}
+
+/// How late tokio's timer may wake a sleep: it fires on millisecond ticks, rounding
+/// a deadline up to the next one.
+const TIMER_SLACK: Duration = Duration::from_millis(1);
+
+/// Waits for a paced request's time `at` and returns the instant its items' latency
+/// counts from, as `queue-cli bench` does for workq. A producer that was free before
+/// `at` (`free_at`) sent as soon as the timer woke it: what the timer added (up to
+/// [`TIMER_SLACK`]) belongs to the load generator, so the items count from the moment
+/// they left. A producer still busy at `at` was held up by the system under test, and
+/// its items count from `at` (no coordinated omission).
+pub async fn pace(at: Instant, free_at: Instant) -> Instant {
+    if free_at > at {
+        return at;
+    }
+    tokio::time::sleep_until(at.into()).await;
+    Instant::now().min(at + TIMER_SLACK)
 }
 
 /// The clock's reading at `at`.
@@ -114,6 +132,14 @@ mod tests {
         let mut samples: Vec<u32> = (1..=1000).collect();
         let p = Percentiles::of(&mut samples);
         assert_eq!((p.p50, p.p99, p.p999, p.max), (500, 990, 999, 1000));
+    }
+
+    #[tokio::test]
+    async fn paced_items_count_from_their_time_unless_the_producer_was_free_earlier() {
+        let at = Instant::now() + Duration::from_millis(3);
+        assert_eq!(pace(at, at + Duration::from_millis(5)).await, at);
+        let from = pace(at, Instant::now()).await;
+        assert!(from >= at && from <= at + TIMER_SLACK);
     }
 
     #[test]

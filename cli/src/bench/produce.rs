@@ -53,9 +53,28 @@ pub struct Pace {
     pub interval: Duration,
 }
 
+/// How late tokio's timer may wake a sleep: it fires on millisecond ticks, rounding
+/// a deadline up to the next one.
+const TIMER_SLACK: Duration = Duration::from_millis(1);
+
 impl Pace {
     fn at(&self, request: u64) -> Instant {
         self.start + self.offset + self.interval.mul_f64(request as f64)
+    }
+
+    /// Waits for request `request`'s time and returns the instant its items' latency
+    /// counts from. A producer that was free before that time (`free_at`) sent as
+    /// soon as the timer woke it: what the timer added (up to [`TIMER_SLACK`]) is the
+    /// load generator's, not the queue's, so the items count from the moment they
+    /// left. A producer still busy at that time was held up by the queue, and its
+    /// items count from their scheduled time (no coordinated omission).
+    async fn wait(&self, request: u64, free_at: Instant) -> Instant {
+        let at = self.at(request);
+        if free_at > at {
+            return at;
+        }
+        tokio::time::sleep_until(at.into()).await;
+        Instant::now().min(at + TIMER_SLACK)
     }
 }
 
@@ -164,8 +183,10 @@ pub async fn closed(
 }
 
 /// Enqueues `items` open loop on one connection, each request at its scheduled time
-/// and stamped with that time, so a coordinator that falls behind shows up in the
-/// consumers' latencies instead of slowing the offered rate (no coordinated omission).
+/// and stamped with that time (or, when the producer was idle, with when the timer
+/// let it leave: see [`Pace::wait`]), so a coordinator that falls behind shows up in
+/// the consumers' latencies instead of slowing the offered rate (no coordinated
+/// omission).
 pub async fn paced(
     mut client: Client,
     queue: &str,
@@ -180,8 +201,7 @@ pub async fn paced(
             // as concurrent HTTP/2 streams, so a slow answer does not delay the next send.
             let mut tasks = JoinSet::new();
             for (j, range) in batches(items, shape.batch).enumerate() {
-                let at = pace.at(j as u64);
-                tokio::time::sleep_until(at.into()).await;
+                let at = pace.wait(j as u64, Instant::now()).await;
                 let expected = (range.end - range.start) as usize;
                 let req = request(queue, range, payload::us_at(at), shape);
                 let mut client = client.clone();
@@ -204,15 +224,16 @@ pub async fn paced(
             let queue = queue.to_string();
             let sender = tokio::spawn(async move {
                 let mut sent = Vec::new();
+                let mut free_at = pace.start;
                 for (j, range) in batches(items, shape.batch).enumerate() {
-                    let at = pace.at(j as u64);
-                    tokio::time::sleep_until(at.into()).await;
+                    let at = pace.wait(j as u64, free_at).await;
                     let expected = (range.end - range.start) as usize;
                     let req = request(&queue, range, payload::us_at(at), shape);
                     let sent_at = Instant::now();
                     if tx.send(req).await.is_err() {
                         break;
                     }
+                    free_at = Instant::now();
                     sent.push((sent_at, expected));
                 }
                 // Ends the call: the coordinator answers the rest, then ends it.
@@ -252,5 +273,23 @@ mod tests {
         assert_eq!(all, vec![10..20, 20..30, 30..35]);
         assert_eq!(batches(0..3, 1).count(), 3);
         assert_eq!(batches(5..5, 100).count(), 0);
+    }
+
+    #[tokio::test]
+    async fn paced_items_count_from_their_time_unless_the_producer_was_free_earlier() {
+        let start = Instant::now() + Duration::from_millis(3);
+        let pace = Pace {
+            start,
+            offset: Duration::ZERO,
+            interval: Duration::from_millis(2),
+        };
+        // Still busy with the request before at its time: held up by the queue, so
+        // the items count from their scheduled time.
+        let busy_until = pace.at(1) + Duration::from_millis(5);
+        assert_eq!(pace.wait(1, busy_until).await, pace.at(1));
+        // Free before its time: the items count from when the timer let them leave,
+        // never before their time, and at most the timer's slack after it.
+        let from = pace.wait(2, Instant::now()).await;
+        assert!(from >= pace.at(2) && from <= pace.at(2) + TIMER_SLACK);
     }
 }
