@@ -3,7 +3,7 @@
 //! the disk store in strict mode (group commit across concurrent callers).
 //!
 //! Run: `cargo bench -p workq-coordinator --bench engine` (add `-- --quick` for a
-//! shorter run). Prints items/s per scenario.
+//! shorter run, `-- --items N` for N items per scenario). Prints items/s per scenario.
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -100,8 +100,16 @@ fn report(name: &str, rate: f64) {
 }
 
 fn main() {
-    let quick = std::env::args().any(|a| a == "--quick");
-    let n = if quick { 20_000 } else { 200_000 };
+    let args: Vec<String> = std::env::args().collect();
+    let quick = args.iter().any(|a| a == "--quick");
+    // `--items N`: items per scenario. At the default a batch row in memory lasts
+    // under a tenth of a second, short enough for the machine's noise to swamp it.
+    let items = args
+        .iter()
+        .position(|a| a == "--items")
+        .and_then(|i| args.get(i + 1))
+        .map(|n| n.parse::<usize>().expect("--items takes a number of items"));
+    let n = items.unwrap_or(if quick { 20_000 } else { 200_000 });
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
