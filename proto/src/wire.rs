@@ -43,13 +43,16 @@ const READ_CHUNK: usize = 1 << 20;
 pub const KIND_MESSAGE: u8 = 0;
 pub const KIND_STATUS: u8 = 1;
 
-/// Appends one frame (length, kind, message) to `out`.
+/// Appends one frame (length, kind, message) to `out`. The length is written after
+/// the message, in the place left for it: asking the message for its length first
+/// would walk it once more (prost's `encode` already walks it for its own length).
 pub fn encode_frame(kind: u8, message: &impl Message, out: &mut Vec<u8>) {
-    let len = message.encoded_len() + 1;
-    out.reserve(4 + len);
-    out.extend_from_slice(&(len as u32).to_be_bytes());
+    let start = out.len();
+    out.extend_from_slice(&[0; 4]);
     out.push(kind);
     message.encode(out).expect("a Vec grows to fit any message");
+    let len = u32::try_from(out.len() - start - 4).expect("a frame is under 4 GiB");
+    out[start..start + 4].copy_from_slice(&len.to_be_bytes());
 }
 
 /// Reads frames from a byte stream. Cancel-safe: a frame is consumed only whole.
