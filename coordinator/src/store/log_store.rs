@@ -542,11 +542,7 @@ impl LogStore {
             .store(every.as_millis().max(1) as u64, Ordering::Relaxed);
     }
 
-    pub fn next_id(&self) -> u64 {
-        self.reserve_ids(1)
-    }
-
-    /// The first of `n` fresh ids in a row.
+    /// The first of `n` fresh ids in a row (see `Store::ids`).
     pub fn reserve_ids(&self, n: u64) -> u64 {
         self.inner.next_id.fetch_add(n, Ordering::SeqCst)
     }
@@ -1413,23 +1409,23 @@ mod tests {
                     .expect("no snapshot running");
                 store.finish_checkpoint(writer).unwrap();
             }
-            let first = store.next_id();
+            let first = store.reserve_ids(1);
             assert!(
                 handed_out.iter().all(|&id| id < first),
                 "round {round}: {first} was handed out before"
             );
-            handed_out.extend([first, store.next_id(), store.next_id()]);
+            handed_out.extend([first, store.reserve_ids(1), store.reserve_ids(1)]);
             // The batches carrying those ids never reach the log: a crash.
             drop(store);
         }
         // Strict mode logs the counter as it is: an id reaches a client only once its
         // batch is on disk, so one whose batch never got there may come again.
         let store = LogStore::open(dir.path(), Durability::Strict).unwrap();
-        let next = store.next_id();
+        let next = store.reserve_ids(1);
         assert!(handed_out.iter().all(|&id| id < next));
         drop(store);
         let store = LogStore::open(dir.path(), Durability::Strict).unwrap();
-        assert_eq!(store.next_id(), next, "no margin in strict mode");
+        assert_eq!(store.reserve_ids(1), next, "no margin in strict mode");
     }
 
     /// Relaxed mode answers at once while the disk keeps up; once more than its limit

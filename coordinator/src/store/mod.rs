@@ -118,13 +118,9 @@ impl Store {
         }
     }
 
-    /// A fresh id, unique and increasing for the life of the data dir. Used for item
-    /// ids and lease tokens alike, so a token is never reused, even across restarts.
-    pub fn next_id(&self) -> u64 {
-        self.reserve_ids(1)
-    }
-
-    /// The first of `n` fresh ids in a row (see [`Store::next_id`]).
+    /// The first of `n` fresh ids in a row: unique and increasing for the life of the
+    /// data dir. Used for item ids and lease tokens alike, so a token is never reused,
+    /// even across restarts.
     fn reserve_ids(&self, n: u64) -> u64 {
         match self {
             Store::Memory { ids } => ids.fetch_add(n, Ordering::Relaxed),
@@ -133,10 +129,9 @@ impl Store {
     }
 
     /// Fresh ids for one change that needs up to `room` of them: the first one taken
-    /// reserves all `room` with one add to the shared counter, where taking them one
-    /// by one cost an atomic add per item (the counter's cache line moving between
-    /// cores with it). Ids reserved and not taken are skipped: ids increase, they
-    /// are not dense.
+    /// reserves all `room` with one add to the shared counter, so a change costs one
+    /// atomic add, not one per item. Ids reserved and not taken are skipped: ids
+    /// increase, they are not dense.
     pub fn ids(&self, room: usize) -> Ids<'_> {
         Ids {
             store: self,
@@ -286,10 +281,10 @@ mod tests {
         all.dedup();
         assert_eq!(all.len(), 7, "no id handed out twice");
         // Ids reserved and never taken are skipped, not handed out again.
-        assert!(store.next_id() > a4.max(b3));
+        assert!(store.ids(1).take() > a4.max(b3));
         // A change that takes none reserves none.
-        let before = store.next_id();
+        let before = store.ids(1).take();
         let _unused = store.ids(1000);
-        assert_eq!(store.next_id(), before + 1);
+        assert_eq!(store.ids(1).take(), before + 1);
     }
 }
