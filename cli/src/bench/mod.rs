@@ -56,9 +56,9 @@ const PRELOAD_CLIENTS: usize = 2;
 /// R items/s in total on a fixed schedule (open loop), otherwise as fast as answers
 /// come back. Latency: per item, from its enqueue time to its confirmed ack: the
 /// scheduled time, or when the producer was idle until then, the moment the timer
-/// (which wakes on millisecond ticks) let the request leave. A delayed placeholder item keeps the queue from reading as drained while
-/// consumers wait, so unary consumers long-poll instead of spinning; it is purged at
-/// the end.
+/// (which wakes on millisecond ticks) let the request leave. A delayed placeholder
+/// item keeps the queue from reading as drained while consumers wait, so unary
+/// consumers long-poll instead of spinning; it is purged at the end.
 ///
 /// --mode stream uses the EnqueueStream and Work streaming calls instead of one call
 /// per request: a consumer grants B credit, the server pushes leases, and the
