@@ -374,6 +374,14 @@ impl Items {
         });
     }
 
+    /// Adds an item under a fresh id, one no item of this queue has.
+    pub fn insert_new(&mut self, id: u64, header: Header, key: &str, payload: &[u8]) {
+        debug_assert!(self.get(id).is_none(), "id {id} is not fresh");
+        let record = encode_record(header, key, payload);
+        self.records
+            .insert_unique(hash_id(id), Slot { id, record }, slot_hash);
+    }
+
     /// Adds an item built earlier (replacing one with the same id).
     pub fn insert_stored(&mut self, stored: Stored) {
         let Stored {

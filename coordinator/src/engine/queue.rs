@@ -19,7 +19,7 @@ use std::collections::{BTreeSet, HashMap};
 use std::hash::Hasher;
 use std::sync::Arc;
 
-use super::items::{Extras, Header, ItemView, Items, Keys, ReadyIndex, Stored};
+use super::items::{Header, ItemView, Items, Keys, ReadyIndex, Stored};
 use super::limits;
 use crate::error::{Error, Result};
 
@@ -446,13 +446,8 @@ impl Queue {
             if let Some(Err(free)) = found {
                 self.keys.add(free, id);
             }
-            self.items.insert(
-                id,
-                header,
-                &new.key,
-                new.payload.as_ref(),
-                Extras::default(),
-            );
+            self.items
+                .insert_new(id, header, &new.key, new.payload.as_ref());
             self.journal.push(Change::Put(id));
             self.counters.enqueued += 1;
             results.push(Enqueued {
