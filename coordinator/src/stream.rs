@@ -38,6 +38,19 @@ pub trait Replies<T>: Send {
     fn send(&mut self, reply: Result<T, Status>) -> impl Future<Output = bool> + Send;
 }
 
+/// An enqueue stream's answer, made from the engine's results: `pb::EnqueueResponse`
+/// for gRPC, and for the wire an answer encoded straight from them
+/// (`crate::wire::EnqueueAnswer`).
+pub trait EnqueueReply: Send + 'static {
+    fn from_results(results: Vec<engine::Enqueued>) -> Self;
+}
+
+impl EnqueueReply for pb::EnqueueResponse {
+    fn from_results(results: Vec<engine::Enqueued>) -> Self {
+        crate::grpc::enqueue_response(results)
+    }
+}
+
 /// The gRPC way: a channel whose receiver is the response stream.
 impl<T: Send + 'static> Replies<T> for mpsc::Sender<Result<T, Status>> {
     fn send(&mut self, reply: Result<T, Status>) -> impl Future<Output = bool> + Send {
@@ -91,10 +104,10 @@ impl EnqueueInput for pb::EnqueueRequest {
 /// Tickets grow in request order, so the stream waits for one sync at a time: the
 /// oldest unanswered request's. When it is on disk, every request it covered is
 /// answered, and the wait moves to the next unanswered one.
-pub async fn enqueue_stream(
+pub async fn enqueue_stream<R: EnqueueReply>(
     engine: Arc<Engine>,
     mut requests: impl Stream<Item = Result<impl EnqueueInput + Send, Status>> + Unpin + Send,
-    out: &mut impl Replies<pb::EnqueueResponse>,
+    out: &mut impl Replies<R>,
 ) {
     let mut unanswered: VecDeque<(Ticket, Vec<engine::Enqueued>)> = VecDeque::new();
     let mut sync: Option<SyncWait> = None;
@@ -112,7 +125,7 @@ pub async fn enqueue_stream(
                             // Durable already (the memory store) and nothing before it
                             // to answer first: answer now.
                             Ok((results, ticket)) if unanswered.is_empty() && engine.is_durable(ticket) => {
-                                if !out.send(Ok(crate::grpc::enqueue_response(results))).await {
+                                if !out.send(Ok(EnqueueReply::from_results(results))).await {
                                     return;
                                 }
                             }
@@ -143,7 +156,7 @@ pub async fn enqueue_stream(
                         break;
                     }
                     let (_, results) = unanswered.pop_front().expect("just seen");
-                    if !out.send(Ok(crate::grpc::enqueue_response(results))).await {
+                    if !out.send(Ok(EnqueueReply::from_results(results))).await {
                         return;
                     }
                 }

@@ -26,14 +26,16 @@ use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::sync::watch;
 use tokio_stream::Stream;
 use tonic::Status;
-use workq_proto::in_place::read_enqueue_request;
+use workq_proto::in_place::{read_enqueue_request, write_enqueue_response};
 use workq_proto::pb;
-use workq_proto::wire::{FrameReader, KIND_MESSAGE, KIND_STATUS, PREAMBLE, encode_frame};
+use workq_proto::wire::{
+    FrameReader, KIND_MESSAGE, KIND_STATUS, PREAMBLE, encode_frame, encode_frame_with,
+};
 
 use crate::auth::Auth;
 use crate::engine::Engine;
-use crate::engine::NewItem;
-use crate::stream::{EnqueueInput, ReadEnqueue, Replies};
+use crate::engine::{Enqueued, NewItem};
+use crate::stream::{EnqueueInput, EnqueueReply, ReadEnqueue, Replies};
 
 /// How long a new connection may take to show its first bytes, and a wire client its
 /// hello, before the coordinator drops it.
@@ -95,8 +97,9 @@ pub async fn serve(
     match call {
         pb::WireCall::EnqueueStream => {
             let mut requests = requests.messages(|body| Ok(InPlace(body)));
-            crate::stream::enqueue_stream(engine.clone(), &mut requests, &mut out).await;
-            Replies::<pb::EnqueueResponse>::send(&mut out, Err(requests.ending())).await;
+            crate::stream::enqueue_stream::<EnqueueAnswer>(engine.clone(), &mut requests, &mut out)
+                .await;
+            Replies::<EnqueueAnswer>::send(&mut out, Err(requests.ending())).await;
         }
         pb::WireCall::Work => {
             let mut requests = requests.messages(|body| {
@@ -190,14 +193,15 @@ impl Out {
     }
 }
 
-impl<T: Message + Send + 'static> Replies<T> for Out {
-    async fn send(&mut self, reply: Result<T, Status>) -> bool {
+impl Out {
+    /// Writes one frame: the answer `write` encodes, or the status that ends the call.
+    async fn send_frame(&mut self, reply: Result<impl FnOnce(&mut Vec<u8>), Status>) -> bool {
         if self.ended {
             return false;
         }
         self.buf.clear();
         match reply {
-            Ok(message) => encode_frame(KIND_MESSAGE, &message, &mut self.buf),
+            Ok(write) => encode_frame_with(KIND_MESSAGE, &mut self.buf, write),
             Err(status) => {
                 self.ended = true;
                 let status = pb::WireStatus {
@@ -212,6 +216,41 @@ impl<T: Message + Send + 'static> Replies<T> for Out {
             self.buf = Vec::with_capacity(4096); // do not keep a big batch's buffer
         }
         written
+    }
+}
+
+impl<T: Message + Send + 'static> Replies<T> for Out {
+    async fn send(&mut self, reply: Result<T, Status>) -> bool {
+        let write = |message: T| {
+            move |buf: &mut Vec<u8>| message.encode(buf).expect("a Vec grows to fit any message")
+        };
+        self.send_frame(reply.map(write)).await
+    }
+}
+
+/// An enqueue answer on the wire: an `EnqueueResponse` encoded straight from the
+/// engine's results ([`write_enqueue_response`]), with no message built in between.
+struct EnqueueAnswer(Vec<Enqueued>);
+
+impl EnqueueReply for EnqueueAnswer {
+    fn from_results(results: Vec<Enqueued>) -> Self {
+        EnqueueAnswer(results)
+    }
+}
+
+impl Replies<EnqueueAnswer> for Out {
+    async fn send(&mut self, reply: Result<EnqueueAnswer, Status>) -> bool {
+        let write = |answer: EnqueueAnswer| {
+            move |buf: &mut Vec<u8>| {
+                let results = answer.0.into_iter().map(|e| pb::EnqueueResult {
+                    id: e.id,
+                    deduplicated: e.deduplicated,
+                    created_at_ms: e.enqueued_ms,
+                });
+                write_enqueue_response(results, buf);
+            }
+        };
+        self.send_frame(reply.map(write)).await
     }
 }
 

@@ -47,10 +47,17 @@ pub const KIND_STATUS: u8 = 1;
 /// the message, in the place left for it: asking the message for its length first
 /// would walk it once more (prost's `encode` already walks it for its own length).
 pub fn encode_frame(kind: u8, message: &impl Message, out: &mut Vec<u8>) {
+    encode_frame_with(kind, out, |out| {
+        message.encode(out).expect("a Vec grows to fit any message")
+    });
+}
+
+/// Appends one frame whose body `write` appends to `out` (a message encoded by hand).
+pub fn encode_frame_with(kind: u8, out: &mut Vec<u8>, write: impl FnOnce(&mut Vec<u8>)) {
     let start = out.len();
     out.extend_from_slice(&[0; 4]);
     out.push(kind);
-    message.encode(out).expect("a Vec grows to fit any message");
+    write(out);
     let len = u32::try_from(out.len() - start - 4).expect("a frame is under 4 GiB");
     out[start..start + 4].copy_from_slice(&len.to_be_bytes());
 }
