@@ -144,8 +144,15 @@ impl<T: Message> WireSender<T> {
     /// Writes one request. An error means the connection is gone; what the server
     /// answered before that is still read from the [`WireReceiver`].
     pub async fn send(&mut self, request: &T) -> Result<(), ClientError> {
+        self.send_with(|out| request.encode(out).expect("a Vec grows to fit any message"))
+            .await
+    }
+
+    /// Writes one request that `write` appends, encoded by hand: the bytes of a `T`
+    /// (see `crate::in_place`).
+    pub async fn send_with(&mut self, write: impl FnOnce(&mut Vec<u8>)) -> Result<(), ClientError> {
         self.buf.clear();
-        encode_frame(KIND_MESSAGE, request, &mut self.buf);
+        encode_frame_with(KIND_MESSAGE, &mut self.buf, write);
         self.io
             .write_all(&self.buf)
             .await

@@ -9,6 +9,7 @@ use workq_proto::wire::{WireReceiver, WireSender};
 use workq_proto::{Client, pb};
 
 use super::Mode;
+use super::produce::Batch;
 
 /// The requests half of an open call.
 pub enum Requests<T> {
@@ -34,6 +35,23 @@ impl<T: prost::Message> Requests<T> {
             Requests::Wire(tx) => tx.close().await.context("close the wire call")?,
         }
         Ok(())
+    }
+}
+
+impl Requests<pb::EnqueueRequest> {
+    /// Sends one batch of bench items: over gRPC as a message, on the wire written
+    /// straight into the frame ([`Batch::write`]).
+    pub async fn send_batch(&mut self, batch: &Batch<'_>) -> Result<()> {
+        match self {
+            Requests::Grpc(tx) => tx
+                .send(batch.request())
+                .await
+                .map_err(|_| anyhow!("the stream closed early")),
+            Requests::Wire(tx) => tx
+                .send_with(|out| batch.write(out))
+                .await
+                .context("send on the wire"),
+        }
     }
 }
 
