@@ -191,9 +191,7 @@ impl Out {
         Replies::<pb::WireStatus>::send(&mut self, Err(status)).await;
         let _ = self.io.shutdown().await;
     }
-}
 
-impl Out {
     /// Writes one frame: the answer `write` encodes, or the status that ends the call.
     async fn send_frame(&mut self, reply: Result<impl FnOnce(&mut Vec<u8>), Status>) -> bool {
         if self.ended {
