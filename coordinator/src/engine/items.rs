@@ -365,7 +365,10 @@ impl Items {
         })
     }
 
-    /// Adds an item (replacing one with the same id).
+    /// Adds an item with its extras (replacing one with the same id): how tests build
+    /// items. The engine adds them with [`Items::insert_new`] (enqueue) and
+    /// [`Items::insert_stored`] (recovery).
+    #[cfg(test)]
     pub fn insert(&mut self, id: u64, header: Header, key: &str, payload: &[u8], extras: Extras) {
         self.insert_stored(Stored {
             id,
