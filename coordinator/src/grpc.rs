@@ -150,14 +150,15 @@ pub fn item_pb(queue: &str, item: engine::Item) -> pb::Item {
 
 pub fn enqueue_response(results: Vec<engine::Enqueued>) -> pb::EnqueueResponse {
     pb::EnqueueResponse {
-        results: results
-            .into_iter()
-            .map(|e| pb::EnqueueResult {
-                id: e.id,
-                deduplicated: e.deduplicated,
-                created_at_ms: e.enqueued_ms,
-            })
-            .collect(),
+        results: results.into_iter().map(enqueue_result_pb).collect(),
+    }
+}
+
+pub fn enqueue_result_pb(e: engine::Enqueued) -> pb::EnqueueResult {
+    pb::EnqueueResult {
+        id: e.id,
+        deduplicated: e.deduplicated,
+        created_at_ms: e.enqueued_ms,
     }
 }
 

@@ -240,11 +240,7 @@ impl Replies<EnqueueAnswer> for Out {
     async fn send(&mut self, reply: Result<EnqueueAnswer, Status>) -> bool {
         let write = |answer: EnqueueAnswer| {
             move |buf: &mut Vec<u8>| {
-                let results = answer.0.into_iter().map(|e| pb::EnqueueResult {
-                    id: e.id,
-                    deduplicated: e.deduplicated,
-                    created_at_ms: e.enqueued_ms,
-                });
+                let results = answer.0.into_iter().map(crate::grpc::enqueue_result_pb);
                 write_enqueue_response(results, buf);
             }
         };

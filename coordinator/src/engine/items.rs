@@ -492,8 +492,7 @@ impl<S: BuildHasher> Keys<S> {
     /// between the two).
     pub fn add(&mut self, key: FreeKey, id: u64) {
         let FreeKey(hash) = key;
-        self.entries
-            .insert(hash, (hash, id), |_| false, key_entry_hash);
+        self.entries.insert_unique(hash, (hash, id), key_entry_hash);
     }
 
     /// Makes `id` the item that carries `key`, in place of any other (recovery). The
