@@ -4,6 +4,7 @@
 //! A [`Server`] kills its process by pid when stopped or dropped.
 
 use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::Mutex;
@@ -121,7 +122,13 @@ pub fn ensure_installed() -> Result<()> {
         return Ok(());
     }
     eprintln!("installing {} with apt-get", missing.join(" "));
-    let status = Command::new("apt-get").args(["update", "-qq"]).status()?;
+    // apt's progress goes to stderr with ours: stdout is the report (`-o json`).
+    let to_stderr =
+        || -> Result<Stdio> { Ok(std::io::stderr().as_fd().try_clone_to_owned()?.into()) };
+    let status = Command::new("apt-get")
+        .args(["update", "-qq"])
+        .stdout(to_stderr()?)
+        .status()?;
     if !status.success() {
         bail!("apt-get update failed ({status})");
     }
@@ -129,6 +136,7 @@ pub fn ensure_installed() -> Result<()> {
         .args(["install", "-y", "-qq"])
         .args(&missing)
         .env("DEBIAN_FRONTEND", "noninteractive")
+        .stdout(to_stderr()?)
         .status()?;
     if !status.success() {
         bail!("apt-get install {} failed ({status})", missing.join(" "));

@@ -48,7 +48,8 @@ struct Args {
 
     /// How often to snapshot the state while writes keep coming, once the log has
     /// grown to half the last snapshot (it also snapshots whenever the log outgrows
-    /// the snapshot and 64 MiB). A restart reads the snapshot and the log after it.
+    /// the snapshot and 64 MiB). A restart reads the snapshot and the log after it,
+    /// so a snapshot is written only once at least a third of that is garbage.
     #[arg(long, default_value = "10s", value_parser = parse_duration)]
     checkpoint_every: std::time::Duration,
 

@@ -372,3 +372,58 @@ async fn a_second_coordinator_on_the_same_data_dir_is_refused() {
     let engine = open(dir.path()).await;
     assert_eq!(engine.queue_names(), vec!["q".to_string()]);
 }
+
+/// Enqueues `n` items into `queue`, 100 per call.
+async fn fill(engine: &Engine, queue: &str, n: u32) {
+    for start in (0..n).step_by(100) {
+        let items = (start..(start + 100).min(n))
+            .map(|i| NewItem {
+                payload: format!("{queue} item {i:08}").into_bytes().into(),
+                ..NewItem::default()
+            })
+            .collect();
+        engine.enqueue(queue, items, false).await.unwrap();
+    }
+}
+
+fn snapshots_taken(engine: &Engine) -> u64 {
+    let stats = engine.store().flush_stats().expect("a disk store");
+    stats.snapshots.load(std::sync::atomic::Ordering::SeqCst)
+}
+
+/// The checkpointer writes a snapshot only when it pays: queues that only grew are
+/// all state, and a snapshot would write them again for nothing. Once a deleted
+/// queue has left most of the log garbage, one follows, and a restart reads it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn snapshots_wait_until_the_log_holds_garbage() {
+    let dir = tempfile::tempdir().unwrap();
+    let engine = open(dir.path()).await;
+    for queue in ["keep", "gone"] {
+        create(&engine, queue).await;
+    }
+    // From here on, one is due by the clock after every sync.
+    if let Store::Disk(disk) = engine.store() {
+        disk.set_checkpoint_every(std::time::Duration::from_millis(1));
+    }
+    fill(&engine, "keep", 1_000).await;
+    fill(&engine, "gone", 2_000).await;
+    // None paid.
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    assert_eq!(snapshots_taken(&engine), 0);
+    assert!(files(dir.path(), ".snap").is_empty());
+
+    engine.delete_queue("gone").await.unwrap();
+    let start = std::time::Instant::now();
+    while snapshots_taken(&engine) == 0 {
+        assert!(
+            start.elapsed().as_secs() < 60,
+            "no snapshot after the delete"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    let before = state(&engine);
+    assert_eq!(before["keep"].2.len(), 1_000);
+    drop(engine);
+    let engine = open(dir.path()).await;
+    assert_same(&state(&engine), &before);
+}

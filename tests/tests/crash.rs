@@ -18,7 +18,9 @@ const PRODUCERS: usize = 16;
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn acknowledged_enqueues_survive_kill_9() {
     // Snapshot constantly, so log rotation and snapshots race the producers and the
-    // kill lands among them.
+    // kill lands among them. A snapshot is written only once a third of what a restart
+    // would read is garbage, which a queue that only grows never makes: a churn task
+    // creates, fills and deletes another queue over and over to make it.
     let mut coordinator =
         Coordinator::start_with(&["--durability", "strict", "--checkpoint-every", "50ms"]);
     let mut client = coordinator.client().await;
@@ -70,6 +72,41 @@ async fn acknowledged_enqueues_survive_kill_9() {
             }
         }));
     }
+    let churn = {
+        let mut client = coordinator.client().await;
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            while !stop.load(Ordering::SeqCst) {
+                let created = client
+                    .create_queue(pb::CreateQueueRequest {
+                        queue: "churn".into(),
+                        ..Default::default()
+                    })
+                    .await;
+                let items = (0..200)
+                    .map(|_| pb::NewItem {
+                        payload: vec![b'c'; 256].into(),
+                        ..Default::default()
+                    })
+                    .collect();
+                let filled = client
+                    .enqueue(pb::EnqueueRequest {
+                        queue: "churn".into(),
+                        items,
+                        seal: false,
+                    })
+                    .await;
+                let deleted = client
+                    .delete_queue(pb::DeleteQueueRequest {
+                        queue: "churn".into(),
+                    })
+                    .await;
+                if created.is_err() || filled.is_err() || deleted.is_err() {
+                    break; // the coordinator is gone
+                }
+            }
+        })
+    };
     wait_for_async(
         "5,000 acknowledged enqueues",
         Duration::from_secs(60),
@@ -84,6 +121,11 @@ async fn acknowledged_enqueues_survive_kill_9() {
     for p in producers {
         p.await.unwrap();
     }
+    churn.await.unwrap();
+    let snapshots = strip_ansi(&coordinator.log())
+        .matches("snapshot written")
+        .count();
+    assert!(snapshots >= 2, "{snapshots} snapshots raced the producers");
     let acked = acked.lock().unwrap().clone();
 
     coordinator.restart();
@@ -125,7 +167,7 @@ async fn acknowledged_enqueues_survive_kill_9() {
     assert_eq!((stats.ready + stats.leased) as usize, found.len());
     assert_eq!(stats.leased, 1, "the lease survived");
     eprintln!(
-        "acknowledged {} before kill -9, recovered {} items",
+        "acknowledged {} before kill -9 with {snapshots} snapshots written, recovered {} items",
         acked.len(),
         found.len()
     );

@@ -295,6 +295,14 @@ impl Engine {
 
     // ---- snapshots ---------------------------------------------------------------
 
+    /// Items in all queues: what a snapshot would write.
+    fn live_items(&self) -> u64 {
+        self.slots()
+            .iter()
+            .map(|slot| slot.lock().item_count() as u64)
+            .sum()
+    }
+
     /// Writes every queue and item to a snapshot so the log before it can go (see
     /// `store::log_store`). Returns the snapshot's size; `None` when the store has no
     /// log or a snapshot is already being written.
@@ -1026,6 +1034,9 @@ fn spawn_checkpointer(engine: &Arc<Engine>) {
                 _ = shutdown.wait_for(|stopping| *stopping) => break,
             }
             let Some(engine) = weak.upgrade() else { break };
+            if !engine.store.snapshot_pays(engine.live_items()) {
+                continue;
+            }
             let started = std::time::Instant::now();
             match engine.checkpoint().await {
                 Ok(Some(bytes)) => tracing::info!(

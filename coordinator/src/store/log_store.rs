@@ -14,7 +14,8 @@
 //!   writer waits for its ticket as in strict mode.
 //!
 //! **Snapshots.** The log only grows, so when it has grown enough (see
-//! [`LogStore::checkpoint_due`]) the engine writes its whole state to a snapshot file
+//! [`LogStore::checkpoint_due`]) and enough of it is garbage that a snapshot pays
+//! ([`LogStore::snapshot_pays`]), the engine writes its whole state to a snapshot file
 //! and the log files before it go. The snapshot is *fuzzy* (as in ARIES): the store
 //! first starts a new log file `n` ([`LogStore::begin_checkpoint`]), then the engine
 //! dumps one queue at a time under that queue's lock while writes go on. A record in
@@ -89,9 +90,15 @@ const MAX_SCRATCH_BYTES: usize = 1 << 20;
 /// should not pin its buffer for the process's life).
 const MAX_SPARE_BYTES: usize = 4 << 20;
 /// Snapshot when the log since the last snapshot is at least this big and at least as
-/// big as that snapshot: snapshot work stays proportional to write volume, and a
-/// restart reads at most about twice the state.
+/// big as that snapshot (snapshot work stays proportional to write volume), if the
+/// snapshot pays (see [`SNAPSHOT_PAYS_AT`]).
 const CHECKPOINT_MIN_BYTES: u64 = 64 * 1024 * 1024;
+/// A snapshot pays once what a restart would read (the last snapshot and the log
+/// since) is at least this many times what a snapshot would write now (the state):
+/// a third of what a restart reads is then garbage that the snapshot drops. A log
+/// that only grew (every item still queued) holds little else than the state, so a
+/// snapshot would write it all again to save a restart nothing.
+const SNAPSHOT_PAYS_AT: f64 = 1.5;
 /// By default, also snapshot when this long has passed and the log has reached half
 /// the snapshot's size (`--checkpoint-every`).
 pub const DEFAULT_CHECKPOINT_EVERY: Duration = Duration::from_secs(10);
@@ -144,6 +151,31 @@ struct Pending {
     taken_commit: Arc<Commit>,
     /// The store is gone: the flusher thread ends.
     stop: bool,
+    /// Item records written since the store opened (with those recovered), for the
+    /// size of a record in a snapshot.
+    items: ItemRecords,
+}
+
+/// A count of item records and their bytes in the log's format.
+#[derive(Clone, Copy, Default)]
+struct ItemRecords {
+    records: u64,
+    bytes: u64,
+}
+
+impl ItemRecords {
+    fn add(&mut self, other: ItemRecords) {
+        self.records += other.records;
+        self.bytes += other.bytes;
+    }
+
+    /// Bytes of `items` records of the average size.
+    fn bytes_of(&self, items: u64) -> f64 {
+        if self.records == 0 {
+            return 0.0;
+        }
+        items as f64 * (self.bytes as f64 / self.records as f64)
+    }
 }
 
 /// One sync's waiters, woken together when it is done. A sync wakes only the writers
@@ -231,6 +263,13 @@ struct Checkpoints {
     running: AtomicBool,
     last: Mutex<Instant>,
     every_ms: AtomicU64,
+    /// [`CHECKPOINT_MIN_BYTES`], lowered by tests.
+    min_bytes: AtomicU64,
+    /// The log's size when the last snapshot that came due did not pay
+    /// ([`LogStore::snapshot_pays`]); 0 when none has been declined since the last
+    /// snapshot. None is due again until the log has doubled or `every_ms` has passed
+    /// since (`last` is when it was declined).
+    declined_at: AtomicU64,
 }
 
 fn storage_error(context: &str, e: impl std::fmt::Display) -> Error {
@@ -260,6 +299,7 @@ pub(super) struct Recovered {
     pub unreadable: u64,
     /// The highest id or token seen anywhere.
     pub highest: u64,
+    items_read: ItemRecords,
 }
 
 impl Recovered {
@@ -287,6 +327,10 @@ impl Recovered {
                 );
                 match value {
                     Some(value) => {
+                        self.items_read.add(ItemRecords {
+                            records: 1,
+                            bytes: (key.len() + value.len() + wal::PUT_OVERHEAD) as u64,
+                        });
                         let record = ItemRecord::decode(value)
                             .map_err(|e| storage_error("corrupt item record", e))?;
                         self.highest = self
@@ -485,12 +529,16 @@ impl LogStore {
         let segment =
             Segment::create(&dir, next).map_err(|e| storage_error("cannot create the log", e))?;
         let next_id = recovered.highest + 1;
+        let items_read = recovered.items_read;
         let store = LogStore {
             inner: Arc::new(Inner {
                 _lock: lock,
                 dir,
                 durability,
-                pending: Mutex::new(Pending::default()),
+                pending: Mutex::new(Pending {
+                    items: items_read,
+                    ..Pending::default()
+                }),
                 wake: Condvar::new(),
                 segment: Mutex::new(segment),
                 flushing: Mutex::new(()),
@@ -512,6 +560,8 @@ impl LogStore {
                     running: AtomicBool::new(false),
                     last: Mutex::new(Instant::now()),
                     every_ms: AtomicU64::new(DEFAULT_CHECKPOINT_EVERY.as_millis() as u64),
+                    min_bytes: AtomicU64::new(CHECKPOINT_MIN_BYTES),
+                    declined_at: AtomicU64::new(0),
                 },
             }),
             flusher: Mutex::new(None),
@@ -558,7 +608,12 @@ impl LogStore {
         SCRATCH.with_borrow_mut(|frame| {
             frame.clear();
             let start = wal::begin_frame(frame);
-            fill(&mut Batch { frame: &mut *frame });
+            let mut batch = Batch {
+                frame: &mut *frame,
+                items: ItemRecords::default(),
+            };
+            fill(&mut batch);
+            let items = batch.items;
             let counter = self.inner.logged_counter().to_le_bytes();
             wal::push_op(frame, NEXT_ID_KEY, Some(&counter));
             wal::end_frame(frame, start);
@@ -566,6 +621,7 @@ impl LogStore {
                 let mut pending = lock(&self.inner.pending);
                 pending.bytes.extend_from_slice(frame);
                 pending.ticket += 1;
+                pending.items.add(items);
                 // Under the lock, so the flush that takes these bytes counts them off
                 // after they were counted on.
                 self.inner
@@ -685,6 +741,24 @@ impl LogStore {
         checkpoint_due(&self.inner)
     }
 
+    /// Whether a snapshot now, of a state of `live_items` items, would pay (see
+    /// [`SNAPSHOT_PAYS_AT`]). When it would not, no snapshot is due again until the
+    /// log has doubled or the checkpoint interval has passed
+    /// ([`Self::set_checkpoint_every`]).
+    pub fn snapshot_pays(&self, live_items: u64) -> bool {
+        let inner = &self.inner;
+        let log = inner.stats.log_bytes.load(Ordering::SeqCst);
+        let reads = inner.stats.snapshot_bytes.load(Ordering::SeqCst) + log;
+        let state = lock(&inner.pending).items.bytes_of(live_items);
+        if reads as f64 >= SNAPSHOT_PAYS_AT * state {
+            return true;
+        }
+        let checkpoints = &inner.checkpoints;
+        *lock(&checkpoints.last) = Instant::now();
+        checkpoints.declined_at.store(log.max(1), Ordering::SeqCst);
+        false
+    }
+
     /// Starts a snapshot: switches to a new log file and opens the snapshot's temporary
     /// file. `None` while another snapshot is being written. Blocking (file IO).
     pub fn begin_checkpoint(&self) -> Result<Option<SnapshotWriter>> {
@@ -700,6 +774,7 @@ impl LogStore {
                 .map_err(|e| storage_error("cannot start a new log file", e))?;
             *segment = fresh;
             self.inner.stats.log_bytes.store(0, Ordering::SeqCst);
+            checkpoints.declined_at.store(0, Ordering::SeqCst);
             segment.number
         };
         Ok(Some(SnapshotWriter {
@@ -773,6 +848,7 @@ impl Drop for LogStore {
 /// One batch being framed into the log ([`LogStore::write`]).
 pub struct Batch<'a> {
     frame: &'a mut Vec<u8>,
+    items: ItemRecords,
 }
 
 impl Batch<'_> {
@@ -788,7 +864,12 @@ impl Batch<'_> {
 
     /// An item record that `encode` appends.
     pub fn put_item(&mut self, id: u64, encode: impl FnOnce(&mut Vec<u8>)) {
-        wal::push_put_with(self.frame, &item_key(id), encode)
+        let before = self.frame.len();
+        wal::push_put_with(self.frame, &item_key(id), encode);
+        self.items.add(ItemRecords {
+            records: 1,
+            bytes: (self.frame.len() - before) as u64,
+        });
     }
 
     pub fn delete_item(&mut self, id: u64) {
@@ -966,7 +1047,11 @@ fn checkpoint_due(inner: &Inner) -> bool {
     );
     let every = Duration::from_millis(c.every_ms.load(Ordering::Relaxed));
     let elapsed = lock(&c.last).elapsed();
-    log >= CHECKPOINT_MIN_BYTES.max(snapshot)
+    let declined_at = c.declined_at.load(Ordering::SeqCst);
+    if declined_at > 0 && log < declined_at.saturating_mul(2) && elapsed < every {
+        return false;
+    }
+    log >= c.min_bytes.load(Ordering::Relaxed).max(snapshot)
         || (log > 0 && log >= snapshot / 2 && elapsed >= every)
 }
 
@@ -1538,6 +1623,90 @@ mod tests {
         let store = LogStore::open(dir.path(), Durability::Strict).unwrap();
         assert_eq!(store.flush_stats().log_bytes.load(Ordering::SeqCst), logged);
         assert_eq!(logged_values(dir.path()), vec![1, 2, 3]);
+    }
+
+    /// Writes `ids` as READY items of queue "q" with 64-byte payloads, in batches of
+    /// 100, and waits for them.
+    async fn put_items(store: &LogStore, ids: std::ops::Range<u64>) {
+        let ids: Vec<u64> = ids.collect();
+        for chunk in ids.chunks(100) {
+            let ticket = store
+                .write(|batch| {
+                    for &id in chunk {
+                        let item = crate::engine::Item {
+                            id,
+                            state: crate::engine::State::Ready,
+                            payload: vec![7; 64],
+                            priority: 0,
+                            key: String::new(),
+                            attempts: 0,
+                            enqueued_ms: 1,
+                            ready_at_ms: 0,
+                            lease: None,
+                            outcome: None,
+                        };
+                        batch.put_item(id, |buf| encode_item("q", item.view(), buf));
+                    }
+                })
+                .unwrap();
+            store.wait_durable(ticket).await.unwrap();
+        }
+    }
+
+    /// A log that only grew holds the state and little else: a snapshot would write it
+    /// all again and spare a restart nothing, so it does not pay, and none is due
+    /// again until the log has doubled or the interval has passed. Once deletes have
+    /// made a third of what a restart reads garbage, it pays; a reopened store judges
+    /// it the same way.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_snapshot_pays_once_the_log_holds_garbage() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = LogStore::open(dir.path(), Durability::Strict).unwrap();
+        store.start();
+        store
+            .inner
+            .checkpoints
+            .min_bytes
+            .store(64 << 10, Ordering::Relaxed);
+        store.set_checkpoint_every(Duration::from_secs(3600));
+        put_items(&store, 0..2_000).await;
+        assert!(store.checkpoint_due(), "past the minimum size");
+        assert!(!store.snapshot_pays(2_000));
+        assert!(
+            !store.checkpoint_due(),
+            "not again before the log has doubled"
+        );
+        put_items(&store, 2_000..3_900).await;
+        assert!(!store.checkpoint_due());
+        put_items(&store, 3_900..4_200).await;
+        assert!(store.checkpoint_due(), "doubled");
+        assert!(!store.snapshot_pays(4_200));
+        // By the clock as well.
+        store.set_checkpoint_every(Duration::from_millis(100));
+        assert!(!store.checkpoint_due());
+        std::thread::sleep(Duration::from_millis(100));
+        assert!(store.checkpoint_due());
+
+        // Delete 1,500 of them: the log barely grows, the state shrinks by over a third.
+        let ticket = store
+            .write(|batch| (0..1_500).for_each(|id| batch.delete_item(id)))
+            .unwrap();
+        store.wait_durable(ticket).await.unwrap();
+        assert!(store.snapshot_pays(2_700));
+        drop(store);
+
+        let store = LogStore::open(dir.path(), Durability::Strict).unwrap();
+        assert!(!store.snapshot_pays(4_200));
+        assert!(store.snapshot_pays(2_700));
+        // What it wrote comes back as the state: no garbage, nothing to gain.
+        let mut writer = store.begin_checkpoint().unwrap().unwrap();
+        let snapshot = store.load();
+        assert_eq!(snapshot.items.len(), 2_700);
+        for (_, item) in &snapshot.items {
+            writer.put_item("q", item.view());
+        }
+        store.finish_checkpoint(writer).unwrap();
+        assert!(!store.snapshot_pays(2_700));
     }
 
     /// A batch whose encoding panics half way leaves nothing in the log: the batches

@@ -199,6 +199,15 @@ impl Store {
         }
     }
 
+    /// Whether a snapshot of `live_items` items would pay now (see
+    /// [`LogStore::snapshot_pays`]); never in memory.
+    pub fn snapshot_pays(&self, live_items: u64) -> bool {
+        match self {
+            Store::Memory { .. } => false,
+            Store::Disk(s) => s.snapshot_pays(live_items),
+        }
+    }
+
     /// Starts a snapshot (see [`LogStore::begin_checkpoint`]); `None` in memory or
     /// while another one runs.
     pub fn begin_checkpoint(&self) -> Result<Option<SnapshotWriter>> {

@@ -38,6 +38,9 @@ pub fn begin_frame(buf: &mut Vec<u8>) -> usize {
     start
 }
 
+/// Bytes a put op takes besides its key and value (the two lengths and the tag).
+pub const PUT_OVERHEAD: usize = 9;
+
 /// Adds one op to the frame being built at the end of `buf`.
 pub fn push_op(buf: &mut Vec<u8>, key: &[u8], value: Option<&[u8]>) {
     buf.extend_from_slice(&(key.len() as u32).to_le_bytes());
