@@ -127,17 +127,30 @@ impl Ending {
     }
 }
 
+/// Bytes a replay reads at a time.
+const READ_CHUNK: usize = 4 << 20;
+
 /// Hands every intact batch of a file to `visit`, in order, stopping at a torn or
-/// corrupt tail. A batch is visited whole or not at all.
-pub fn replay(path: &Path, mut visit: impl FnMut(&[OpRef<'_>])) -> std::io::Result<Ending> {
-    let mut bytes = Vec::new();
-    File::open(path)?.read_to_end(&mut bytes)?;
-    let mut at = 0usize;
-    while at < bytes.len() {
-        let damaged = Ending::Damaged { offset: at };
-        let Some(header) = bytes.get(at..at + 8) else {
-            return Ok(damaged);
+/// corrupt tail. A batch is visited whole or not at all. The file is read a chunk at a
+/// time, so a replay holds one chunk (or one frame, if bigger) of it, not all of it.
+pub fn replay(path: &Path, visit: impl FnMut(&[OpRef<'_>])) -> std::io::Result<Ending> {
+    replay_in(path, READ_CHUNK, visit)
+}
+
+fn replay_in(
+    path: &Path,
+    chunk: usize,
+    mut visit: impl FnMut(&[OpRef<'_>]),
+) -> std::io::Result<Ending> {
+    let mut window = Window::open(path, chunk)?;
+    while window.fill(1)? {
+        let damaged = Ending::Damaged {
+            offset: window.offset(),
         };
+        if !window.fill(8)? {
+            return Ok(damaged);
+        }
+        let header = &window.bytes()[..8];
         let len = u32::from_le_bytes(header[..4].try_into().expect("4 bytes")) as usize;
         let crc = u32::from_le_bytes(header[4..].try_into().expect("4 bytes"));
         // No frame is empty (a log batch always holds the id counter, a snapshot frame
@@ -146,14 +159,16 @@ pub fn replay(path: &Path, mut visit: impl FnMut(&[OpRef<'_>])) -> std::io::Resu
         // a sync's bytes. What follows those zeros belongs to a write that never
         // completed.
         if len == 0 && crc == 0 {
-            return Ok(match bytes[at..].iter().all(|&b| b == 0) {
-                true => Ending::Zeroed { offset: at },
+            let offset = window.offset();
+            return Ok(match window.rest_is_zeros()? {
+                true => Ending::Zeroed { offset },
                 false => damaged,
             });
         }
-        let Some(body) = bytes.get(at + 8..at + 8 + len) else {
+        if !window.fill(8 + len)? {
             return Ok(damaged);
-        };
+        }
+        let body = &window.bytes()[8..8 + len];
         if crc32fast::hash(body) != crc {
             return Ok(damaged);
         }
@@ -161,9 +176,82 @@ pub fn replay(path: &Path, mut visit: impl FnMut(&[OpRef<'_>])) -> std::io::Resu
             return Ok(damaged);
         };
         visit(&ops);
-        at += 8 + len;
+        window.advance(8 + len);
     }
     Ok(Ending::Clean)
+}
+
+/// A file read forward through a buffer of about one chunk.
+struct Window {
+    file: File,
+    len: usize,
+    buf: Vec<u8>,
+    /// Where the unread bytes start in `buf`…
+    start: usize,
+    /// …and the file offset of `buf[0]`.
+    base: usize,
+    chunk: usize,
+}
+
+impl Window {
+    fn open(path: &Path, chunk: usize) -> std::io::Result<Window> {
+        let file = File::open(path)?;
+        let len = usize::try_from(file.metadata()?.len()).unwrap_or(usize::MAX);
+        Ok(Window {
+            file,
+            len,
+            buf: Vec::new(),
+            start: 0,
+            base: 0,
+            chunk,
+        })
+    }
+
+    /// Makes `n` unread bytes available; false when the file ends before (then it
+    /// reads nothing: a torn frame's length may be anything).
+    fn fill(&mut self, n: usize) -> std::io::Result<bool> {
+        if self.buf.len() - self.start >= n {
+            return Ok(true);
+        }
+        if self.offset().saturating_add(n) > self.len {
+            return Ok(false);
+        }
+        self.buf.drain(..self.start);
+        self.base += self.start;
+        self.start = 0;
+        let want = n.max(self.chunk).min(self.len - self.base) - self.buf.len();
+        (&mut self.file)
+            .take(want as u64)
+            .read_to_end(&mut self.buf)?;
+        // The file may have been shorter than its length said (it is not written while
+        // it is replayed, but a short read must not pass for a frame).
+        Ok(self.buf.len() >= n)
+    }
+
+    fn bytes(&self) -> &[u8] {
+        &self.buf[self.start..]
+    }
+
+    fn offset(&self) -> usize {
+        self.base + self.start
+    }
+
+    fn advance(&mut self, n: usize) {
+        self.start += n;
+    }
+
+    /// Whether every byte from here to the end of the file is zero.
+    fn rest_is_zeros(&mut self) -> std::io::Result<bool> {
+        loop {
+            if self.bytes().iter().any(|&b| b != 0) {
+                return Ok(false);
+            }
+            self.advance(self.bytes().len());
+            if !self.fill(1)? {
+                return Ok(true);
+            }
+        }
+    }
 }
 
 /// Log files in `dir`, oldest first.
@@ -458,22 +546,31 @@ mod tests {
         );
     }
 
+    /// The file's batches and ending, the same read a few bytes at a time as in one
+    /// piece (frames and zeros across reads).
     fn read(path: &Path) -> (Vec<Owned>, Ending) {
-        let mut batches = Vec::new();
-        let ending = replay(path, |ops| {
-            batches.push(
-                ops.iter()
-                    .map(|(k, v)| {
-                        (
-                            String::from_utf8(k.to_vec()).unwrap(),
-                            v.map(|v| String::from_utf8(v.to_vec()).unwrap()),
-                        )
-                    })
-                    .collect(),
-            )
-        })
-        .unwrap();
-        (batches, ending)
+        let read_in = |chunk| {
+            let mut batches = Vec::new();
+            let ending = replay_in(path, chunk, |ops| {
+                batches.push(
+                    ops.iter()
+                        .map(|(k, v)| {
+                            (
+                                String::from_utf8(k.to_vec()).unwrap(),
+                                v.map(|v| String::from_utf8(v.to_vec()).unwrap()),
+                            )
+                        })
+                        .collect(),
+                )
+            })
+            .unwrap();
+            (batches, ending)
+        };
+        let whole = read_in(READ_CHUNK);
+        for chunk in [13, 4096, 65536] {
+            assert_eq!(read_in(chunk), whole, "read {chunk} bytes at a time");
+        }
+        whole
     }
 
     fn owned(ops: &[(&str, Option<&str>)]) -> Owned {
