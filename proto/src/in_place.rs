@@ -18,6 +18,8 @@
 
 use std::fmt;
 
+use prost::encoding::{encode_varint, encoded_len_varint};
+
 /// One item of an `EnqueueRequest`, borrowed from the encoded request.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct NewItemRef<'a> {
@@ -220,7 +222,7 @@ pub fn write_enqueue_request<'a>(
             + varint_field_len(item.delay_ms)
             + bytes_field_len(item.key.as_bytes());
         out.push(ITEMS);
-        push_varint(len as u64, out);
+        encode_varint(len as u64, out);
         push_bytes_field(PAYLOAD, item.payload, out);
         push_varint_field(PRIORITY, priority, out);
         push_varint_field(DELAY_MS, item.delay_ms, out);
@@ -231,30 +233,25 @@ pub fn write_enqueue_request<'a>(
     }
 }
 
-/// The encoded size of a varint.
-fn varint_len(value: u64) -> usize {
-    (64 - (value | 1).leading_zeros() as usize).div_ceil(7)
-}
-
 /// A length-delimited field's encoded size; 0 when empty (proto3 leaves it out).
 fn bytes_field_len(bytes: &[u8]) -> usize {
     match bytes.len() {
         0 => 0,
-        n => 1 + varint_len(n as u64) + n,
+        n => 1 + encoded_len_varint(n as u64) + n,
     }
 }
 
 fn varint_field_len(value: u64) -> usize {
     match value {
         0 => 0,
-        v => 1 + varint_len(v),
+        v => 1 + encoded_len_varint(v),
     }
 }
 
 fn push_bytes_field(key: u8, bytes: &[u8], out: &mut Vec<u8>) {
     if !bytes.is_empty() {
         out.push(key);
-        push_varint(bytes.len() as u64, out);
+        encode_varint(bytes.len() as u64, out);
         out.extend_from_slice(bytes);
     }
 }
@@ -262,16 +259,8 @@ fn push_bytes_field(key: u8, bytes: &[u8], out: &mut Vec<u8>) {
 fn push_varint_field(key: u8, value: u64, out: &mut Vec<u8>) {
     if value != 0 {
         out.push(key);
-        push_varint(value, out);
+        encode_varint(value, out);
     }
-}
-
-fn push_varint(mut value: u64, out: &mut Vec<u8>) {
-    while value >= 0x80 {
-        out.push(value as u8 | 0x80);
-        value >>= 7;
-    }
-    out.push(value as u8);
 }
 
 /// Appends an encoded `EnqueueResponse` holding `results` to `out`: byte for byte what
@@ -312,14 +301,11 @@ pub fn write_enqueue_response(
 }
 
 /// Writes `value` as a varint at `at`; returns where it ended.
-fn put_varint(mut value: u64, buf: &mut [u8], mut at: usize) -> usize {
-    while value >= 0x80 {
-        buf[at] = value as u8 | 0x80;
-        value >>= 7;
-        at += 1;
-    }
-    buf[at] = value as u8;
-    at + 1
+fn put_varint(value: u64, buf: &mut [u8], at: usize) -> usize {
+    let len = buf.len();
+    let mut rest = &mut buf[at..];
+    encode_varint(value, &mut rest);
+    len - rest.len()
 }
 
 #[cfg(test)]

@@ -285,22 +285,28 @@ struct IdSet {
 }
 
 impl IdSet {
+    /// `id`'s block, word in the block and bit in the word.
+    fn place(id: u64) -> (u64, usize, u64) {
+        (id >> 12, (id >> 6) as usize & 63, 1 << (id & 63))
+    }
+
     /// Adds `id`; false when it was there already.
     fn insert(&mut self, id: u64) -> bool {
+        let (block, word, bit) = Self::place(id);
         let block = self
             .blocks
-            .entry(id >> 12)
+            .entry(block)
             .or_insert_with(|| Box::new([0; 64]));
-        let (word, bit) = ((id >> 6) as usize & 63, 1u64 << (id & 63));
         let new = block[word] & bit == 0;
         block[word] |= bit;
         new
     }
 
     fn contains(&self, id: u64) -> bool {
+        let (block, word, bit) = Self::place(id);
         self.blocks
-            .get(&(id >> 12))
-            .is_some_and(|block| block[(id >> 6) as usize & 63] & (1u64 << (id & 63)) != 0)
+            .get(&block)
+            .is_some_and(|block| block[word] & bit != 0)
     }
 }
 
