@@ -16,18 +16,24 @@ async fn open(dir: &Path) -> Arc<Engine> {
     open_with(dir, Durability::Strict).await
 }
 
-/// Opens the data dir, waiting while the engine dropped just before still holds it:
-/// its flusher may be finishing a sync, and the store keeps the data dir locked until
-/// it is gone.
 async fn open_with(dir: &Path, durability: Durability) -> Arc<Engine> {
+    match open_store(dir, durability).await {
+        Ok(store) => Engine::open(store, Clock::system()).unwrap(),
+        Err(e) => panic!("cannot open {}: {e}", dir.display()),
+    }
+}
+
+/// Opens the data dir's store, waiting while the engine dropped just before still
+/// holds it: its flusher may be finishing a sync, and the store keeps the data dir
+/// locked until it is gone.
+async fn open_store(dir: &Path, durability: Durability) -> workq_coordinator::Result<Store> {
     let start = std::time::Instant::now();
     loop {
         match Store::open_disk(dir, durability) {
-            Ok(store) => return Engine::open(store, Clock::system()).unwrap(),
             Err(e) if e.to_string().contains("in use") && start.elapsed().as_secs() < 10 => {
                 tokio::time::sleep(std::time::Duration::from_millis(10)).await;
             }
-            Err(e) => panic!("cannot open {}: {e}", dir.display()),
+            opened => return opened,
         }
     }
 }
@@ -286,7 +292,8 @@ async fn an_interrupted_snapshot_is_ignored_and_a_damaged_one_stops_the_start() 
     bytes[middle] ^= 0x55;
     std::fs::write(&snapshot, &bytes).unwrap();
     let listing = (files(dir.path(), ".snap"), files(dir.path(), ".log"));
-    let err = Store::open_disk(dir.path(), Durability::Strict)
+    let err = open_store(dir.path(), Durability::Strict)
+        .await
         .expect_err("a damaged snapshot must not open");
     assert!(err.to_string().contains("damaged"), "{err}");
     assert_eq!(

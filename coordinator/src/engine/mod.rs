@@ -1034,7 +1034,7 @@ fn spawn_checkpointer(engine: &Arc<Engine>) {
                 _ = shutdown.wait_for(|stopping| *stopping) => break,
             }
             let Some(engine) = weak.upgrade() else { break };
-            if !engine.store.snapshot_pays(engine.live_items()) {
+            if !engine.store.snapshot_pays(|| engine.live_items()) {
                 continue;
             }
             let started = std::time::Instant::now();

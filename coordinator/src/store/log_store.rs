@@ -777,14 +777,21 @@ impl LogStore {
         checkpoint_due(&self.inner)
     }
 
-    /// Whether a snapshot now, of a state of `live_items` items, would pay (see
-    /// [`SNAPSHOT_PAYS_AT`]). When it would not, no snapshot is due again until the
-    /// log has doubled or the checkpoint interval has passed
+    /// Whether a snapshot now, of the state `live_items` counts in items, would pay
+    /// (see [`SNAPSHOT_PAYS_AT`]). When it would not, no snapshot is due again until
+    /// the log has doubled or the checkpoint interval has passed
     /// ([`Self::set_checkpoint_every`]).
-    pub fn snapshot_pays(&self, live_items: u64) -> bool {
+    ///
+    /// The log is measured before the items are counted. An item is in its queue
+    /// before its record is written, so every item the log counts is counted too;
+    /// counted the other way round, writers that ran in between would leave log
+    /// bytes without their items and make a growing log look like garbage.
+    pub fn snapshot_pays(&self, live_items: impl FnOnce() -> u64) -> bool {
         let inner = &self.inner;
         let log = inner.stats.log_bytes.load(Ordering::SeqCst);
         let reads = inner.stats.snapshot_bytes.load(Ordering::SeqCst) + log;
+        // Counted before taking the lock: writers take it under their queue's lock.
+        let live_items = live_items();
         let state = lock(&inner.pending).items.bytes_of(live_items);
         if reads as f64 >= SNAPSHOT_PAYS_AT * state {
             return true;
@@ -1711,7 +1718,7 @@ mod tests {
         store.set_checkpoint_every(Duration::from_secs(3600));
         put_items(&store, 0..2_000).await;
         assert!(store.checkpoint_due(), "past the minimum size");
-        assert!(!store.snapshot_pays(2_000));
+        assert!(!store.snapshot_pays(|| 2_000));
         assert!(
             !store.checkpoint_due(),
             "not again before the log has doubled"
@@ -1720,7 +1727,7 @@ mod tests {
         assert!(!store.checkpoint_due());
         put_items(&store, 3_900..4_200).await;
         assert!(store.checkpoint_due(), "doubled");
-        assert!(!store.snapshot_pays(4_200));
+        assert!(!store.snapshot_pays(|| 4_200));
         // By the clock as well.
         store.set_checkpoint_every(Duration::from_millis(100));
         assert!(!store.checkpoint_due());
@@ -1732,12 +1739,12 @@ mod tests {
             .write(|batch| (0..1_500).for_each(|id| batch.delete_item(id)))
             .unwrap();
         store.wait_durable(ticket).await.unwrap();
-        assert!(store.snapshot_pays(2_700));
+        assert!(store.snapshot_pays(|| 2_700));
         drop(store);
 
         let store = LogStore::open(dir.path(), Durability::Strict).unwrap();
-        assert!(!store.snapshot_pays(4_200));
-        assert!(store.snapshot_pays(2_700));
+        assert!(!store.snapshot_pays(|| 4_200));
+        assert!(store.snapshot_pays(|| 2_700));
         // What it wrote comes back as the state: no garbage, nothing to gain.
         let mut writer = store.begin_checkpoint().unwrap().unwrap();
         let snapshot = store.load();
@@ -1746,7 +1753,36 @@ mod tests {
             writer.put_item("q", item.view());
         }
         store.finish_checkpoint(writer).unwrap();
-        assert!(!store.snapshot_pays(2_700));
+        assert!(!store.snapshot_pays(|| 2_700));
+    }
+
+    /// Writers keep running while the checkpointer counts the queues' items, and the
+    /// log is measured before the count: a log that only grew never looks like
+    /// garbage, however many writes land after the count. (Measured after, the 2,000
+    /// items written here would be in the log and not in the count. Counting under
+    /// the store's lock would stop the writers dead: a writer takes it under its
+    /// queue's lock, which the count takes too.)
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn writers_run_while_the_items_are_counted() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(LogStore::open(dir.path(), Durability::Strict).unwrap());
+        store.start();
+        put_items(&store, 0..1_000).await;
+        let runtime = tokio::runtime::Handle::current();
+        let pays = store.snapshot_pays(|| {
+            let counted = 1_000;
+            let (done, wait) = std::sync::mpsc::channel();
+            let writer = store.clone();
+            // Not joined if it hangs: the test fails instead of hanging with it.
+            std::thread::spawn(move || {
+                runtime.block_on(put_items(&writer, 1_000..3_000));
+                done.send(()).unwrap();
+            });
+            wait.recv_timeout(Duration::from_secs(30))
+                .expect("a writer could not write while the items were counted");
+            counted
+        });
+        assert!(!pays, "a log that only grew");
     }
 
     /// Recovery ends with each item at its last logged value whatever order the ids

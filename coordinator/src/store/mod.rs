@@ -199,9 +199,9 @@ impl Store {
         }
     }
 
-    /// Whether a snapshot of `live_items` items would pay now (see
+    /// Whether a snapshot of the items `live_items` counts would pay now (see
     /// [`LogStore::snapshot_pays`]); never in memory.
-    pub fn snapshot_pays(&self, live_items: u64) -> bool {
+    pub fn snapshot_pays(&self, live_items: impl FnOnce() -> u64) -> bool {
         match self {
             Store::Memory { .. } => false,
             Store::Disk(s) => s.snapshot_pays(live_items),
