@@ -273,7 +273,7 @@ pub fn write_enqueue_response(
 ) {
     /// Field 1 of the response (length-delimited), then fields 1 to 3 of a result
     /// (varints).
-    const RESULTS: u8 = 1 << 3 | 2;
+    const RESULTS: u8 = 1 << 3 | LENGTH_DELIMITED;
     const ID: u8 = 1 << 3;
     const DEDUPLICATED: u8 = 2 << 3;
     const CREATED_AT_MS: u8 = 3 << 3;

@@ -579,6 +579,20 @@ mod tests {
             .collect()
     }
 
+    /// Recovery sizes a put as key + value + [`PUT_OVERHEAD`], the log writer by what
+    /// it appended: the two must agree.
+    #[test]
+    fn a_put_takes_its_key_its_value_and_put_overhead() {
+        for (key, value) in [(&b""[..], &b""[..]), (b"i12345678", &[7u8; 300][..])] {
+            let mut buf = Vec::new();
+            push_op(&mut buf, key, Some(value));
+            assert_eq!(buf.len(), key.len() + value.len() + PUT_OVERHEAD);
+            buf.clear();
+            push_put_with(&mut buf, key, |out| out.extend_from_slice(value));
+            assert_eq!(buf.len(), key.len() + value.len() + PUT_OVERHEAD);
+        }
+    }
+
     #[test]
     fn replays_intact_batches_and_stops_at_a_torn_tail() {
         let dir = tempfile::tempdir().unwrap();
