@@ -36,6 +36,27 @@ pub trait Replies<T>: Send {
     /// Sends one answer, or the status that ends the call; false when the client is
     /// gone.
     fn send(&mut self, reply: Result<T, Status>) -> impl Future<Output = bool> + Send;
+
+    /// Hands `reply` over to go out as soon as `ticket` is durable, without the session
+    /// waiting or waking for it (the wire protocol: the store's flusher writes it).
+    /// Gives it back when that cannot be done; the session then answers it itself after
+    /// the sync. Nothing is handed over by default.
+    fn hand_over(&mut self, _engine: &Engine, _ticket: Ticket, reply: T) -> Result<(), T> {
+        Err(reply)
+    }
+
+    /// Whether fewer than `free` handed-over answers are waiting to go out. When not,
+    /// [`Replies::attend`] wakes once some have gone.
+    fn has_room(&mut self, _free: usize) -> bool {
+        true
+    }
+
+    /// Waits until handed-over answers need the session: bytes the socket did not take
+    /// (written before this returns), room under [`Replies::has_room`]'s limit, or a
+    /// failed sync. False when a sync failed or the client is gone.
+    fn attend(&mut self) -> impl Future<Output = bool> + Send {
+        std::future::pending()
+    }
 }
 
 /// An enqueue stream's answer, made from the engine's results: `pb::EnqueueResponse`
@@ -104,18 +125,30 @@ impl EnqueueInput for pb::EnqueueRequest {
 /// Tickets grow in request order, so the stream waits for one sync at a time: the
 /// oldest unanswered request's. When it is on disk, every request it covered is
 /// answered, and the wait moves to the next unanswered one.
+///
+/// Where the replies can be handed over ([`Replies::hand_over`]: the wire protocol in
+/// strict mode), a request with nothing unanswered before it is handed over instead
+/// of waited for, and the session goes back to reading. Handed-over answers go out
+/// in order with their syncs, before anything the session writes later: the session
+/// writes an answer only once its ticket is durable, and the store makes the calls
+/// for a ticket before publishing it durable.
 pub async fn enqueue_stream<R: EnqueueReply>(
     engine: Arc<Engine>,
     mut requests: impl Stream<Item = Result<impl EnqueueInput + Send, Status>> + Unpin + Send,
     out: &mut impl Replies<R>,
 ) {
-    let mut unanswered: VecDeque<(Ticket, Vec<engine::Enqueued>)> = VecDeque::new();
+    let mut unanswered: VecDeque<(Ticket, R)> = VecDeque::new();
     let mut sync: Option<SyncWait> = None;
+    // The ticket of the last answer handed over.
+    let mut handed: Option<Ticket> = None;
     let mut input_open = true;
     let mut refused = None;
     loop {
+        let reading = input_open
+            && unanswered.len() < ENQUEUE_PIPELINE
+            && (handed.is_none() || out.has_room(ENQUEUE_PIPELINE - unanswered.len()));
         tokio::select! {
-            request = requests.next(), if input_open && unanswered.len() < ENQUEUE_PIPELINE => {
+            request = requests.next(), if reading => {
                 match request {
                     Some(Ok(r)) => {
                         let applied = r.read().and_then(|r| {
@@ -130,10 +163,20 @@ pub async fn enqueue_stream<R: EnqueueReply>(
                                 }
                             }
                             Ok((results, ticket)) => {
+                                let mut reply = R::from_results(results);
+                                if unanswered.is_empty() {
+                                    match out.hand_over(&engine, ticket, reply) {
+                                        Ok(()) => {
+                                            handed = Some(ticket);
+                                            continue;
+                                        }
+                                        Err(back) => reply = back,
+                                    }
+                                }
                                 if sync.is_none() {
                                     sync = Some(wait_for_sync(&engine, ticket));
                                 }
-                                unanswered.push_back((ticket, results));
+                                unanswered.push_back((ticket, reply));
                             }
                             Err(refusal) => {
                                 refused = Some(refusal);
@@ -155,13 +198,32 @@ pub async fn enqueue_stream<R: EnqueueReply>(
                         sync = Some(wait_for_sync(&engine, *ticket));
                         break;
                     }
-                    let (_, results) = unanswered.pop_front().expect("just seen");
-                    if !out.send(Ok(EnqueueReply::from_results(results))).await {
+                    let (_, reply) = unanswered.pop_front().expect("just seen");
+                    if !out.send(Ok(reply)).await {
                         return;
                     }
                 }
             }
+            attended = out.attend(), if handed.is_some() && (input_open || !unanswered.is_empty()) => {
+                if !attended {
+                    // A failed sync (say so) or a client that is gone (nothing to say).
+                    if let Some(ticket) = handed
+                        && let Err(e) = engine.sync(ticket).await
+                    {
+                        let _ = out.send(Err(status(e))).await;
+                    }
+                    return;
+                }
+            }
             else => {
+                // Every answer of the session's own is out; the handed-over ones go
+                // out with their syncs, before the status that ends the call.
+                if let Some(ticket) = handed.take()
+                    && let Err(e) = engine.sync(ticket).await
+                {
+                    let _ = out.send(Err(status(e))).await;
+                    return;
+                }
                 if let Some(refusal) = refused {
                     out.send(Err(refusal)).await;
                 }

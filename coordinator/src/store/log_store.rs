@@ -56,7 +56,7 @@ use tokio::sync::Notify;
 
 use super::record::encode_item;
 use super::wal::{self, Ending, Segment};
-use super::{FlushStats, ItemRecord, QueueRecord, Snapshot, Ticket};
+use super::{FlushStats, ItemRecord, OnDurable, QueueRecord, Snapshot, Ticket};
 use crate::engine::items::{ItemView, Stored};
 use crate::engine::queue::IdHasher;
 use crate::error::{Error, Result};
@@ -185,6 +185,15 @@ impl ItemRecords {
 struct Commit {
     done: AtomicBool,
     notify: Notify,
+    /// The calls handed over to run once the sync is done (see [`LogStore::on_durable`]);
+    /// `closed` once they have been taken to run, after which no more are accepted.
+    calls: Mutex<Calls>,
+}
+
+#[derive(Default)]
+struct Calls {
+    list: Vec<Arc<dyn OnDurable>>,
+    closed: bool,
 }
 
 impl Commit {
@@ -200,8 +209,24 @@ impl Commit {
         }
     }
 
+    /// Makes the handed-over calls: the sync is on disk (`ok`) or it failed. Runs before
+    /// the covered ticket is published, so whoever sees the ticket durable knows that
+    /// every call for it has been made.
+    fn call(&self, ok: bool) {
+        let calls = {
+            let mut calls = lock(&self.calls);
+            calls.closed = true;
+            std::mem::take(&mut calls.list)
+        };
+        for call in calls {
+            call.durable(ok);
+        }
+    }
+
     /// Wakes the waiters: the sync is on disk, or it failed (they check `healthy`).
+    /// Calls not yet made are told it failed: a successful sync makes them first.
     fn finish(&self) {
+        self.call(false);
         self.done.store(true, Ordering::SeqCst);
         self.notify.notify_waiters();
     }
@@ -716,6 +741,36 @@ impl LogStore {
             ));
         }
         Ok(())
+    }
+
+    /// Strict mode: hands `call` to the flusher, to be made right after the sync that
+    /// covers `ticket` (see [`super::Store::on_durable`]). False when the call was not
+    /// taken: not strict, no flusher yet, a failed log, or that sync is already done
+    /// or being published.
+    pub fn on_durable(&self, ticket: Ticket, call: &Arc<dyn OnDurable>) -> bool {
+        if self.inner.durability != Durability::Strict
+            || !self.inner.started.load(Ordering::SeqCst)
+            || !self.healthy()
+        {
+            return false;
+        }
+        let Some(commit) = self.inner.join_commit(ticket.0) else {
+            return false;
+        };
+        let mut calls = lock(&commit.calls);
+        if calls.closed {
+            return false;
+        }
+        calls.list.push(call.clone());
+        true
+    }
+
+    /// From now on every log write fails, as on a disk gone bad (tests elsewhere in
+    /// the crate).
+    #[cfg(test)]
+    pub(crate) fn fail_writes(&self) {
+        let failing = Segment::failing(&self.inner.dir, u64::MAX >> 1).expect("a failing log file");
+        *lock(&self.inner.segment) = failing;
     }
 
     /// Strict mode: asks for a sync without waiting for it (background changes such as
@@ -1255,6 +1310,7 @@ fn flush_now(inner: &Inner) -> Result<Flushed> {
         )
     };
     if target <= inner.durable.load(Ordering::SeqCst) {
+        commit.call(true);
         commit.finish();
         recycle(inner, bytes);
         return Ok(Flushed {
@@ -1285,6 +1341,7 @@ fn flush_now(inner: &Inner) -> Result<Flushed> {
         .total_micros
         .fetch_add(micros, Ordering::Relaxed);
     inner.stats.max_micros.fetch_max(micros, Ordering::Relaxed);
+    commit.call(true);
     inner.durable.fetch_max(target, Ordering::SeqCst);
     commit.finish();
     recycle(inner, bytes);
@@ -1629,6 +1686,83 @@ mod tests {
         let later = store.write(put_queue(50)).unwrap();
         assert!(store.wait_durable(later).await.is_err());
         assert!(!store.is_synced(later));
+    }
+
+    /// Records each call it gets: (its number, the sync's outcome, the durable ticket
+    /// as the call saw it).
+    struct Recorder {
+        number: u64,
+        store: Arc<LogStore>,
+        calls: Arc<Mutex<Vec<(u64, bool, u64)>>>,
+    }
+
+    impl OnDurable for Recorder {
+        fn durable(&self, ok: bool) {
+            let durable = self.store.inner.durable.load(Ordering::SeqCst);
+            lock(&self.calls).push((self.number, ok, durable));
+        }
+    }
+
+    /// Calls handed over with `on_durable` are made once each, in hand-over order, after
+    /// their sync and before the ticket is published (whoever sees it durable knows its
+    /// calls were made); a sync already done takes no call, and a failed sync makes its
+    /// calls with `false` and takes none after.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn calls_handed_over_are_made_after_their_sync_before_it_is_published() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(LogStore::open(dir.path(), Durability::Strict).unwrap());
+        store.start();
+        let calls = Arc::new(Mutex::new(Vec::new()));
+        let recorder = |number| -> Arc<dyn OnDurable> {
+            Arc::new(Recorder {
+                number,
+                store: store.clone(),
+                calls: calls.clone(),
+            })
+        };
+        let mut tickets = Vec::new();
+        for number in 0..200 {
+            let ticket = store.write(put_queue(number)).unwrap();
+            if store.on_durable(ticket, &recorder(number)) {
+                tickets.push((number, ticket));
+            }
+            if number % 7 == 0 {
+                tokio::task::yield_now().await;
+            }
+        }
+        assert!(!tickets.is_empty(), "no call was taken");
+        let (_, last) = *tickets.last().unwrap();
+        store.wait_durable(last).await.unwrap();
+        let made = lock(&calls).clone();
+        let numbers: Vec<u64> = made.iter().map(|&(number, _, _)| number).collect();
+        let taken: Vec<u64> = tickets.iter().map(|&(number, _)| number).collect();
+        assert_eq!(numbers, taken, "each call made once, in hand-over order");
+        for (&(_, ok, durable_seen), &(_, ticket)) in made.iter().zip(&tickets) {
+            assert!(ok);
+            assert!(
+                durable_seen < ticket.0,
+                "a call made after its ticket was published"
+            );
+        }
+        assert!(
+            !store.on_durable(last, &recorder(999)),
+            "a call taken for a ticket already durable"
+        );
+
+        lock(&calls).clear();
+        *lock(&store.inner.segment) = Segment::failing(&dir.path().join("wal"), 99).unwrap();
+        let ticket = store.write(put_queue(500)).unwrap();
+        assert!(store.on_durable(ticket, &recorder(500)));
+        assert!(store.wait_durable(ticket).await.is_err());
+        assert_eq!(
+            lock(&calls).iter().map(|c| (c.0, c.1)).collect::<Vec<_>>(),
+            [(500, false)]
+        );
+        let later = store.write(put_queue(501)).unwrap();
+        assert!(
+            !store.on_durable(later, &recorder(501)),
+            "a failed log took a call"
+        );
     }
 
     /// Once the log has failed, relaxed mode stops answering writes as if they were

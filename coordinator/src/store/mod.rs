@@ -39,6 +39,16 @@ pub struct Snapshot {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub struct Ticket(pub u64);
 
+/// What to do once a write is on disk, handed to [`Store::on_durable`] instead of
+/// waiting for the sync: the disk store calls it on its flusher thread right after the
+/// sync, before anyone waiting for the same sync is woken.
+pub trait OnDurable: Send + Sync {
+    /// The write is on disk (`true`), or its sync failed (`false`). Called once per
+    /// hand-over, in hand-over order within one sync and in sync order across syncs;
+    /// it must not block (it runs between the disk and every other waiter).
+    fn durable(&self, ok: bool);
+}
+
 /// Flush and snapshot figures, for `/metrics`.
 #[derive(Debug, Default)]
 pub struct FlushStats {
@@ -164,6 +174,19 @@ impl Store {
         match self {
             Store::Memory { .. } => Ok(()),
             Store::Disk(s) => s.sync(ticket).await,
+        }
+    }
+
+    /// Hands `call` to the store, to be called once `ticket` is durable, so that the
+    /// caller need not wait (or be woken) for the sync. Strict disk store only: false
+    /// means the call was not taken (no flusher to run it: the memory or relaxed store,
+    /// start-up, a failed log; or the ticket's sync is already done or finishing), and
+    /// the caller waits with [`Store::sync`] as usual. Once `sync(ticket)` returns, every
+    /// call handed over for `ticket` or earlier has been made.
+    pub fn on_durable(&self, ticket: Ticket, call: &std::sync::Arc<dyn OnDurable>) -> bool {
+        match self {
+            Store::Memory { .. } => false,
+            Store::Disk(s) => s.on_durable(ticket, call),
         }
     }
 
