@@ -30,6 +30,8 @@ use crate::store::Ticket;
 const SESSION_POLL_MS: u64 = 30_000;
 /// Enqueue requests of one stream processed concurrently (they share flushes).
 const ENQUEUE_PIPELINE: usize = 64;
+/// A work session's answers handed over and not yet written, before it stops reading.
+const WORK_HANDED: usize = 64;
 
 /// Where a streaming call's answers go.
 pub trait Replies<T>: Send {
@@ -283,6 +285,8 @@ pub async fn work_session(
     let mut told_drained: Option<bool> = None;
     let mut input_open = true;
     let mut next_request = Some(first);
+    // The ticket of the last answer handed over (see `Replies::hand_over`).
+    let mut handed: Option<Ticket> = None;
 
     loop {
         if let Some(request) = next_request.take() {
@@ -301,17 +305,16 @@ pub async fn work_session(
                 } else {
                     0
                 };
-                let step = crate::http::metrics::ACK
-                    .time(engine.settle_and_lease(
-                        &queue,
-                        settlements,
-                        &worker,
-                        want,
-                        lease_timeout_ms,
-                    ))
-                    .await;
+                let started = std::time::Instant::now();
+                let step = engine.settle_and_lease_unsynced(
+                    &queue,
+                    settlements,
+                    &worker,
+                    want,
+                    lease_timeout_ms,
+                );
                 let reply = match step {
-                    Ok((settled, outcome)) => {
+                    Ok(((settled, outcome), ticket)) => {
                         credit -= outcome.granted.len() as u64;
                         let drained = want > 0 && outcome.drained && outcome.granted.is_empty();
                         quiet = drained;
@@ -320,18 +323,47 @@ pub async fn work_session(
                             (false, false) => None,
                             (false, true) => told_drained,
                         };
-                        Ok(pb::WorkResponse {
+                        let reply = pb::WorkResponse {
                             settled: settled.into_iter().map(settled_pb).collect(),
                             leases: outcome.granted.into_iter().map(lease_pb).collect(),
                             drained,
                             sealed: outcome.sealed,
-                        })
+                        };
+                        Ok((reply, ticket))
                     }
                     Err(e) => Err(status(e)),
                 };
-                let failed = reply.is_err();
-                if !out.send(reply).await || failed {
-                    return;
+                let (reply, ticket) = match reply {
+                    Ok(answer) => answer,
+                    Err(refusal) => {
+                        out.send(Err(refusal)).await;
+                        return;
+                    }
+                };
+                // Handed over, the answer goes out right after its sync without this
+                // task waking for it; otherwise the session waits for the sync.
+                let reply = if engine.is_durable(ticket) {
+                    Some(reply)
+                } else {
+                    match out.hand_over(&engine, ticket, reply) {
+                        Ok(()) => {
+                            handed = Some(ticket);
+                            None
+                        }
+                        Err(reply) => {
+                            if let Err(e) = engine.sync(ticket).await {
+                                let _ = out.send(Err(status(e))).await;
+                                return;
+                            }
+                            Some(reply)
+                        }
+                    }
+                };
+                if let Some(reply) = reply {
+                    crate::http::metrics::ACK.observe(started.elapsed());
+                    if !out.send(Ok(reply)).await {
+                        return;
+                    }
                 }
             }
         }
@@ -354,10 +386,29 @@ pub async fn work_session(
             }));
         }
         if !input_open && poll.is_none() {
+            // The answers handed over go out with their syncs, before the status that
+            // ends the call.
+            if let Some(ticket) = handed.take()
+                && let Err(e) = engine.sync(ticket).await
+            {
+                let _ = out.send(Err(status(e))).await;
+            }
             return;
         }
+        let reading = input_open && (handed.is_none() || out.has_room(WORK_HANDED));
         tokio::select! {
-            request = requests.next(), if input_open => match request {
+            attended = out.attend(), if handed.is_some() => {
+                if !attended {
+                    // A failed sync (say so) or a client that is gone (nothing to say).
+                    if let Some(ticket) = handed
+                        && let Err(e) = engine.sync(ticket).await
+                    {
+                        let _ = out.send(Err(status(e))).await;
+                    }
+                    return;
+                }
+            }
+            request = requests.next(), if reading => match request {
                 Some(Ok(r)) => next_request = Some(r),
                 // The worker closed its side: a waiting poll gives up; one that was
                 // already granted leases delivers them; then the session ends.

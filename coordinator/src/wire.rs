@@ -6,9 +6,10 @@
 //! Each connection is one task: it reads the hello, checks the token, then runs the
 //! same session code as the gRPC streams (`crate::stream`), reading requests off the
 //! socket and writing each answer straight back, with no HTTP/2 framing, no extra
-//! task and no channel in between. In strict mode an enqueue stream's answers are
-//! written by the store's flusher thread right after their sync ([`Writer`]), so the
-//! session does not wake for them.
+//! task and no channel in between. In strict mode the answers that wait for a sync
+//! (an enqueue stream's, a work session's settlement steps) are written by the
+//! store's flusher thread right after it ([`Writer`]), so the session does not wake
+//! for them.
 //!
 //! Every call ends with a status frame: OK when the client closed its side and got
 //! every answer, the error otherwise. A client that sees the connection close without
@@ -18,7 +19,7 @@ use std::collections::VecDeque;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
 use futures_util::stream;
@@ -251,8 +252,8 @@ impl Out {
 }
 
 /// A connection's sending side, shared by its session's task and the store's flusher
-/// thread. In strict mode the session hands its enqueue answers over to the flusher
-/// ([`Out::hand_over`]), which writes each right after its sync: the session is not
+/// thread. In strict mode the session hands its answers over to the flusher
+/// ([`Out::hand_over_answer`]), which writes each right after its sync: the session is not
 /// woken for every sync only to write a few bytes, and the answer leaves one thread
 /// switch sooner. Every write goes through `state`'s lock, after whatever is queued
 /// before it, so frames go out whole and in order; the flusher never waits for the
@@ -269,9 +270,9 @@ struct Writer {
 struct WriteState {
     /// Bytes the socket has not taken yet, written before anything else.
     queued: Vec<u8>,
-    /// Handed-over enqueue answers not yet written, in request order: the store makes
-    /// its calls in hand-over order, and each writes the oldest.
-    handed: VecDeque<Vec<Enqueued>>,
+    /// Handed-over answers not yet written, in hand-over order: the store makes its
+    /// calls in that order, and each writes the oldest.
+    handed: VecDeque<Handed>,
     /// The session waits for `handed` to shrink.
     wants_room: bool,
     /// A handed-over answer's sync failed.
@@ -353,20 +354,45 @@ impl Writer {
     }
 }
 
+/// An answer handed over to the flusher.
+enum Handed {
+    /// An enqueue stream's answer.
+    Enqueue(Vec<Enqueued>),
+    /// A work session's step (its settlements' outcomes, maybe leases), and when the
+    /// step started, for the ack latency histogram (time until durable).
+    Work(pb::WorkResponse, Instant),
+}
+
+impl Handed {
+    fn write(self, buf: &mut Vec<u8>) {
+        match self {
+            Handed::Enqueue(results) => {
+                let results = results.into_iter().map(crate::grpc::enqueue_result_pb);
+                write_enqueue_response(results, buf);
+            }
+            Handed::Work(response, started) => {
+                if !response.settled.is_empty() {
+                    crate::http::metrics::ACK.observe(started.elapsed());
+                }
+                response
+                    .encode(buf)
+                    .expect("a Vec grows to fit any message");
+            }
+        }
+    }
+}
+
 /// The flusher's call for a handed-over answer: its sync is done.
 impl OnDurable for Writer {
     fn durable(&self, ok: bool) {
         let mut state = lock(&self.state);
-        let Some(results) = state.handed.pop_front() else {
+        let Some(answer) = state.handed.pop_front() else {
             return;
         };
         let wake = if ok {
             let mut frame = std::mem::take(&mut state.frame);
             frame.clear();
-            encode_frame_with(KIND_MESSAGE, &mut frame, |buf| {
-                let results = results.into_iter().map(crate::grpc::enqueue_result_pb);
-                write_enqueue_response(results, buf);
-            });
+            encode_frame_with(KIND_MESSAGE, &mut frame, |buf| answer.write(buf));
             let left = self.write_after_queued(&mut state, &frame);
             if frame.capacity() <= MAX_FRAME_SCRATCH {
                 state.frame = frame;
@@ -390,12 +416,95 @@ fn lock(state: &Mutex<WriteState>) -> std::sync::MutexGuard<'_, WriteState> {
     state.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-impl<T: Message + Send + 'static> Replies<T> for Out {
-    async fn send(&mut self, reply: Result<T, Status>) -> bool {
-        let write = |message: T| {
+impl Out {
+    /// Sends a message, or the status that ends the call.
+    async fn send_message<M: Message>(&mut self, reply: Result<M, Status>) -> bool {
+        let write = |message: M| {
             move |buf: &mut Vec<u8>| message.encode(buf).expect("a Vec grows to fit any message")
         };
         self.send_frame(reply.map(write)).await
+    }
+
+    /// Queues `answer` to be written by the store's call once `ticket` is durable;
+    /// gives it back when the store does not take the call.
+    fn hand_over_answer(
+        &mut self,
+        engine: &Engine,
+        ticket: Ticket,
+        answer: Handed,
+    ) -> Result<(), Handed> {
+        lock(&self.writer.state).handed.push_back(answer);
+        if engine.store().on_durable(ticket, &self.call) {
+            return Ok(());
+        }
+        // Not taken, so no call will write it: it is still the newest one handed.
+        let answer = lock(&self.writer.state).handed.pop_back();
+        Err(answer.expect("the answer just handed over"))
+    }
+
+    /// See [`Replies::has_room`]. No room either while bytes are queued that the socket
+    /// has not taken: a client that stops reading stops the session reading its
+    /// requests, so neither the answers nor the requests pile up in the coordinator.
+    fn room_for(&mut self, free: usize) -> bool {
+        let mut state = lock(&self.writer.state);
+        let room = state.handed.len() < free && state.queued.is_empty();
+        state.wants_room = !room;
+        room
+    }
+
+    /// See [`Replies::attend`].
+    async fn attend_writer(&mut self) -> bool {
+        let mut woken = false;
+        loop {
+            let (failed, queued) = {
+                let state = lock(&self.writer.state);
+                (state.failed, !state.queued.is_empty())
+            };
+            if failed {
+                return false;
+            }
+            if queued {
+                return self.writer.write_queued().await;
+            }
+            if woken {
+                return true;
+            }
+            self.writer.attention.notified().await;
+            woken = true;
+        }
+    }
+}
+
+impl Replies<pb::WireStatus> for Out {
+    async fn send(&mut self, reply: Result<pb::WireStatus, Status>) -> bool {
+        self.send_message(reply).await
+    }
+}
+
+impl Replies<pb::WorkResponse> for Out {
+    async fn send(&mut self, reply: Result<pb::WorkResponse, Status>) -> bool {
+        self.send_message(reply).await
+    }
+
+    fn hand_over(
+        &mut self,
+        engine: &Engine,
+        ticket: Ticket,
+        reply: pb::WorkResponse,
+    ) -> Result<(), pb::WorkResponse> {
+        match self.hand_over_answer(engine, ticket, Handed::Work(reply, Instant::now())) {
+            Ok(()) => Ok(()),
+            Err(Handed::Work(reply, _)) => Err(reply),
+            Err(Handed::Enqueue(_)) => unreachable!("a work answer was handed over"),
+        }
+    }
+
+    fn has_room(&mut self, free: usize) -> bool {
+        self.room_for(free)
+    }
+
+    async fn attend(&mut self) -> bool {
+        self.attend_writer().await
     }
 }
 
@@ -426,44 +535,19 @@ impl Replies<EnqueueAnswer> for Out {
         ticket: Ticket,
         reply: EnqueueAnswer,
     ) -> Result<(), EnqueueAnswer> {
-        lock(&self.writer.state).handed.push_back(reply.0);
-        if engine.store().on_durable(ticket, &self.call) {
-            return Ok(());
+        match self.hand_over_answer(engine, ticket, Handed::Enqueue(reply.0)) {
+            Ok(()) => Ok(()),
+            Err(Handed::Enqueue(results)) => Err(EnqueueAnswer(results)),
+            Err(Handed::Work(..)) => unreachable!("an enqueue answer was handed over"),
         }
-        // Not taken, so no call will write it: it is still the newest one handed.
-        let results = lock(&self.writer.state).handed.pop_back();
-        Err(EnqueueAnswer(results.expect("the answer just handed over")))
     }
 
-    /// No room either while bytes are queued that the socket has not taken: a client
-    /// that stops reading stops the session reading its requests, so neither the
-    /// answers nor the requests pile up in the coordinator.
     fn has_room(&mut self, free: usize) -> bool {
-        let mut state = lock(&self.writer.state);
-        let room = state.handed.len() < free && state.queued.is_empty();
-        state.wants_room = !room;
-        room
+        self.room_for(free)
     }
 
     async fn attend(&mut self) -> bool {
-        let mut woken = false;
-        loop {
-            let (failed, queued) = {
-                let state = lock(&self.writer.state);
-                (state.failed, !state.queued.is_empty())
-            };
-            if failed {
-                return false;
-            }
-            if queued {
-                return self.writer.write_queued().await;
-            }
-            if woken {
-                return true;
-            }
-            self.writer.attention.notified().await;
-            woken = true;
-        }
+        self.attend_writer().await
     }
 }
 
@@ -590,11 +674,11 @@ mod tests {
         (engine, addr)
     }
 
-    /// An enqueue stream's opening bytes: the preamble and the hello.
-    fn opening() -> Vec<u8> {
+    /// A call's opening bytes: the preamble and the hello.
+    fn opening_of(call: pb::WireCall) -> Vec<u8> {
         let mut bytes = PREAMBLE.to_vec();
         let hello = pb::WireHello {
-            call: pb::WireCall::EnqueueStream as i32,
+            call: call as i32,
             ..Default::default()
         };
         encode_frame(KIND_MESSAGE, &hello, &mut bytes);
@@ -655,7 +739,10 @@ mod tests {
         let writer = tokio::spawn({
             let (written, stop) = (written.clone(), stop.clone());
             async move {
-                write.write_all(&opening()).await.unwrap();
+                write
+                    .write_all(&opening_of(pb::WireCall::EnqueueStream))
+                    .await
+                    .unwrap();
                 let payload = "p".repeat(1000);
                 let chunk: Vec<u8> = (0..10).flat_map(|_| request(&payload)).collect();
                 while !stop.load(Ordering::SeqCst) {
@@ -701,6 +788,89 @@ mod tests {
         assert_eq!(enqueued(&engine), count);
     }
 
+    /// A work session's next frame: a response, or the status that ended the call.
+    async fn next_work(
+        frames: &mut FrameReader<OwnedReadHalf>,
+    ) -> Result<pb::WorkResponse, Status> {
+        let frame = tokio::time::timeout(HANG, frames.read_frame()).await;
+        match frame.expect("hung").expect("a whole frame") {
+            Some((KIND_MESSAGE, body)) => Ok(pb::WorkResponse::decode(body).unwrap()),
+            Some((KIND_STATUS, body)) => {
+                let status = pb::WireStatus::decode(body).unwrap();
+                Err(Status::new(status.code.into(), status.message))
+            }
+            other => panic!("an unexpected frame: {other:?}"),
+        }
+    }
+
+    fn work_request(settlements: Vec<pb::Settlement>, credit: u32) -> Vec<u8> {
+        let request = pb::WorkRequest {
+            queue: "q".into(),
+            worker_id: "w".into(),
+            credit,
+            settlements,
+            ..Default::default()
+        };
+        let mut bytes = Vec::new();
+        encode_frame(KIND_MESSAGE, &request, &mut bytes);
+        bytes
+    }
+
+    /// A strict work session's settlement answers, handed to the flusher, confirm only
+    /// what is on disk: acks answered before the log fails are confirmed, and the ack
+    /// after it gets the error that ends the call, never a confirmation.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_failed_log_ends_a_strict_work_session_with_an_error_not_a_confirmation() {
+        let dir = tempfile::tempdir().unwrap();
+        let (engine, addr) = strict_server(dir.path()).await;
+        let items = (0..10)
+            .map(|i| NewItem {
+                payload: bytes::Bytes::from(format!("item-{i}")),
+                ..Default::default()
+            })
+            .collect();
+        engine.enqueue("q", items, false).await.unwrap();
+        let stream = TcpStream::connect(addr).await.unwrap();
+        let (read, mut write) = stream.into_split();
+        let mut frames = FrameReader::new(read);
+        write
+            .write_all(&opening_of(pb::WireCall::Work))
+            .await
+            .unwrap();
+        write.write_all(&work_request(Vec::new(), 1)).await.unwrap();
+        let mut lease = next_work(&mut frames).await.unwrap().leases.remove(0);
+        let ack = |lease: &pb::Lease| pb::Settlement {
+            id: lease.id,
+            token: lease.token,
+            action: pb::SettleAction::Ack as i32,
+            ..Default::default()
+        };
+        for _ in 0..5 {
+            write
+                .write_all(&work_request(vec![ack(&lease)], 1))
+                .await
+                .unwrap();
+            let mut answer = next_work(&mut frames).await.unwrap();
+            assert_eq!(answer.settled.len(), 1);
+            assert_eq!(answer.settled[0].id, lease.id);
+            lease = answer.leases.remove(0);
+        }
+        assert_eq!(engine.stats("q").unwrap().counters.completed, 5);
+
+        let Store::Disk(log) = engine.store() else {
+            unreachable!("a strict server")
+        };
+        log.fail_writes();
+        write
+            .write_all(&work_request(vec![ack(&lease)], 1))
+            .await
+            .unwrap();
+        let status = next_work(&mut frames)
+            .await
+            .expect_err("an ack was confirmed after the log failed");
+        assert_eq!(status.code(), tonic::Code::Internal, "{status:?}");
+    }
+
     /// Answers handed to the flusher say only what is on disk: when the log fails, the
     /// requests waiting for it get the error that ends the call, never a success.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -710,7 +880,10 @@ mod tests {
         let stream = TcpStream::connect(addr).await.unwrap();
         let (read, mut write) = stream.into_split();
         let mut frames = FrameReader::new(read);
-        write.write_all(&opening()).await.unwrap();
+        write
+            .write_all(&opening_of(pb::WireCall::EnqueueStream))
+            .await
+            .unwrap();
         for i in 0..20 {
             write.write_all(&request(&format!("ok-{i}"))).await.unwrap();
         }

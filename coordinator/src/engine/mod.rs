@@ -730,15 +730,16 @@ impl Engine {
     }
 
     /// A worker session's step: settle what it finished and lease up to `max` more
-    /// (without waiting), under one lock, one storage batch and one flush.
-    pub async fn settle_and_lease(
+    /// (without waiting), under one lock and one storage batch. Returns the outcome
+    /// and the ticket to wait for ([`Engine::sync`]) before telling anyone.
+    pub fn settle_and_lease_unsynced(
         &self,
         name: &str,
         settlements: Vec<Settlement>,
         worker: &str,
         max: u32,
         lease_timeout_ms: u64,
-    ) -> Result<(Vec<Settled>, LeaseOutcome)> {
+    ) -> Result<((Vec<Settled>, LeaseOutcome), crate::store::Ticket)> {
         limits::check_worker_id(worker)?;
         if settlements.len() > limits::MAX_BATCH_ITEMS {
             return Err(Error::invalid(format!(
@@ -751,7 +752,8 @@ impl Engine {
             limits::check_lease_ms("lease timeout", lease_timeout_ms)?;
         }
         let max = max.min(limits::MAX_LEASE_ITEMS) as usize;
-        self.mutate(name, |q, now, store| {
+        let slot = self.slot(name)?;
+        self.apply(&slot, name, |q, now, store| {
             let settled = settlements
                 .into_iter()
                 .map(|s| Settled {
@@ -773,7 +775,6 @@ impl Engine {
             };
             Ok((settled, outcome))
         })
-        .await
     }
 
     pub async fn requeue(&self, name: &str, ids: &[u64], all_dead: bool) -> Result<u64> {
