@@ -685,19 +685,37 @@ mod tests {
         bytes
     }
 
-    /// The next answer's first id, or the status that ended the call (`Ok` for OK).
-    async fn next_answer(frames: &mut FrameReader<OwnedReadHalf>) -> Result<u64, Status> {
+    /// The next message of a call, or the status that ended it (`Ok` for OK).
+    async fn next_frame<T: Message + Default>(
+        frames: &mut FrameReader<OwnedReadHalf>,
+    ) -> Result<T, Status> {
         let frame = tokio::time::timeout(HANG, frames.read_frame()).await;
         match frame.expect("hung").expect("a whole frame") {
-            Some((KIND_MESSAGE, body)) => {
-                Ok(pb::EnqueueResponse::decode(body).unwrap().results[0].id)
-            }
+            Some((KIND_MESSAGE, body)) => Ok(T::decode(body).unwrap()),
             Some((KIND_STATUS, body)) => {
                 let status = pb::WireStatus::decode(body).unwrap();
                 Err(Status::new(status.code.into(), status.message))
             }
             other => panic!("an unexpected frame: {other:?}"),
         }
+    }
+
+    /// The next enqueue answer's first id, or the status that ended the call.
+    async fn next_answer(frames: &mut FrameReader<OwnedReadHalf>) -> Result<u64, Status> {
+        next_frame::<pb::EnqueueResponse>(frames)
+            .await
+            .map(|answer| answer.results[0].id)
+    }
+
+    /// A connection to `addr` that has opened `call`.
+    async fn open(
+        addr: std::net::SocketAddr,
+        call: pb::WireCall,
+    ) -> (FrameReader<OwnedReadHalf>, OwnedWriteHalf) {
+        let stream = TcpStream::connect(addr).await.unwrap();
+        let (read, mut write) = stream.into_split();
+        write.write_all(&opening_of(call)).await.unwrap();
+        (FrameReader::new(read), write)
     }
 
     fn enqueued(engine: &Engine) -> u64 {
@@ -788,21 +806,6 @@ mod tests {
         assert_eq!(enqueued(&engine), count);
     }
 
-    /// A work session's next frame: a response, or the status that ended the call.
-    async fn next_work(
-        frames: &mut FrameReader<OwnedReadHalf>,
-    ) -> Result<pb::WorkResponse, Status> {
-        let frame = tokio::time::timeout(HANG, frames.read_frame()).await;
-        match frame.expect("hung").expect("a whole frame") {
-            Some((KIND_MESSAGE, body)) => Ok(pb::WorkResponse::decode(body).unwrap()),
-            Some((KIND_STATUS, body)) => {
-                let status = pb::WireStatus::decode(body).unwrap();
-                Err(Status::new(status.code.into(), status.message))
-            }
-            other => panic!("an unexpected frame: {other:?}"),
-        }
-    }
-
     fn work_request(settlements: Vec<pb::Settlement>, credit: u32) -> Vec<u8> {
         let request = pb::WorkRequest {
             queue: "q".into(),
@@ -830,15 +833,13 @@ mod tests {
             })
             .collect();
         engine.enqueue("q", items, false).await.unwrap();
-        let stream = TcpStream::connect(addr).await.unwrap();
-        let (read, mut write) = stream.into_split();
-        let mut frames = FrameReader::new(read);
-        write
-            .write_all(&opening_of(pb::WireCall::Work))
-            .await
-            .unwrap();
+        let (mut frames, mut write) = open(addr, pb::WireCall::Work).await;
         write.write_all(&work_request(Vec::new(), 1)).await.unwrap();
-        let mut lease = next_work(&mut frames).await.unwrap().leases.remove(0);
+        let mut lease = next_frame::<pb::WorkResponse>(&mut frames)
+            .await
+            .unwrap()
+            .leases
+            .remove(0);
         let ack = |lease: &pb::Lease| pb::Settlement {
             id: lease.id,
             token: lease.token,
@@ -850,7 +851,7 @@ mod tests {
                 .write_all(&work_request(vec![ack(&lease)], 1))
                 .await
                 .unwrap();
-            let mut answer = next_work(&mut frames).await.unwrap();
+            let mut answer = next_frame::<pb::WorkResponse>(&mut frames).await.unwrap();
             assert_eq!(answer.settled.len(), 1);
             assert_eq!(answer.settled[0].id, lease.id);
             lease = answer.leases.remove(0);
@@ -865,7 +866,7 @@ mod tests {
             .write_all(&work_request(vec![ack(&lease)], 1))
             .await
             .unwrap();
-        let status = next_work(&mut frames)
+        let status = next_frame::<pb::WorkResponse>(&mut frames)
             .await
             .expect_err("an ack was confirmed after the log failed");
         assert_eq!(status.code(), tonic::Code::Internal, "{status:?}");
@@ -877,13 +878,7 @@ mod tests {
     async fn a_failed_log_ends_a_strict_enqueue_stream_with_an_error_not_an_answer() {
         let dir = tempfile::tempdir().unwrap();
         let (engine, addr) = strict_server(dir.path()).await;
-        let stream = TcpStream::connect(addr).await.unwrap();
-        let (read, mut write) = stream.into_split();
-        let mut frames = FrameReader::new(read);
-        write
-            .write_all(&opening_of(pb::WireCall::EnqueueStream))
-            .await
-            .unwrap();
+        let (mut frames, mut write) = open(addr, pb::WireCall::EnqueueStream).await;
         for i in 0..20 {
             write.write_all(&request(&format!("ok-{i}"))).await.unwrap();
         }
