@@ -209,21 +209,14 @@ pub async fn enqueue_stream<R: EnqueueReply>(
             attended = out.attend(), if handed.is_some() && (input_open || !unanswered.is_empty()) => {
                 if !attended {
                     // A failed sync (say so) or a client that is gone (nothing to say).
-                    if let Some(ticket) = handed
-                        && let Err(e) = engine.sync(ticket).await
-                    {
-                        let _ = out.send(Err(status(e))).await;
-                    }
+                    handed_out(&engine, handed, out).await;
                     return;
                 }
             }
             else => {
                 // Every answer of the session's own is out; the handed-over ones go
                 // out with their syncs, before the status that ends the call.
-                if let Some(ticket) = handed.take()
-                    && let Err(e) = engine.sync(ticket).await
-                {
-                    let _ = out.send(Err(status(e))).await;
+                if !handed_out(&engine, handed, out).await {
                     return;
                 }
                 if let Some(refusal) = refused {
@@ -233,6 +226,20 @@ pub async fn enqueue_stream<R: EnqueueReply>(
             }
         }
     }
+}
+
+/// Waits until the answers handed over are out (the sync of the last one, `handed`,
+/// is done: the store makes its calls before it publishes a sync), so that nothing the
+/// session writes next can overtake them. A failed sync ends the call with its error,
+/// and then this returns false.
+async fn handed_out<T>(engine: &Engine, handed: Option<Ticket>, out: &mut impl Replies<T>) -> bool {
+    if let Some(ticket) = handed
+        && let Err(e) = engine.sync(ticket).await
+    {
+        let _ = out.send(Err(status(e))).await;
+        return false;
+    }
+    true
 }
 
 type SyncWait = Pin<Box<dyn Future<Output = crate::Result<()>> + Send>>;
@@ -388,11 +395,7 @@ pub async fn work_session(
         if !input_open && poll.is_none() {
             // The answers handed over go out with their syncs, before the status that
             // ends the call.
-            if let Some(ticket) = handed.take()
-                && let Err(e) = engine.sync(ticket).await
-            {
-                let _ = out.send(Err(status(e))).await;
-            }
+            handed_out(&engine, handed, out).await;
             return;
         }
         let reading = input_open && (handed.is_none() || out.has_room(WORK_HANDED));
@@ -400,11 +403,7 @@ pub async fn work_session(
             attended = out.attend(), if handed.is_some() => {
                 if !attended {
                     // A failed sync (say so) or a client that is gone (nothing to say).
-                    if let Some(ticket) = handed
-                        && let Err(e) = engine.sync(ticket).await
-                    {
-                        let _ = out.send(Err(status(e))).await;
-                    }
+                    handed_out(&engine, handed, out).await;
                     return;
                 }
             }
