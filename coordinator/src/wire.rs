@@ -520,12 +520,8 @@ impl EnqueueReply for EnqueueAnswer {
 
 impl Replies<EnqueueAnswer> for Out {
     async fn send(&mut self, reply: Result<EnqueueAnswer, Status>) -> bool {
-        let write = |answer: EnqueueAnswer| {
-            move |buf: &mut Vec<u8>| {
-                let results = answer.0.into_iter().map(crate::grpc::enqueue_result_pb);
-                write_enqueue_response(results, buf);
-            }
-        };
+        let write =
+            |answer: EnqueueAnswer| move |buf: &mut Vec<u8>| Handed::Enqueue(answer.0).write(buf);
         self.send_frame(reply.map(write)).await
     }
 

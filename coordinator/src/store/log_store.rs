@@ -765,8 +765,7 @@ impl LogStore {
         true
     }
 
-    /// From now on every log write fails, as on a disk gone bad (tests elsewhere in
-    /// the crate).
+    /// From now on every log write fails, as on a disk gone bad (tests).
     #[cfg(test)]
     pub(crate) fn fail_writes(&self) {
         let failing = Segment::failing(&self.inner.dir, u64::MAX >> 1).expect("a failing log file");
@@ -1664,7 +1663,7 @@ mod tests {
         store.start();
         let ticket = store.write(put_queue(1)).unwrap();
         store.wait_durable(ticket).await.unwrap();
-        *lock(&store.inner.segment) = Segment::failing(&dir.path().join("wal"), 99).unwrap();
+        store.fail_writes();
         let writers = (0..16u64).map(|n| {
             let store = store.clone();
             tokio::spawn(async move {
@@ -1750,7 +1749,7 @@ mod tests {
         );
 
         lock(&calls).clear();
-        *lock(&store.inner.segment) = Segment::failing(&dir.path().join("wal"), 99).unwrap();
+        store.fail_writes();
         let ticket = store.write(put_queue(500)).unwrap();
         assert!(store.on_durable(ticket, &recorder(500)));
         assert!(store.wait_durable(ticket).await.is_err());
@@ -1774,7 +1773,7 @@ mod tests {
         store.start();
         let before = store.write(put_queue(1)).unwrap();
         store.sync(before).await.unwrap();
-        *lock(&store.inner.segment) = Segment::failing(&dir.path().join("wal"), 99).unwrap();
+        store.fail_writes();
         let lost = store.write(put_queue(2)).unwrap();
         assert!(store.is_synced(lost), "relaxed: answered before the disk");
         // The next timed flush fails (a liveness guard: it runs every 500 ms).
