@@ -1043,6 +1043,87 @@ async fn a_worker_that_drops_its_connection_disturbs_no_one() {
     server.stop().await;
 }
 
+/// A strict producer that resets its connection while its answers wait for their
+/// syncs (handed to the flusher, which then writes to a dead socket): the coordinator
+/// keeps serving, every request it applied is whole, and shutdown is prompt.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_strict_producer_that_vanishes_with_answers_in_flight_disturbs_no_one() {
+    let server = Server::start_strict(Auth::disabled()).await;
+    let mut c = setup(&server, 30_000, 0).await;
+    let mut stream = connect(&server).await;
+    let mut requests = hello(pb::WireCall::EnqueueStream as i32);
+    for i in 0..20_000 {
+        requests.extend(frame(KIND_MESSAGE, &one(&format!("gone-{i}"))));
+    }
+    // Closed, the connection is reset, not shut down.
+    stream.set_zero_linger().unwrap();
+    let producer = tokio::spawn(async move {
+        // It may block once the answers nobody reads fill the buffers.
+        let _ = stream.write_all(&requests).await;
+        std::future::pending::<()>().await
+    });
+    // Gone without reading an answer once the session is under way: some requests
+    // applied, answers waiting for their syncs, more requests unread.
+    while stats(&mut c).await.total_enqueued < 100 {
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    producer.abort();
+    assert!(producer.await.unwrap_err().is_cancelled());
+
+    // Another producer is answered, on the wire and over gRPC.
+    let (mut tx, mut rx) = c.wire_enqueue_stream().await.unwrap();
+    for i in 0..50 {
+        tx.send(&one(&format!("after-{i}"))).await.unwrap();
+        assert_eq!(next(&mut rx).await.results.len(), 1);
+    }
+    tx.close().await.unwrap();
+    assert!(end_of(&mut rx).await.is_ok());
+    c.enqueue(one("grpc")).await.unwrap();
+
+    // The vanished producer's requests were applied in order, each whole or not at
+    // all (its session may still be applying what it had read: ids only grow, so a
+    // listing sees a prefix of them).
+    let mut gone = Vec::new();
+    let mut others = Vec::new();
+    let mut after = 0;
+    loop {
+        let page = c
+            .list_items(pb::ListItemsRequest {
+                queue: "q".into(),
+                after_id: after,
+                limit: 1000,
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        for item in page.items {
+            let payload = String::from_utf8(item.payload).unwrap();
+            match payload.strip_prefix("gone-") {
+                Some(i) => gone.push(i.parse::<usize>().unwrap()),
+                None => others.push(payload),
+            }
+        }
+        after = page.next_after_id;
+        if after == 0 {
+            break;
+        }
+    }
+    assert!(gone.len() <= 20_000, "{} of 20,000", gone.len());
+    assert!(
+        gone.iter().enumerate().all(|(at, &i)| at == i),
+        "not a prefix in request order"
+    );
+    let expected: Vec<String> = (0..50)
+        .map(|i| format!("after-{i}"))
+        .chain(["grpc".to_string()])
+        .collect();
+    assert_eq!(others, expected);
+    timeout(HANG, server.stop())
+        .await
+        .expect("shutdown is not held up by the dead connection");
+}
+
 /// A client that keeps sending and never reads its answers blocks the call's writes;
 /// shutdown cuts it after the grace period instead of waiting forever.
 #[tokio::test]
