@@ -3,7 +3,8 @@
 //!
 //! Shutdown order: stop long polls and mark health NOT_SERVING, stop accepting, let
 //! in-flight calls finish (for at most the grace period), then flush the store one
-//! last time.
+//! last time. A failed write-ahead log starts the same shutdown, and `run` returns
+//! its error (the binary exits 1, and its supervisor restarts it from disk).
 //!
 //! The gRPC port also speaks the wire protocol (`crate::wire`): the accept loop peeks
 //! at each new connection's first bytes and keeps the wire ones, passing the others
@@ -73,12 +74,19 @@ pub async fn run_with_grace(
         }
     });
 
-    // One shutdown future fans out to both servers.
+    // One shutdown future fans out to both servers. A failed log stops the
+    // coordinator too: it refuses every write from then on, and a restart (the
+    // StatefulSet's, or the operator's) recovers everything acknowledged from disk.
     let (stop_tx, stop_rx) = watch::channel(false);
     let trigger_engine = engine.clone();
     tokio::spawn(async move {
-        shutdown.await;
-        tracing::info!("shutting down: finishing in-flight calls");
+        tokio::select! {
+            () = shutdown => tracing::info!("shutting down: finishing in-flight calls"),
+            () = trigger_engine.store().failed() => tracing::error!(
+                "the write-ahead log failed: shutting down, so that a restart recovers \
+                 every acknowledged change from disk"
+            ),
+        }
         trigger_engine.begin_shutdown();
         health_reporter
             .set_not_serving::<WorkQServer<Service>>()

@@ -71,6 +71,8 @@ pub struct Coordinator {
     dir: TempDir,
     child: Option<Child>,
     extra_args: Vec<String>,
+    /// `RLIMIT_FSIZE` for the next start: a disk that refuses to grow files.
+    file_size_limit: Option<u64>,
     /// `http://127.0.0.1:PORT` of the gRPC API.
     pub grpc_url: String,
     /// `http://127.0.0.1:PORT` of the HTTP face.
@@ -90,11 +92,33 @@ impl Coordinator {
             dir,
             child: None,
             extra_args: args.iter().map(|s| s.to_string()).collect(),
+            file_size_limit: None,
             grpc_url: String::new(),
             http_url: String::new(),
         };
         coordinator.spawn();
         coordinator
+    }
+
+    /// Starts one whose files cannot grow past `bytes` (`RLIMIT_FSIZE`, with
+    /// `SIGXFSZ` ignored): a write past it fails with `EFBIG`, as on a full disk.
+    pub fn start_with_file_size_limit(bytes: u64, args: &[&str]) -> Coordinator {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let mut coordinator = Coordinator {
+            dir,
+            child: None,
+            extra_args: args.iter().map(|s| s.to_string()).collect(),
+            file_size_limit: Some(bytes),
+            grpc_url: String::new(),
+            http_url: String::new(),
+        };
+        coordinator.spawn();
+        coordinator
+    }
+
+    /// The file size limit of the next [`Coordinator::restart`] (`None`: none).
+    pub fn set_file_size_limit(&mut self, bytes: Option<u64>) {
+        self.file_size_limit = bytes;
     }
 
     /// The temp dir this coordinator owns (data dir is `dir()/data`).
@@ -134,6 +158,9 @@ impl Coordinator {
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("log"))
             .stderr(log);
+        if let Some(bytes) = self.file_size_limit {
+            limit_file_size(&mut command, bytes);
+        }
         let child = command.spawn().expect("spawn workq-coordinator");
         let pid = child.id();
         self.child = Some(child);
@@ -193,6 +220,27 @@ impl Coordinator {
         }
     }
 
+    /// Waits up to `timeout` for the coordinator to exit by itself; its exit code
+    /// (`None` when a signal ended it). Panics with its log if it is still running.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<i32> {
+        let mut child = self.child.take().expect("coordinator running");
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = child.try_wait().expect("wait") {
+                return status.code();
+            }
+            if Instant::now() > deadline {
+                signal(child.id(), Signal::SIGKILL);
+                let _ = child.wait();
+                panic!(
+                    "coordinator still running after {timeout:?}; log:\n{}",
+                    self.log()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// Starts the coordinator again on the same data dir (new ports).
     pub fn restart(&mut self) {
         assert!(
@@ -214,6 +262,29 @@ impl Coordinator {
         Client::connect(ConnectOptions::new(self.grpc_url.clone()).token(Some(token.into())))
             .await
             .expect("connect to coordinator")
+    }
+}
+
+/// Makes `command`'s process unable to grow a file past `bytes`: `RLIMIT_FSIZE`, with
+/// `SIGXFSZ` ignored so that the write fails with `EFBIG` instead of killing it.
+#[allow(unsafe_code)] // `pre_exec` is the only way to set a child's limits before exec
+fn limit_file_size(command: &mut Command, bytes: u64) {
+    use std::os::unix::process::CommandExt;
+    let limit = libc::rlimit {
+        rlim_cur: bytes,
+        rlim_max: bytes,
+    };
+    // SAFETY: between fork and exec the closure only makes two async-signal-safe
+    // system calls on values it owns.
+    unsafe {
+        command.pre_exec(move || {
+            if libc::signal(libc::SIGXFSZ, libc::SIG_IGN) == libc::SIG_ERR
+                || libc::setrlimit(libc::RLIMIT_FSIZE, &limit) != 0
+            {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
     }
 }
 

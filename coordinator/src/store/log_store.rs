@@ -272,6 +272,10 @@ struct Inner {
     /// [`RELAXED_MAX_UNSYNCED`], lowered by tests.
     max_unsynced: AtomicU64,
     healthy: AtomicBool,
+    /// Notified once, when the log fails (see [`LogStore::failed`])…
+    failure: Notify,
+    /// …with the error that failed it.
+    failed_with: Mutex<Option<String>>,
     started: AtomicBool,
     stats: FlushStats,
     /// The next item id / lease token. Each batch carries the counter's value (see
@@ -609,6 +613,8 @@ impl LogStore {
                 unsynced: AtomicU64::new(0),
                 max_unsynced: AtomicU64::new(RELAXED_MAX_UNSYNCED),
                 healthy: AtomicBool::new(true),
+                failure: Notify::new(),
+                failed_with: Mutex::new(None),
                 started: AtomicBool::new(false),
                 stats: FlushStats {
                     log_bytes: AtomicU64::new(log_bytes),
@@ -784,6 +790,24 @@ impl LogStore {
         self.inner.healthy.load(Ordering::SeqCst)
     }
 
+    /// Returns once a log write or sync has failed. From then on the store writes
+    /// nothing more: no later batch, and no snapshot of a state in memory that holds
+    /// changes the log refused. The log ends with what was synced before the failure
+    /// (and at most the batch whose write or sync failed, whose callers were told it
+    /// failed), so a restart recovers every acknowledged change and no change made
+    /// after it. The coordinator stops when this returns (see `server::run`).
+    pub async fn failed(&self) {
+        loop {
+            let failure = self.inner.failure.notified();
+            tokio::pin!(failure);
+            failure.as_mut().enable();
+            if !self.healthy() {
+                return;
+            }
+            failure.await;
+        }
+    }
+
     pub fn flush_stats(&self) -> &FlushStats {
         &self.inner.stats
     }
@@ -860,6 +884,10 @@ impl LogStore {
     /// Starts a snapshot: switches to a new log file and opens the snapshot's temporary
     /// file. `None` while another snapshot is being written. Blocking (file IO).
     pub fn begin_checkpoint(&self) -> Result<Option<SnapshotWriter>> {
+        if !self.healthy() {
+            // The state in memory holds changes the log refused; keep them off disk.
+            return Err(failed_earlier(&self.inner));
+        }
         let checkpoints = &self.inner.checkpoints;
         if checkpoints.running.swap(true, Ordering::SeqCst) {
             return Ok(None);
@@ -1241,6 +1269,7 @@ fn run_flusher(inner: &Inner) {
             return; // `close` made the last sync, or the store was dropped without one
         }
         drop(pending);
+        let was_healthy = inner.healthy.load(Ordering::SeqCst);
         match flush_now(inner) {
             Ok(flushed) => {
                 expected = gather_target(flushed.covered);
@@ -1248,9 +1277,10 @@ fn run_flusher(inner: &Inner) {
                     sync_time = (sync_time * 7 + took) / 8;
                 }
             }
-            Err(e) => {
-                tracing::error!(error = %e, "flush failed: acknowledged writes may not be durable")
+            Err(e) if was_healthy => {
+                tracing::error!(error = %e, "the write-ahead log failed: writes are refused from now on")
             }
+            Err(_) => {} // refused, as every flush after the failure is
         }
         if checkpoint_due(inner) {
             inner.checkpoints.wanted.notify_one();
@@ -1316,6 +1346,12 @@ fn flush_now(inner: &Inner) -> Result<Flushed> {
             covered,
             took: None,
         });
+    }
+    if !inner.healthy.load(Ordering::SeqCst) {
+        // Nothing written after a failed write reaches the log, even if the disk
+        // works again: no later batch lands after the one that was lost.
+        commit.finish();
+        return Err(failed_earlier(inner));
     }
     let written = lock(&inner.segment)
         .append_durably(&bytes)
@@ -1386,9 +1422,23 @@ fn current_ticket(inner: &Inner) -> u64 {
 
 /// Marks the store failed and wakes waiters so they report it instead of hanging.
 fn fail(inner: &Inner, error: Error) -> Error {
+    lock(&inner.failed_with).get_or_insert_with(|| match &error {
+        Error::Storage(message) => message.clone(),
+        other => other.to_string(),
+    });
     inner.healthy.store(false, Ordering::SeqCst);
     lock(&inner.pending).next.finish();
+    inner.failure.notify_waiters();
     error
+}
+
+/// What a flush or snapshot says once the log has failed: it writes nothing more
+/// (see [`LogStore::failed`]).
+fn failed_earlier(inner: &Inner) -> Error {
+    let cause = lock(&inner.failed_with).clone().unwrap_or_default();
+    Error::Storage(format!(
+        "the write-ahead log failed ({cause}); nothing more is written to it"
+    ))
 }
 
 /// Takes `<data-dir>/LOCK` (an advisory lock the kernel drops when the process dies),
@@ -1685,6 +1735,38 @@ mod tests {
         let later = store.write(put_queue(50)).unwrap();
         assert!(store.wait_durable(later).await.is_err());
         assert!(!store.is_synced(later));
+    }
+
+    /// A disk that fails once and then works again: nothing written after the lost
+    /// batch reaches the log (no later batch, no snapshot of the state in memory, no
+    /// last sync at shutdown), and `failed` says so, so that the coordinator stops and
+    /// its restart finds the log as it was before the failure.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn after_a_failed_write_nothing_more_reaches_the_log() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = LogStore::open(dir.path(), Durability::Strict).unwrap();
+        store.start();
+        let synced = store.write(put_queue(1)).unwrap();
+        store.wait_durable(synced).await.unwrap();
+
+        let working = {
+            let failing = Segment::failing(&store.inner.dir, u64::MAX >> 1).unwrap();
+            std::mem::replace(&mut *lock(&store.inner.segment), failing)
+        };
+        let lost = store.write(put_queue(2)).unwrap();
+        assert!(store.wait_durable(lost).await.is_err());
+        tokio::time::timeout(Duration::from_secs(10), store.failed())
+            .await
+            .expect("failed() returns once the log has failed");
+
+        *lock(&store.inner.segment) = working;
+        let later = store.write(put_queue(3)).unwrap();
+        store.request_flush();
+        assert!(store.wait_durable(later).await.is_err());
+        assert!(store.begin_checkpoint().is_err(), "a snapshot was begun");
+        assert!(store.close().await.is_err(), "the last sync wrote");
+        drop(store);
+        assert_eq!(logged_values(dir.path()), vec![1]);
     }
 
     /// Records each call it gets: (its number, the sync's outcome, the durable ticket

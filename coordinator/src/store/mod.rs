@@ -280,6 +280,15 @@ impl Store {
         }
     }
 
+    /// Returns once the disk store's log has failed (never for the memory store); see
+    /// [`LogStore::failed`].
+    pub async fn failed(&self) {
+        match self {
+            Store::Memory { .. } => std::future::pending().await,
+            Store::Disk(s) => s.failed().await,
+        }
+    }
+
     pub fn flush_stats(&self) -> Option<&FlushStats> {
         match self {
             Store::Memory { .. } => None,

@@ -1,0 +1,87 @@
+//! A disk that stops taking writes under a running strict coordinator: the
+//! coordinator refuses writes from then on, stops by itself (exit 1) instead of
+//! serving a state in memory the disk does not have, and a restart recovers every
+//! acknowledged item.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use workq_tests::{Coordinator, all_items, create_queue, pb};
+
+/// The coordinator's files may not grow past this: the log hits it after a few
+/// megabytes of items (it keeps a megabyte of zeros ahead of its last record).
+const FILE_SIZE_LIMIT: u64 = 4 << 20;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_log_stops_the_coordinator_and_a_restart_keeps_every_acknowledged_item() {
+    let mut coordinator = Coordinator::start_with_file_size_limit(FILE_SIZE_LIMIT, &[]);
+    let mut client = coordinator.client().await;
+    create_queue(&mut client, "q", 600_000).await;
+
+    // 100 KiB per request: acknowledged batches until the disk refuses one.
+    let mut acknowledged: HashMap<u64, Vec<u8>> = HashMap::new();
+    let mut refusal = None;
+    for batch in 0..200 {
+        let payloads: Vec<Vec<u8>> = (0..100)
+            .map(|i| format!("{batch}-{i}-{}", "x".repeat(1_000)).into_bytes())
+            .collect();
+        let request = pb::EnqueueRequest {
+            queue: "q".into(),
+            items: payloads
+                .iter()
+                .map(|p| pb::NewItem {
+                    payload: p.clone().into(),
+                    ..Default::default()
+                })
+                .collect(),
+            seal: false,
+        };
+        match client.enqueue(request).await {
+            Ok(answer) => {
+                for (result, payload) in answer.into_inner().results.iter().zip(payloads) {
+                    acknowledged.insert(result.id, payload);
+                }
+            }
+            Err(status) => {
+                refusal = Some(status);
+                break;
+            }
+        }
+    }
+    let refusal = refusal.expect("the disk never refused a write");
+    assert!(
+        matches!(
+            refusal.code(),
+            tonic::Code::Internal | tonic::Code::Unavailable
+        ),
+        "{refusal:?}"
+    );
+    assert!(!acknowledged.is_empty(), "the disk refused the first write");
+
+    // It stops by itself, saying why.
+    assert_eq!(coordinator.wait_exit(Duration::from_secs(60)), Some(1));
+    let log = coordinator.log();
+    assert!(log.contains("write-ahead log failed"), "{log}");
+
+    // Restarted on a disk that works, it has every acknowledged item, whole.
+    coordinator.set_file_size_limit(None);
+    coordinator.restart();
+    let mut client = coordinator.client().await;
+    let items = all_items(&mut client, "q").await;
+    for (id, payload) in &acknowledged {
+        let item = items
+            .get(id)
+            .unwrap_or_else(|| panic!("acknowledged item {id} lost"));
+        assert_eq!(&item.payload[..], &payload[..], "item {id}");
+    }
+    // And takes writes again.
+    client
+        .enqueue(pb::EnqueueRequest {
+            queue: "q".into(),
+            items: vec![pb::NewItem::default()],
+            seal: false,
+        })
+        .await
+        .unwrap();
+    assert_eq!(coordinator.stop(), Some(0));
+}
