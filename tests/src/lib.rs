@@ -80,35 +80,29 @@ pub struct Coordinator {
 }
 
 impl Coordinator {
-    /// Starts a coordinator with a sled data dir in a fresh temp dir.
+    /// Starts a coordinator with a data dir in a fresh temp dir.
     pub fn start() -> Coordinator {
         Self::start_with(&[])
     }
 
     /// Starts one with extra flags (e.g. `["--in-memory"]`, `["--token-file", f]`).
     pub fn start_with(args: &[&str]) -> Coordinator {
-        let dir = tempfile::tempdir().expect("temp dir");
-        let mut coordinator = Coordinator {
-            dir,
-            child: None,
-            extra_args: args.iter().map(|s| s.to_string()).collect(),
-            file_size_limit: None,
-            grpc_url: String::new(),
-            http_url: String::new(),
-        };
-        coordinator.spawn();
-        coordinator
+        Self::start_limited(None, args)
     }
 
     /// Starts one whose files cannot grow past `bytes` (`RLIMIT_FSIZE`, with
     /// `SIGXFSZ` ignored): a write past it fails with `EFBIG`, as on a full disk.
     pub fn start_with_file_size_limit(bytes: u64, args: &[&str]) -> Coordinator {
+        Self::start_limited(Some(bytes), args)
+    }
+
+    fn start_limited(file_size_limit: Option<u64>, args: &[&str]) -> Coordinator {
         let dir = tempfile::tempdir().expect("temp dir");
         let mut coordinator = Coordinator {
             dir,
             child: None,
             extra_args: args.iter().map(|s| s.to_string()).collect(),
-            file_size_limit: Some(bytes),
+            file_size_limit,
             grpc_url: String::new(),
             http_url: String::new(),
         };
@@ -202,22 +196,10 @@ impl Coordinator {
         }
     }
 
-    /// SIGTERM and wait for a clean exit; returns the exit code.
+    /// SIGTERM and wait (20 s at most) for a clean exit; returns the exit code.
     pub fn stop(&mut self) -> Option<i32> {
-        let mut child = self.child.take()?;
-        signal(child.id(), Signal::SIGTERM);
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            if let Some(status) = child.try_wait().expect("wait") {
-                return status.code();
-            }
-            if Instant::now() > deadline {
-                signal(child.id(), Signal::SIGKILL);
-                let _ = child.wait();
-                panic!("coordinator did not stop within 20 s of SIGTERM");
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        signal(self.child.as_ref()?.id(), Signal::SIGTERM);
+        self.wait_exit(Duration::from_secs(20))
     }
 
     /// Waits up to `timeout` for the coordinator to exit by itself; its exit code
