@@ -794,8 +794,8 @@ impl LogStore {
     /// nothing more: no later batch, and no snapshot of a state in memory that holds
     /// changes the log refused. The log ends with what was synced before the failure
     /// (and at most the batch whose write or sync failed, whose callers were told it
-    /// failed), so a restart recovers every acknowledged change and no change made
-    /// after it. The coordinator stops when this returns (see `server::run`).
+    /// failed), so a restart recovers every acknowledged change and nothing changed
+    /// after the failure. The coordinator stops when this returns (see `server::run`).
     pub async fn failed(&self) {
         loop {
             let failure = self.inner.failure.notified();
