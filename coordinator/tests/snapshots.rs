@@ -1,6 +1,7 @@
 //! The disk store's snapshots, through the engine: a snapshot taken while writers run
 //! loses nothing, a clean shutdown leaves one snapshot to read, an interrupted one is
-//! ignored, and a damaged one stops the start-up instead of losing data quietly.
+//! ignored, a damaged one stops the start-up instead of losing data quietly, and one
+//! the disk refuses fails alone.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -301,6 +302,60 @@ async fn an_interrupted_snapshot_is_ignored_and_a_damaged_one_stops_the_start() 
         listing
     );
     assert_eq!(std::fs::read(&snapshot).unwrap(), bytes);
+}
+
+/// A snapshot the disk refuses (here its file cannot be created) fails alone: it is
+/// not a failed log, so the store stays healthy and the coordinator keeps serving,
+/// writes go on, nothing is lost, and the next snapshot is written.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_snapshot_the_disk_refuses_fails_alone() {
+    let dir = tempfile::tempdir().unwrap();
+    let engine = open(dir.path()).await;
+    create(&engine, "q").await;
+    let items = |from: u32| {
+        (from..from + 100)
+            .map(|i| NewItem {
+                payload: format!("item {i}").into_bytes().into(),
+                ..NewItem::default()
+            })
+            .collect()
+    };
+    engine.enqueue("q", items(0), false).await.unwrap();
+
+    // The next snapshot starts log file n + 1; a directory takes its file's place.
+    let logs = files(dir.path(), ".log");
+    let n: u64 = logs.last().unwrap()["wal-".len()..][..10].parse().unwrap();
+    let squatter = dir
+        .path()
+        .join("wal")
+        .join(format!("snapshot-{:010}.snap.tmp", n + 1));
+    std::fs::create_dir(&squatter).unwrap();
+    let err = engine
+        .checkpoint()
+        .await
+        .expect_err("the snapshot was written");
+    assert!(err.to_string().contains("snapshot"), "{err}");
+    assert!(
+        engine.store().healthy(),
+        "a failed snapshot failed the store"
+    );
+
+    engine.enqueue("q", items(100), false).await.unwrap();
+    let leased = engine.lease("q", worker("w")).await.unwrap();
+    engine
+        .ack("q", leased.granted[0].id, leased.granted[0].token, vec![])
+        .await
+        .unwrap();
+    let before = state(&engine);
+    // The last snapshot, at close, starts the log file after: it is written.
+    engine.close().await.unwrap();
+    drop(engine);
+    assert_eq!(files(dir.path(), ".snap").len(), 1);
+
+    std::fs::remove_dir(&squatter).unwrap();
+    let engine = open(dir.path()).await;
+    assert_same(&state(&engine), &before);
+    assert_eq!(engine.stats("q").unwrap().counters.enqueued, 200);
 }
 
 /// Relaxed mode answers before the sync; the log is synced on a 500 ms timer (nothing
