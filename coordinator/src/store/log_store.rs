@@ -248,6 +248,9 @@ enum Flusher {
 struct Inner {
     /// Held for the store's life: one coordinator per data dir.
     _lock: File,
+    /// The sync marker every flush's bytes start with ([`wal::sync_marker`]), its
+    /// number drawn at random when the store opened.
+    marker: Vec<u8>,
     dir: PathBuf,
     durability: Durability,
     pending: Mutex<Pending>,
@@ -458,8 +461,19 @@ impl Recovered {
     /// it. Returns how many of its bytes hold intact frames.
     pub fn replay_log(&mut self, path: &Path) -> Result<u64> {
         let (ending, _) = self.replay_file(path)?;
-        if let Ending::Damaged { offset } = ending {
-            tracing::warn!(file = %path.display(), offset, "log ends in a torn or corrupt record; ignoring the rest of this file");
+        match ending {
+            Ending::Damaged { offset } => {
+                tracing::warn!(file = %path.display(), offset, "log ends in a torn or corrupt record; ignoring the rest of this file")
+            }
+            Ending::Corrupt { offset, synced } => {
+                return Err(Error::Storage(format!(
+                    "log file {} is damaged at byte {offset}, and records synced after \
+                     it follow (byte {synced}): the disk changed what was written. \
+                     Refusing to start rather than lose them; nothing was changed",
+                    path.display()
+                )));
+            }
+            Ending::Clean | Ending::Zeroed { .. } => {}
         }
         Ok(ending.frames_len(file_len(path)))
     }
@@ -596,12 +610,16 @@ impl LogStore {
             Segment::create(&dir, next).map_err(|e| storage_error("cannot create the log", e))?;
         let next_id = recovered.highest + 1;
         let items_read = recovered.items_read;
+        let mut marker = Vec::with_capacity(wal::SYNC_MARKER_LEN);
+        wal::sync_marker(random_number(), &mut marker);
         let store = LogStore {
             inner: Arc::new(Inner {
                 _lock: lock,
+                marker: marker.clone(),
                 dir,
                 durability,
                 pending: Mutex::new(Pending {
+                    bytes: marker,
                     items: items_read,
                     ..Pending::default()
                 }),
@@ -1323,7 +1341,8 @@ struct Flushed {
 fn flush_now(inner: &Inner) -> Result<Flushed> {
     let _flushing = lock(&inner.flushing);
     let started = Instant::now();
-    let spare = std::mem::take(&mut *lock(&inner.spare));
+    let mut spare = std::mem::take(&mut *lock(&inner.spare));
+    spare.extend_from_slice(&inner.marker);
     let (bytes, target, covered, commit) = {
         let mut pending = lock(&inner.pending);
         pending.wanted = false;
@@ -1365,9 +1384,11 @@ fn flush_now(inner: &Inner) -> Result<Flushed> {
         .stats
         .log_bytes
         .fetch_add(bytes.len() as u64, Ordering::SeqCst);
-    inner
-        .unsynced
-        .fetch_sub(bytes.len() as u64, Ordering::Relaxed);
+    // Writers counted their frames on, not the marker.
+    inner.unsynced.fetch_sub(
+        (bytes.len() - wal::SYNC_MARKER_LEN) as u64,
+        Ordering::Relaxed,
+    );
     let took = started.elapsed();
     let micros = took.as_micros() as u64;
     inner.stats.flushes.fetch_add(1, Ordering::Relaxed);
@@ -1418,6 +1439,21 @@ fn wait_timeout<'a>(
 
 fn current_ticket(inner: &Inner) -> u64 {
     lock(&inner.pending).ticket
+}
+
+/// A number nobody outside this process can know (a sync marker's; see
+/// [`wal::sync_marker`]): std's per-process random hash keys, with the time and pid.
+fn random_number() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
+    hasher.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_nanos(),
+    );
+    hasher.write_u32(std::process::id());
+    hasher.finish()
 }
 
 /// Marks the store failed and wakes waiters so they report it instead of hanging.
@@ -1767,6 +1803,61 @@ mod tests {
         assert!(store.close().await.is_err(), "the last sync wrote");
         drop(store);
         assert_eq!(logged_values(dir.path()), vec![1]);
+    }
+
+    /// The log as a store writes it, each sync's bytes after its marker. A damaged
+    /// last sync is a torn write: the store opens without it. A damaged earlier sync
+    /// would drop the synced records after it: the store refuses to open, says where,
+    /// and changes nothing.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_log_damaged_before_a_later_sync_stops_the_start() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = LogStore::open(dir.path(), Durability::Strict).unwrap();
+        store.start();
+        for value in 1..=3 {
+            let ticket = store.write(put_queue(value)).unwrap();
+            store.wait_durable(ticket).await.unwrap();
+        }
+        let marker = store.inner.marker.clone();
+        drop(store);
+        let wal_dir = dir.path().join("wal");
+        let (_, path) = wal::list(&wal_dir).unwrap().pop().unwrap();
+        let synced = std::fs::read(&path).unwrap();
+        let syncs: Vec<usize> = synced
+            .windows(marker.len())
+            .enumerate()
+            .filter(|(_, bytes)| *bytes == marker)
+            .map(|(at, _)| at)
+            .collect();
+        assert_eq!(syncs.len(), 3, "one marker per sync");
+        let recovered = |dir: &Path| {
+            let store = LogStore::open(dir, Durability::Strict)?;
+            let lease_timeouts: Vec<u64> = store
+                .load()
+                .queues
+                .iter()
+                .map(|q| q.lease_timeout_ms)
+                .collect();
+            Ok::<_, Error>(lease_timeouts)
+        };
+
+        let mut bytes = synced.clone();
+        bytes[syncs[2] + marker.len() + 10] ^= 0xff;
+        std::fs::write(&path, &bytes).unwrap();
+        assert_eq!(recovered(dir.path()).unwrap(), vec![2]);
+
+        let mut bytes = synced.clone();
+        bytes[syncs[1] + marker.len() + 10] ^= 0xff;
+        std::fs::write(&path, &bytes).unwrap();
+        let listing = wal::list(&wal_dir).unwrap();
+        let err = recovered(dir.path()).expect_err("a log damaged before a later sync opened");
+        let message = err.to_string();
+        assert!(
+            message.contains(&format!("damaged at byte {}", syncs[1] + marker.len())),
+            "{message}"
+        );
+        assert_eq!(wal::list(&wal_dir).unwrap(), listing);
+        assert_eq!(std::fs::read(&path).unwrap(), bytes);
     }
 
     /// Records each call it gets: (its number, the sync's outcome, the durable ticket

@@ -8,6 +8,14 @@
 //!
 //! A log file is zero-filled ahead of its frames ([`Segment`]), so reading also stops,
 //! cleanly, where only zeros are left.
+//!
+//! Each sync's bytes in a log file start with a sync marker ([`sync_marker`]): a frame
+//! whose one key holds a number drawn at random when the coordinator started. Syncs
+//! are made one after another, each written only once the one before it is on disk,
+//! so a marker after a damaged frame proves the damage is not a torn last write but a
+//! change to synced bytes: reading then says so ([`Ending::Corrupt`]) instead of
+//! quietly dropping the rest of the file. Nobody outside the process knows the
+//! number, so no payload can pass for a marker.
 
 use std::fs::{File, OpenOptions};
 use std::io::Read;
@@ -40,6 +48,32 @@ pub fn begin_frame(buf: &mut Vec<u8>) -> usize {
 
 /// Bytes a put op takes besides its key and value (the two lengths and the tag).
 pub const PUT_OVERHEAD: usize = 9;
+
+/// What a sync marker's key starts with; the marker's number follows.
+const SYNC_MARKER_KEY: &[u8] = b"\0sync";
+/// A sync marker's size: frame header, one delete op of a 13-byte key.
+pub const SYNC_MARKER_LEN: usize = 8 + 4 + SYNC_MARKER_KEY.len() + 8 + 1;
+
+/// Appends the sync marker of `number` (see the module docs).
+pub fn sync_marker(number: u64, buf: &mut Vec<u8>) {
+    let start = begin_frame(buf);
+    let mut key = [0u8; SYNC_MARKER_KEY.len() + 8];
+    key[..SYNC_MARKER_KEY.len()].copy_from_slice(SYNC_MARKER_KEY);
+    key[SYNC_MARKER_KEY.len()..].copy_from_slice(&number.to_le_bytes());
+    push_op(buf, &key, None);
+    end_frame(buf, start);
+}
+
+/// The number of a batch that is a sync marker.
+fn marker_number(ops: &[OpRef<'_>]) -> Option<u64> {
+    match ops {
+        [(key, None)] if key.len() == SYNC_MARKER_KEY.len() + 8 => {
+            let number = key.strip_prefix(SYNC_MARKER_KEY)?;
+            Some(u64::from_le_bytes(number.try_into().ok()?))
+        }
+        _ => None,
+    }
+}
 
 /// Adds one op to the frame being built at the end of `buf`.
 pub fn push_op(buf: &mut Vec<u8>, key: &[u8], value: Option<&[u8]>) {
@@ -115,6 +149,9 @@ pub enum Ending {
     /// Intact frames up to `offset`, then only zeros: the room a log file keeps ahead
     /// of its writes.
     Zeroed { offset: usize },
+    /// A damaged frame at `offset`, and a later sync's marker at `synced`: bytes that
+    /// were on disk changed afterwards (see the module docs).
+    Corrupt { offset: usize, synced: usize },
 }
 
 impl Ending {
@@ -122,7 +159,9 @@ impl Ending {
     pub fn frames_len(self, file_len: u64) -> u64 {
         match self {
             Ending::Clean => file_len,
-            Ending::Damaged { offset } | Ending::Zeroed { offset } => offset as u64,
+            Ending::Damaged { offset }
+            | Ending::Zeroed { offset }
+            | Ending::Corrupt { offset, .. } => offset as u64,
         }
     }
 }
@@ -133,6 +172,8 @@ const READ_CHUNK: usize = 4 << 20;
 /// Hands every intact batch of a file to `visit`, in order, stopping at a torn or
 /// corrupt tail. A batch is visited whole or not at all. The file is read a chunk at a
 /// time, so a replay holds one chunk (or one frame, if bigger) of it, not all of it.
+/// After a damaged frame, the rest of the file is searched for a later sync's marker
+/// ([`Ending::Corrupt`]).
 pub fn replay(path: &Path, visit: impl FnMut(&[OpRef<'_>])) -> std::io::Result<Ending> {
     replay_in(path, READ_CHUNK, visit)
 }
@@ -143,12 +184,12 @@ fn replay_in(
     mut visit: impl FnMut(&[OpRef<'_>]),
 ) -> std::io::Result<Ending> {
     let mut window = Window::open(path, chunk)?;
+    // The number of this file's sync markers, from the first intact one.
+    let mut markers = None;
     while window.fill(1)? {
-        let damaged = Ending::Damaged {
-            offset: window.offset(),
-        };
+        let offset = window.offset();
         if !window.fill(8)? {
-            return Ok(damaged);
+            return after_damage(window, offset, markers);
         }
         let header = &window.bytes()[..8];
         let len = u32::from_le_bytes(header[..4].try_into().expect("4 bytes")) as usize;
@@ -159,26 +200,57 @@ fn replay_in(
         // a sync's bytes. What follows those zeros belongs to a write that never
         // completed.
         if len == 0 && crc == 0 {
-            let offset = window.offset();
-            return Ok(match window.rest_is_zeros()? {
-                true => Ending::Zeroed { offset },
-                false => damaged,
-            });
+            return match window.rest_is_zeros()? {
+                true => Ok(Ending::Zeroed { offset }),
+                false => after_damage(window, offset, markers),
+            };
         }
         if !window.fill(8 + len)? {
-            return Ok(damaged);
+            return after_damage(window, offset, markers);
         }
         let body = &window.bytes()[8..8 + len];
         if crc32fast::hash(body) != crc {
-            return Ok(damaged);
+            return after_damage(window, offset, markers);
         }
         let Some(ops) = decode(body) else {
-            return Ok(damaged);
+            return after_damage(window, offset, markers);
         };
+        if markers.is_none() {
+            markers = marker_number(&ops);
+        }
         visit(&ops);
         window.advance(8 + len);
     }
     Ok(Ending::Clean)
+}
+
+/// How a file whose frame at `offset` is damaged ends: [`Ending::Corrupt`] if a sync
+/// marker with the file's number (`markers`, when one was read) follows, else
+/// [`Ending::Damaged`].
+fn after_damage(
+    mut window: Window,
+    offset: usize,
+    markers: Option<u64>,
+) -> std::io::Result<Ending> {
+    let damaged = Ending::Damaged { offset };
+    let Some(number) = markers else {
+        return Ok(damaged);
+    };
+    let mut marker = Vec::with_capacity(SYNC_MARKER_LEN);
+    sync_marker(number, &mut marker);
+    window.seek(offset + 1)?;
+    while window.fill(SYNC_MARKER_LEN)? {
+        let bytes = window.bytes();
+        if let Some(at) = bytes.windows(SYNC_MARKER_LEN).position(|w| w == marker) {
+            return Ok(Ending::Corrupt {
+                offset,
+                synced: window.offset() + at,
+            });
+        }
+        // Keep the last bytes: a marker may start in them.
+        window.advance(bytes.len() + 1 - SYNC_MARKER_LEN);
+    }
+    Ok(damaged)
 }
 
 /// A file read forward through a buffer of about one chunk.
@@ -230,6 +302,15 @@ impl Window {
 
     fn bytes(&self) -> &[u8] {
         &self.buf[self.start..]
+    }
+
+    /// Goes to `offset` in the file, dropping what was read.
+    fn seek(&mut self, offset: usize) -> std::io::Result<()> {
+        use std::io::{Seek, SeekFrom};
+        self.file.seek(SeekFrom::Start(offset as u64))?;
+        self.buf.clear();
+        (self.start, self.base) = (0, offset);
+        Ok(())
     }
 
     fn offset(&self) -> usize {
@@ -617,6 +698,71 @@ mod tests {
         );
         assert_eq!(ending, Ending::Damaged { offset: intact });
         assert_eq!(list(dir.path()).unwrap()[0].0, 7);
+    }
+
+    /// A damaged frame with a later sync's marker after it is corruption of synced
+    /// bytes; after the last marker it is a torn last write. Files without markers
+    /// (older versions) and markers of another number (a payload) prove nothing.
+    #[test]
+    fn damage_before_a_later_syncs_marker_is_corruption() {
+        const N: u64 = u64::from_le_bytes(*b"numbered");
+        let frames = |ops: &[(&[u8], Option<&[u8]>)], buf: &mut Vec<u8>| {
+            for op in ops {
+                frame(std::iter::once(*op), buf);
+            }
+        };
+        let mut forged = Vec::new();
+        sync_marker(N + 1, &mut forged);
+        // (bytes, offset of the byte to damage) → expected ending, by name
+        let case = |bytes: &[u8], damage_at: usize| {
+            let dir = tempfile::tempdir().unwrap();
+            let mut segment = Segment::create(dir.path(), 1).unwrap();
+            let mut bytes = bytes.to_vec();
+            bytes[damage_at] ^= 0xff;
+            segment.append_durably(&bytes).unwrap();
+            let path = path_of(dir.path(), 1);
+            // 40 bytes at a time: a marker across two reads.
+            let endings: Vec<Ending> = [40, 4096, READ_CHUNK]
+                .into_iter()
+                .map(|chunk| replay_in(&path, chunk, |_| {}).unwrap())
+                .collect();
+            assert!(endings.windows(2).all(|w| w[0] == w[1]), "{endings:?}");
+            endings[0]
+        };
+
+        let mut log = Vec::new();
+        sync_marker(N, &mut log);
+        frames(&[(b"a", Some(b"1"))], &mut log);
+        let b_at = log.len();
+        frames(&[(b"b", Some(b"2"))], &mut log);
+        let second = log.len();
+        sync_marker(N, &mut log);
+        let c_at = log.len();
+        frames(&[(b"c", Some(b"3")), (b"d", Some(&forged))], &mut log);
+        assert_eq!(
+            case(&log, b_at + 10),
+            Ending::Corrupt {
+                offset: b_at,
+                synced: second
+            }
+        );
+        assert_eq!(case(&log, c_at + 10), Ending::Damaged { offset: c_at });
+
+        // No markers: as before, the rest of the file is dropped.
+        let mut old = Vec::new();
+        frames(
+            &[(b"a", Some(b"1")), (b"b", Some(b"2")), (b"c", Some(b"3"))],
+            &mut old,
+        );
+        let b_at = 19; // after one frame of a 1-byte key and a 1-byte value
+        assert_eq!(case(&old, b_at + 10), Ending::Damaged { offset: b_at });
+
+        // After the damage only a marker of another number, inside a payload.
+        let mut one_sync = Vec::new();
+        sync_marker(N, &mut one_sync);
+        let a_at = one_sync.len();
+        frames(&[(b"a", Some(b"1")), (b"d", Some(&forged))], &mut one_sync);
+        assert_eq!(case(&one_sync, a_at + 10), Ending::Damaged { offset: a_at });
     }
 
     #[test]
