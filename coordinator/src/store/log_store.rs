@@ -1386,7 +1386,7 @@ fn flush_now(inner: &Inner) -> Result<Flushed> {
         .fetch_add(bytes.len() as u64, Ordering::SeqCst);
     // Writers counted their frames on, not the marker.
     inner.unsynced.fetch_sub(
-        (bytes.len() - wal::SYNC_MARKER_LEN) as u64,
+        bytes.len().saturating_sub(wal::SYNC_MARKER_LEN) as u64,
         Ordering::Relaxed,
     );
     let took = started.elapsed();
