@@ -101,6 +101,16 @@ fn worker(name: &str) -> LeaseRequest {
     }
 }
 
+/// Leases up to three items of `queue` and acks the first.
+async fn lease_and_ack_one(engine: &Engine, queue: &str) {
+    let leased = engine.lease(queue, worker("w")).await.unwrap();
+    let first = &leased.granted[0];
+    engine
+        .ack(queue, first.id, first.token, vec![])
+        .await
+        .unwrap();
+}
+
 /// Producers, consumers and a queue being created and deleted, all while snapshots are
 /// taken back to back; then a crash. Every change was acknowledged (strict mode), so the
 /// reopened state must be exactly the state before the crash.
@@ -234,11 +244,7 @@ async fn a_clean_shutdown_leaves_one_snapshot_and_an_empty_log() {
         })
         .collect();
     engine.enqueue("q", items, false).await.unwrap();
-    let leased = engine.lease("q", worker("w")).await.unwrap();
-    engine
-        .ack("q", leased.granted[0].id, leased.granted[0].token, vec![])
-        .await
-        .unwrap();
+    lease_and_ack_one(&engine, "q").await;
     let before = state(&engine);
     engine.close().await.unwrap();
     drop(engine);
@@ -341,11 +347,7 @@ async fn a_snapshot_the_disk_refuses_fails_alone() {
     );
 
     engine.enqueue("q", items(100), false).await.unwrap();
-    let leased = engine.lease("q", worker("w")).await.unwrap();
-    engine
-        .ack("q", leased.granted[0].id, leased.granted[0].token, vec![])
-        .await
-        .unwrap();
+    lease_and_ack_one(&engine, "q").await;
     let before = state(&engine);
     // The last snapshot, at close, starts the log file after: it is written.
     engine.close().await.unwrap();
