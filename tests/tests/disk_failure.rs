@@ -1,12 +1,14 @@
-//! A disk that stops taking writes under a running strict coordinator: the
-//! coordinator refuses writes from then on, stops by itself (exit 1) instead of
-//! serving a state in memory the disk does not have, and a restart recovers every
-//! acknowledged item.
+//! A disk that fails under the real binary. One that stops taking writes under a
+//! running strict coordinator: the coordinator refuses writes from then on, stops by
+//! itself (exit 1) instead of serving a state in memory the disk does not have, and a
+//! restart recovers every acknowledged item. One that changes synced records: the
+//! coordinator refuses to start, names the file and the byte, and changes nothing.
 
 use std::collections::HashMap;
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use workq_tests::{Coordinator, all_items, create_queue, pb};
+use workq_tests::{Coordinator, Process, all_items, bin_path, create_queue, enqueue_empty, pb};
 
 /// The coordinator's files may not grow past this: the log hits it after a few
 /// megabytes of items (it keeps a megabyte of zeros ahead of its last record).
@@ -84,4 +86,44 @@ async fn a_failed_log_stops_the_coordinator_and_a_restart_keeps_every_acknowledg
         .await
         .unwrap();
     assert_eq!(coordinator.stop(), Some(0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_log_the_disk_changed_before_a_later_sync_stops_the_start() {
+    let mut coordinator = Coordinator::start_with(&["--durability", "strict"]);
+    let mut client = coordinator.client().await;
+    create_queue(&mut client, "q", 600_000).await;
+    for _ in 0..5 {
+        enqueue_empty(&mut client, "q").await; // a sync each
+    }
+    // Killed, so no snapshot at shutdown empties the log.
+    coordinator.kill9();
+
+    // The first sync's bytes: its marker (26 bytes), then the queue's record. One of
+    // that record's bytes changes; later syncs follow it.
+    let wal = coordinator.data_dir().join("wal");
+    let log = std::fs::read_dir(&wal)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.extension().is_some_and(|e| e == "log"))
+        .expect("a log file");
+    let mut bytes = std::fs::read(&log).unwrap();
+    bytes[26 + 12] ^= 0xff;
+    std::fs::write(&log, &bytes).unwrap();
+
+    let errors = coordinator.dir().join("restart.err");
+    let mut restart = Process::spawn(
+        Command::new(bin_path("workq-coordinator"))
+            .arg("--data-dir")
+            .arg(coordinator.data_dir())
+            .args(["--grpc-addr", "127.0.0.1:0", "--http-addr", "127.0.0.1:0"])
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&errors).unwrap()),
+    );
+    let code = restart.wait_exit(Duration::from_secs(30));
+    let stderr = std::fs::read_to_string(&errors).unwrap();
+    assert_eq!(code, Some(1), "{stderr}");
+    assert!(stderr.contains("is damaged at byte 26"), "{stderr}");
+    assert!(stderr.contains(&log.display().to_string()), "{stderr}");
+    assert_eq!(std::fs::read(&log).unwrap(), bytes, "the log was changed");
 }
