@@ -713,7 +713,8 @@ mod tests {
         };
         let mut forged = Vec::new();
         sync_marker(N + 1, &mut forged);
-        // (bytes, offset of the byte to damage) → expected ending, by name
+        // Writes `bytes` with byte `damage_at` changed and reads them back: the ending,
+        // the same whatever the size of the reads.
         let case = |bytes: &[u8], damage_at: usize| {
             let dir = tempfile::tempdir().unwrap();
             let mut segment = Segment::create(dir.path(), 1).unwrap();
