@@ -789,11 +789,12 @@ impl LogStore {
         true
     }
 
-    /// From now on every log write fails, as on a disk gone bad (tests).
+    /// From now on every log write fails, as on a disk gone bad (tests). Returns the
+    /// working log file, for a test whose disk comes back.
     #[cfg(test)]
-    pub(crate) fn fail_writes(&self) {
+    pub(crate) fn fail_writes(&self) -> Segment {
         let failing = Segment::failing(&self.inner.dir, u64::MAX >> 1).expect("a failing log file");
-        *lock(&self.inner.segment) = failing;
+        std::mem::replace(&mut *lock(&self.inner.segment), failing)
     }
 
     /// Strict mode: asks for a sync without waiting for it (background changes such as
@@ -1785,10 +1786,7 @@ mod tests {
         let synced = store.write(put_queue(1)).unwrap();
         store.wait_durable(synced).await.unwrap();
 
-        let working = {
-            let failing = Segment::failing(&store.inner.dir, u64::MAX >> 1).unwrap();
-            std::mem::replace(&mut *lock(&store.inner.segment), failing)
-        };
+        let working = store.fail_writes();
         let lost = store.write(put_queue(2)).unwrap();
         assert!(store.wait_durable(lost).await.is_err());
         tokio::time::timeout(Duration::from_secs(10), store.failed())
