@@ -20,8 +20,8 @@ use std::fmt::Write as _;
 use std::net::SocketAddr;
 
 use axum::body::Body;
-use axum::extract::rejection::PathRejection;
-use axum::extract::{ConnectInfo, Path, State};
+use axum::extract::{ConnectInfo, FromRequestParts, Path, State};
+use axum::http::request::Parts;
 use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, Uri, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{MethodFilter, MethodRouter, on};
@@ -273,62 +273,29 @@ async fn stats(State(state): State<AppState>) -> Response {
     json_response(json)
 }
 
-async fn create(
-    State(state): State<AppState>,
-    name: Result<Path<String>, PathRejection>,
-) -> Response {
-    let name = match queue_name(name) {
-        Ok(name) => name,
-        Err(message) => return text_error(StatusCode::BAD_REQUEST, &message),
-    };
-    match state
-        .engine
-        .create_queue(&name, &OptionsPatch::default(), false)
-        .await
-    {
-        Ok(_) => StatusCode::OK.into_response(),
-        Err(e) => memq_error(e),
-    }
+async fn create(State(state): State<AppState>, QueueName(name): QueueName) -> Response {
+    ok_or_memq_error(
+        state
+            .engine
+            .create_queue(&name, &OptionsPatch::default(), false)
+            .await,
+    )
 }
 
-async fn delete(
-    State(state): State<AppState>,
-    name: Result<Path<String>, PathRejection>,
-) -> Response {
-    let name = match queue_name(name) {
-        Ok(name) => name,
-        Err(message) => return text_error(StatusCode::BAD_REQUEST, &message),
-    };
-    match state.engine.delete_queue(&name).await {
-        Ok(_) => StatusCode::OK.into_response(),
-        Err(e) => memq_error(e),
-    }
+async fn delete(State(state): State<AppState>, QueueName(name): QueueName) -> Response {
+    ok_or_memq_error(state.engine.delete_queue(&name).await)
 }
 
-async fn drain(
-    State(state): State<AppState>,
-    name: Result<Path<String>, PathRejection>,
-) -> Response {
-    let name = match queue_name(name) {
-        Ok(name) => name,
-        Err(message) => return text_error(StatusCode::BAD_REQUEST, &message),
-    };
-    match state.engine.purge(&name).await {
-        Ok(_) => StatusCode::OK.into_response(),
-        Err(e) => memq_error(e),
-    }
+async fn drain(State(state): State<AppState>, QueueName(name): QueueName) -> Response {
+    ok_or_memq_error(state.engine.purge(&name).await)
 }
 
 async fn enqueue(
     State(state): State<AppState>,
-    name: Result<Path<String>, PathRejection>,
+    QueueName(name): QueueName,
     headers: HeaderMap,
     body: Body,
 ) -> Response {
-    let name = match queue_name(name) {
-        Ok(name) => name,
-        Err(message) => return text_error(StatusCode::BAD_REQUEST, &message),
-    };
     let max = match state.engine.get_queue(&name) {
         Ok(view) => view.options.max_payload_bytes,
         Err(e) => return memq_error(e),
@@ -388,13 +355,9 @@ async fn enqueue(
 
 async fn dequeue(
     State(state): State<AppState>,
-    name: Result<Path<String>, PathRejection>,
+    QueueName(name): QueueName,
     peer: Option<Extension<ConnectInfo<SocketAddr>>>,
 ) -> Response {
-    let name = match queue_name(name) {
-        Ok(name) => name,
-        Err(message) => return text_error(StatusCode::BAD_REQUEST, &message),
-    };
     // One worker row per client host (a kuard pod), not per connection.
     let worker = match peer {
         Some(Extension(ConnectInfo(addr))) => format!("memq:{}", addr.ip()),
@@ -433,16 +396,33 @@ async fn dequeue(
 
 // ---- shapes and errors --------------------------------------------------------------
 
-/// Validates the `{q}` segment against workq's (stricter than kuard's) name rules;
-/// the error is the text of a 400.
-fn queue_name(path: Result<Path<String>, PathRejection>) -> Result<String, String> {
-    let Path(name) = path.map_err(|e| e.body_text())?;
-    if name.is_empty() {
-        return Err("empty name".to_string());
+/// The `{q}` segment, checked against workq's (stricter than kuard's) name rules;
+/// anything else is refused with a 400 and its reason.
+struct QueueName(String);
+
+impl<S: Send + Sync> FromRequestParts<S> for QueueName {
+    type Rejection = Response;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Response> {
+        let refuse = |message: &str| text_error(StatusCode::BAD_REQUEST, message);
+        let Path(name) = Path::<String>::from_request_parts(parts, state)
+            .await
+            .map_err(|e| refuse(&e.body_text()))?;
+        if name.is_empty() {
+            return Err(refuse("empty name"));
+        }
+        crate::engine::limits::check_queue_name(&name)
+            .map_err(|e| refuse(&format!("{e}; workq queue names are stricter than kuard's")))?;
+        Ok(QueueName(name))
     }
-    crate::engine::limits::check_queue_name(&name)
-        .map_err(|e| format!("{e}; workq queue names are stricter than kuard's"))?;
-    Ok(name)
+}
+
+/// A bare 200, as kuard answers a queue's create, delete and drain.
+fn ok_or_memq_error<T>(result: Result<T, Error>) -> Response {
+    match result {
+        Ok(_) => StatusCode::OK.into_response(),
+        Err(e) => memq_error(e),
+    }
 }
 
 /// kuard's two error bodies; everything else keeps workq's status and message.
