@@ -147,17 +147,22 @@ fn escape(segment: &str) -> String {
 mod tests {
     use super::*;
 
-    #[test]
-    fn dequeue_url_is_kuards() {
-        let memq = Memq {
-            server: Url::parse("http://queue:8080/memq/server").unwrap(),
+    /// A worker of queue `keygen` on the memq server at `server`.
+    fn keygen_from(server: &str) -> Memq {
+        Memq {
+            server: Url::parse(server).unwrap(),
             queue: "keygen".into(),
             exit_on_complete: true,
             exit_code: 0,
             bits: 1024,
             out: None,
             token: None,
-        };
+        }
+    }
+
+    #[test]
+    fn dequeue_url_is_kuards() {
+        let memq = keygen_from("http://queue:8080/memq/server");
         assert_eq!(
             memq.dequeue_url().to_string(),
             "http://queue:8080/memq/server/queues/keygen/dequeue"
@@ -170,15 +175,7 @@ mod tests {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let port = listener.local_addr().unwrap().port();
         drop(listener);
-        let memq = Memq {
-            server: Url::parse(&format!("http://127.0.0.1:{port}/memq/server")).unwrap(),
-            queue: "keygen".into(),
-            exit_on_complete: true,
-            exit_code: 0,
-            bits: 1024,
-            out: None,
-            token: None,
-        };
+        let memq = keygen_from(&format!("http://127.0.0.1:{port}/memq/server"));
         let err = memq.dequeue(&memq.dequeue_url()).await.unwrap_err();
         assert!(
             err.starts_with(&format!(

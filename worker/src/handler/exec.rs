@@ -336,12 +336,7 @@ mod tests {
             Outcome::Retry(e) => assert!(e.contains("timed out"), "{e}"),
             other => panic!("{other:?}"),
         }
-        let pid: i32 = std::fs::read_to_string(&pid_file)
-            .unwrap()
-            .trim()
-            .parse()
-            .unwrap();
-        assert_gone(pid).await;
+        assert_gone(&pid_file).await;
     }
 
     #[tokio::test]
@@ -356,12 +351,7 @@ mod tests {
             Outcome::Done(out) => assert_eq!(out, b"ok\n"),
             other => panic!("{other:?}"),
         }
-        let pid: i32 = std::fs::read_to_string(&pid_file)
-            .unwrap()
-            .trim()
-            .parse()
-            .unwrap();
-        assert_gone(pid).await;
+        assert_gone(&pid_file).await;
     }
 
     #[tokio::test]
@@ -379,7 +369,11 @@ mod tests {
     }
 
     /// Waits until `pid` no longer exists (zombies count as gone: they were killed).
-    async fn assert_gone(pid: i32) {
+    /// The process whose pid the item's command wrote to `pid_file` is gone (or a
+    /// zombie) within 10 s.
+    async fn assert_gone(pid_file: &std::path::Path) {
+        let pid = std::fs::read_to_string(pid_file).unwrap();
+        let pid: i32 = pid.trim().parse().unwrap();
         let deadline = std::time::Instant::now() + Duration::from_secs(10);
         loop {
             let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
