@@ -390,9 +390,9 @@ pub async fn e2e(
             let interval = per_request.mul_f64(producers as f64);
             let mut next = range.start;
             let mut j = 0u32;
-            let mut free_at = started;
+            let (mut free_at, mut woke) = (started, started);
             while next < range.end && Instant::now() < deadline {
-                let at = sample::pace(started + offset + interval * j, free_at).await;
+                let at = sample::pace(started + offset + interval * j, free_at, &mut woke).await;
                 let end = (next + consumers.batch as u64).min(range.end);
                 let stamp = sample::us_at(at);
                 let payloads: Vec<Vec<u8>> = (next..end)

@@ -22,14 +22,17 @@ const TIMER_SLACK: Duration = Duration::from_millis(1);
 /// counts from, as `queue-cli bench` does for workq. A producer that was free before
 /// `at` (`free_at`) sent as soon as the timer woke it: what the timer added (up to
 /// [`TIMER_SLACK`]) belongs to the load generator, so the items count from the moment
-/// they left. A producer still busy at `at` was held up by the system under test, and
-/// its items count from `at` (no coordinated omission).
-pub async fn pace(at: Instant, free_at: Instant) -> Instant {
+/// they left, which becomes `woke`. A producer still busy at `at` was held up by the
+/// system under test, and its items count from `at` (no coordinated omission), unless
+/// `at` passed while its timer was late (before `woke`): then they count from the
+/// wake-up.
+pub async fn pace(at: Instant, free_at: Instant, woke: &mut Instant) -> Instant {
     if free_at > at {
-        return at;
+        return at.max(*woke);
     }
     tokio::time::sleep_until(at.into()).await;
-    Instant::now().min(at + TIMER_SLACK)
+    *woke = Instant::now().min(at + TIMER_SLACK);
+    *woke
 }
 
 /// The clock's reading at `at`.
@@ -137,10 +140,19 @@ mod tests {
     #[tokio::test]
     async fn paced_items_count_from_their_time_unless_the_producer_was_free_earlier() {
         let at = Instant::now() + Duration::from_millis(3);
-        assert_eq!(pace(at, at + Duration::from_millis(5)).await, at);
+        let mut woke = Instant::now();
+        assert_eq!(pace(at, at + Duration::from_millis(5), &mut woke).await, at);
         // The timer wakes after `at`, so the items count from later than `at`.
-        let from = pace(at, Instant::now()).await;
+        let from = pace(at, Instant::now(), &mut woke).await;
         assert!(from > at && from <= at + TIMER_SLACK);
+        assert_eq!(woke, from);
+        // A request that fell due while the timer was late counts from the wake-up;
+        // one that fell due after it, while the producer was busy, from its time.
+        let busy = woke + Duration::from_millis(5);
+        let due_while_late = woke - Duration::from_micros(1);
+        assert_eq!(pace(due_while_late, busy, &mut woke).await, from);
+        let later = woke + Duration::from_micros(100);
+        assert_eq!(pace(later, busy, &mut woke).await, later);
     }
 
     #[test]

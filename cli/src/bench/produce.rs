@@ -67,15 +67,19 @@ impl Pace {
     /// counts from. A producer that was free before that time (`free_at`) sent as
     /// soon as the timer woke it: what the timer added (up to [`TIMER_SLACK`]) is the
     /// load generator's, not the queue's, so the items count from the moment they
-    /// left. A producer still busy at that time was held up by the queue, and its
-    /// items count from their scheduled time (no coordinated omission).
-    async fn wait(&self, request: u64, free_at: Instant) -> Instant {
+    /// left, which becomes `woke`. A producer still busy at that time was held up by
+    /// the queue, and its items count from their scheduled time (no coordinated
+    /// omission), unless that time passed while its timer was late (`woke`, the last
+    /// time it let the producer go): a producer with requests less than a tick apart
+    /// is then behind by its own timer, and they count from the wake-up.
+    async fn wait(&self, request: u64, free_at: Instant, woke: &mut Instant) -> Instant {
         let at = self.at(request);
         if free_at > at {
-            return at;
+            return at.max(*woke);
         }
         tokio::time::sleep_until(at.into()).await;
-        Instant::now().min(at + TIMER_SLACK)
+        *woke = Instant::now().min(at + TIMER_SLACK);
+        *woke
     }
 }
 
@@ -257,8 +261,9 @@ pub async fn paced(
             // One task per request on clones of one client: they share the connection
             // as concurrent HTTP/2 streams, so a slow answer does not delay the next send.
             let mut tasks = JoinSet::new();
+            let mut woke = pace.start;
             for (j, range) in batches(items, shape.batch).enumerate() {
-                let at = pace.wait(j as u64, Instant::now()).await;
+                let at = pace.wait(j as u64, Instant::now(), &mut woke).await;
                 let expected = (range.end - range.start) as usize;
                 let req = request(queue, range, payload::us_at(at), shape);
                 let mut client = client.clone();
@@ -281,9 +286,9 @@ pub async fn paced(
             let queue = queue.to_string();
             let sender = tokio::spawn(async move {
                 let mut sent = Vec::new();
-                let mut free_at = pace.start;
+                let (mut free_at, mut woke) = (pace.start, pace.start);
                 for (j, range) in batches(items, shape.batch).enumerate() {
-                    let at = pace.wait(j as u64, free_at).await;
+                    let at = pace.wait(j as u64, free_at, &mut woke).await;
                     let expected = (range.end - range.start) as usize;
                     let batch = batch(&queue, range, payload::us_at(at), shape);
                     let sent_at = Instant::now();
@@ -361,15 +366,40 @@ mod tests {
             offset: Duration::ZERO,
             interval: Duration::from_millis(2),
         };
+        let mut woke = start;
         // Still busy with the request before at its time: held up by the queue, so
         // the items count from their scheduled time.
         let busy_until = pace.at(1) + Duration::from_millis(5);
-        assert_eq!(pace.wait(1, busy_until).await, pace.at(1));
+        assert_eq!(pace.wait(1, busy_until, &mut woke).await, pace.at(1));
         // Free before its time: the items count from when the timer let them leave,
         // never before their time, and at most the timer's slack after it.
         // (The timer wakes on a millisecond tick after the time, so "when it left" is
         // later than the scheduled time, not equal to it.)
-        let from = pace.wait(2, Instant::now()).await;
+        let from = pace.wait(2, Instant::now(), &mut woke).await;
         assert!(from > pace.at(2) && from <= pace.at(2) + TIMER_SLACK);
+        assert_eq!(woke, from);
+    }
+
+    /// Requests closer than the timer's tick: one that fell due while the producer's
+    /// timer was late counts from the wake-up, not from its time (the load
+    /// generator's lateness, not the queue's); one that fell due after it, while the
+    /// producer was busy, counts from its time.
+    #[tokio::test]
+    async fn a_late_timer_is_the_load_generators_not_the_queues() {
+        let start = Instant::now();
+        let pace = Pace {
+            start,
+            offset: Duration::ZERO,
+            interval: Duration::from_micros(200),
+        };
+        // The timer let request 0 go 700 µs late; it was sent by 900 µs.
+        let mut woke = pace.at(0) + Duration::from_micros(700);
+        let free_at = pace.at(0) + Duration::from_micros(900);
+        // Request 1 (at 200 µs) and 3 (at 600 µs) fell due while the timer was late.
+        assert_eq!(pace.wait(1, free_at, &mut woke).await, woke);
+        assert_eq!(pace.wait(3, free_at, &mut woke).await, woke);
+        // Request 4 (at 800 µs) fell due after the wake-up, while the send was on.
+        assert_eq!(pace.wait(4, free_at, &mut woke).await, pace.at(4));
+        assert_eq!(woke, pace.at(0) + Duration::from_micros(700));
     }
 }
