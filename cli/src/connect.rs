@@ -1,6 +1,8 @@
 //! The global flags every command shares, the connection they describe, and the one
 //! place where a failure becomes the single line the user reads on stderr.
 
+use std::path::PathBuf;
+
 use clap::Args;
 use workq_proto::client::DEFAULT_SERVER;
 use workq_proto::{Client, ClientError, ConnectOptions};
@@ -21,6 +23,11 @@ pub struct Global {
     #[arg(hide_env_values = true)]
     pub token: Option<String>,
 
+    /// PEM CA certificate(s) an https:// coordinator's certificate may chain to,
+    /// besides the system's.
+    #[arg(long, global = true, env = "WORKQ_CA_CERT", value_name = "PEM")]
+    pub ca_cert: Option<PathBuf>,
+
     /// Output format: aligned tables for people, or stable JSON for scripts.
     #[arg(short = 'o', long = "output", global = true, value_enum)]
     #[arg(default_value_t = Format::Table)]
@@ -30,7 +37,14 @@ pub struct Global {
 impl Global {
     /// Connects to the coordinator once; an unreachable server fails here.
     pub async fn connect(&self) -> Result<Client, ClientError> {
-        Client::connect(ConnectOptions::new(self.server.clone()).token(self.token.clone())).await
+        Client::connect(self.options()?).await
+    }
+
+    /// How to reach the coordinator; fails on an unreadable --ca-cert.
+    pub fn options(&self) -> Result<ConnectOptions, ClientError> {
+        ConnectOptions::new(self.server.clone())
+            .token(self.token.clone())
+            .ca_cert_file(self.ca_cert.as_deref())
     }
 
     /// True when a non-empty token will be sent.
@@ -76,15 +90,11 @@ impl Global {
             tonic::Code::Unavailable | tonic::Code::Unknown | tonic::Code::Cancelled
                 if workq_proto::client::is_transient_status(status) =>
             {
-                format!(
-                    "cannot reach coordinator at {}: {}",
-                    self.server,
-                    if message.is_empty() {
-                        "connection lost"
-                    } else {
-                        message
-                    }
-                )
+                let reason = match message {
+                    "" => "connection lost".to_string(),
+                    message => workq_proto::client::with_tls_hint(&self.server, message.into()),
+                };
+                format!("cannot reach coordinator at {}: {reason}", self.server)
             }
             _ => workq_proto::client::describe_status(status),
         }

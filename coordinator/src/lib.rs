@@ -6,6 +6,7 @@
 //! - [`grpc`]: the `workq.v1` service, mapping domain errors to status codes;
 //! - [`auth`]: bearer-token checks shared by gRPC and HTTP;
 //! - [`wire`]: the streaming calls framed straight on TCP, on the gRPC port;
+//! - [`tls`]: TLS on both ports;
 //! - [`server`]: wires it together over listeners the caller binds.
 
 pub mod auth;
@@ -17,6 +18,7 @@ pub mod http;
 pub mod server;
 pub mod store;
 pub mod stream;
+pub mod tls;
 pub mod wire;
 
 pub use engine::Engine;

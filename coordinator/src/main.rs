@@ -10,6 +10,7 @@ use tokio::net::TcpListener;
 use workq_coordinator::auth::Auth;
 use workq_coordinator::clock::Clock;
 use workq_coordinator::store::{Durability, Store};
+use workq_coordinator::tls::Tls;
 use workq_coordinator::{Engine, server};
 
 /// The workq coordinator: durable queues with leases, served over gRPC and HTTP.
@@ -66,6 +67,15 @@ struct Args {
     #[arg(long, env = "WORKQ_TOKEN_FILE")]
     token_file: Option<PathBuf>,
 
+    /// Serve TLS on both ports with this PEM certificate chain (the coordinator's
+    /// certificate first); needs --tls-key. The wire protocol is then not offered.
+    #[arg(long, env = "WORKQ_TLS_CERT", value_name = "PEM", requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+
+    /// The PEM private key of --tls-cert.
+    #[arg(long, env = "WORKQ_TLS_KEY", value_name = "PEM", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+
     /// Write the bound addresses as JSON ({"grpc": "...", "http": "..."}) to this file
     /// once listening (useful with port 0).
     #[arg(long)]
@@ -120,6 +130,10 @@ async fn run(args: Args) -> anyhow::Result<()> {
         Some(path) => Auth::from_file(path)?,
         None => Auth::disabled(),
     };
+    let tls = match (&args.tls_cert, &args.tls_key) {
+        (Some(cert), Some(key)) => Some(Tls::from_files(cert, key)?),
+        _ => None,
+    };
     if args.cache_mb.is_some() {
         tracing::warn!("--cache-mb is ignored: the store no longer uses sled");
     }
@@ -143,7 +157,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("cannot listen on {} (--http-addr)", args.http_addr))?;
     let (grpc_addr, http_addr) = (grpc.local_addr()?, http.local_addr()?);
-    tracing::info!(%grpc_addr, %http_addr, store = engine.store().describe(), auth = auth.enabled(), "listening");
+    tracing::info!(%grpc_addr, %http_addr, store = engine.store().describe(), auth = auth.enabled(), tls = tls.is_some(), "listening");
     if let Some(path) = &args.addr_file {
         let json = format!("{{\"grpc\":\"{grpc_addr}\",\"http\":\"{http_addr}\"}}\n");
         // Write then rename, so readers never see a half-written file.
@@ -151,15 +165,11 @@ async fn run(args: Args) -> anyhow::Result<()> {
         std::fs::write(&tmp, json).with_context(|| format!("cannot write {}", tmp.display()))?;
         std::fs::rename(&tmp, path).with_context(|| format!("cannot write {}", path.display()))?;
     }
-    server::run_with_grace(
-        grpc,
-        http,
-        engine,
-        auth,
-        shutdown_signal(),
-        args.shutdown_grace,
-    )
-    .await
+    let serving = server::Serving {
+        grace: args.shutdown_grace,
+        tls,
+    };
+    server::run_with(grpc, http, engine, auth, shutdown_signal(), serving).await
 }
 
 fn parse_duration(text: &str) -> Result<std::time::Duration, String> {

@@ -8,9 +8,11 @@
 //!
 //! The gRPC port also speaks the wire protocol (`crate::wire`): the accept loop peeks
 //! at each new connection's first bytes and keeps the wire ones, passing the others
-//! on to tonic.
+//! on to tonic. With TLS ([`Serving::tls`]) both ports serve TLS only, and the gRPC
+//! port passes every connection to tonic (the wire protocol is plain TCP).
 
-use std::future::Future;
+use std::future::{Future, IntoFuture};
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -24,6 +26,7 @@ use workq_proto::pb::work_q_server::WorkQServer;
 use crate::auth::Auth;
 use crate::engine::Engine;
 use crate::grpc::Service;
+use crate::tls::Tls;
 
 /// Largest gRPC message accepted (a full enqueue batch).
 pub const MAX_MESSAGE_BYTES: usize = workq_proto::client::MAX_MESSAGE_BYTES;
@@ -40,18 +43,37 @@ pub async fn run(
     auth: Auth,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
-    run_with_grace(grpc, http, engine, auth, shutdown, SHUTDOWN_GRACE).await
+    run_with(grpc, http, engine, auth, shutdown, Serving::default()).await
 }
 
-/// [`run`] with another shutdown grace period.
-pub async fn run_with_grace(
+/// How [`run_with`] serves, besides its listeners.
+#[derive(Clone, Debug)]
+pub struct Serving {
+    /// How long calls may take to finish once shutdown began.
+    pub grace: Duration,
+    /// TLS on both ports, or none.
+    pub tls: Option<Tls>,
+}
+
+impl Default for Serving {
+    fn default() -> Serving {
+        Serving {
+            grace: SHUTDOWN_GRACE,
+            tls: None,
+        }
+    }
+}
+
+/// [`run`], with another grace period or TLS.
+pub async fn run_with(
     grpc: TcpListener,
     http: TcpListener,
     engine: Arc<Engine>,
     auth: Auth,
     shutdown: impl Future<Output = ()> + Send + 'static,
-    grace: Duration,
+    serving: Serving,
 ) -> anyhow::Result<()> {
+    let Serving { grace, tls } = serving;
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
     health_reporter.set_serving::<WorkQServer<Service>>().await;
     let reflection = tonic_reflection::server::Builder::configure()
@@ -102,23 +124,39 @@ pub async fn run_with_grace(
     let accept = tokio::spawn(accept(
         grpc,
         grpc_tx,
-        engine.clone(),
-        auth.clone(),
+        Wire {
+            engine: engine.clone(),
+            auth: auth.clone(),
+            offered: tls.is_none(),
+        },
         stop_rx.clone(),
     ));
     let incoming = tokio_stream::wrappers::ReceiverStream::new(grpc_rx);
-    let grpc_server = tonic::transport::Server::builder()
+    let mut grpc_builder = tonic::transport::Server::builder();
+    if let Some(tls) = &tls {
+        grpc_builder = grpc_builder.tls_config(tls.grpc())?;
+    }
+    let grpc_server = grpc_builder
         .add_service(health_service)
         .add_service(reflection)
         .add_service(service)
         .serve_with_incoming_shutdown(incoming, wait_stop(stop_rx.clone()));
 
-    let http_app = crate::http::router(engine.clone(), auth);
-    let http_server = axum::serve(
-        http,
-        http_app.into_make_service_with_connect_info::<std::net::SocketAddr>(),
-    )
-    .with_graceful_shutdown(wait_stop(stop_rx.clone()));
+    let http_app = crate::http::router(engine.clone(), auth)
+        .into_make_service_with_connect_info::<crate::http::Peer>();
+    let http_stop = wait_stop(stop_rx.clone());
+    let http_server: Pin<Box<dyn Future<Output = std::io::Result<()>> + Send>> = match &tls {
+        Some(tls) => Box::pin(
+            axum::serve(tls.listen(http)?, http_app)
+                .with_graceful_shutdown(http_stop)
+                .into_future(),
+        ),
+        None => Box::pin(
+            axum::serve(http, http_app)
+                .with_graceful_shutdown(http_stop)
+                .into_future(),
+        ),
+    };
 
     let accept_abort = accept.abort_handle();
     let grace_over = async {
@@ -150,14 +188,21 @@ pub async fn run_with_grace(
     Ok(())
 }
 
+/// What the gRPC port needs to serve the wire protocol, and whether it does: not
+/// with TLS, which the wire protocol does not speak.
+struct Wire {
+    engine: Arc<Engine>,
+    auth: Auth,
+    offered: bool,
+}
+
 /// Accepts connections on the gRPC port until shutdown; wire connections are served
 /// here, everything else goes to tonic through `grpc`. Returns once every wire call
 /// has ended.
 async fn accept(
     listener: TcpListener,
     grpc: mpsc::Sender<std::io::Result<TcpStream>>,
-    engine: Arc<Engine>,
-    auth: Auth,
+    wire: Wire,
     mut stop: watch::Receiver<bool>,
 ) {
     let mut calls = JoinSet::new();
@@ -177,9 +222,19 @@ async fn accept(
             }
         };
         let _ = stream.set_nodelay(true);
-        let (grpc, engine, auth, mut stop) =
-            (grpc.clone(), engine.clone(), auth.clone(), stop.clone());
+        let (grpc, engine, auth, offered, mut stop) = (
+            grpc.clone(),
+            wire.engine.clone(),
+            wire.auth.clone(),
+            wire.offered,
+            stop.clone(),
+        );
         calls.spawn(async move {
+            if !offered {
+                // tonic makes the TLS handshake; a wire hello fails it.
+                let _ = grpc.send(Ok(stream)).await;
+                return;
+            }
             let sniff =
                 tokio::time::timeout(crate::wire::HELLO_TIMEOUT, crate::wire::is_wire(&stream));
             let sniffed = tokio::select! {

@@ -15,7 +15,7 @@ use std::time::Duration;
 use tonic::metadata::{Ascii, MetadataValue};
 use tonic::service::Interceptor;
 use tonic::service::interceptor::InterceptedService;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
 
 use crate::pb;
 use crate::pb::work_q_client::WorkQClient;
@@ -30,10 +30,13 @@ pub const MAX_MESSAGE_BYTES: usize = 64 * 1024 * 1024;
 /// How to reach the coordinator.
 #[derive(Clone, Debug)]
 pub struct ConnectOptions {
-    /// `http://host:port`.
+    /// `http://host:port`, or `https://host:port` for a coordinator serving TLS.
     pub url: String,
     /// Bearer token sent with every call, when the coordinator wants one.
     pub token: Option<String>,
+    /// PEM certificates of the CAs that an `https://` coordinator's certificate may
+    /// chain to, besides the system's.
+    pub ca_cert: Option<Vec<u8>>,
     /// How long one connection attempt may take.
     pub connect_timeout: Duration,
 }
@@ -43,6 +46,7 @@ impl ConnectOptions {
         ConnectOptions {
             url: url.into(),
             token: None,
+            ca_cert: None,
             connect_timeout: Duration::from_secs(5),
         }
     }
@@ -50,6 +54,23 @@ impl ConnectOptions {
     pub fn token(mut self, token: Option<String>) -> Self {
         self.token = token.filter(|t| !t.is_empty());
         self
+    }
+
+    /// Trusts the CA certificates of the PEM file at `path` too (`--ca-cert`).
+    pub fn ca_cert_file(mut self, path: Option<&std::path::Path>) -> Result<Self, ClientError> {
+        if let Some(path) = path {
+            let pem = std::fs::read(path).map_err(|e| {
+                ClientError::InvalidCaCert(format!("cannot read {}: {e}", path.display()))
+            })?;
+            if !String::from_utf8_lossy(&pem).contains("-----BEGIN CERTIFICATE-----") {
+                return Err(ClientError::InvalidCaCert(format!(
+                    "{} holds no PEM CERTIFICATE block",
+                    path.display()
+                )));
+            }
+            self.ca_cert = Some(pem);
+        }
+        Ok(self)
     }
 }
 
@@ -60,6 +81,8 @@ pub enum ClientError {
     InvalidUrl { url: String, reason: String },
     #[error("invalid token: {0}")]
     InvalidToken(String),
+    #[error("invalid --ca-cert: {0}")]
+    InvalidCaCert(String),
     #[error("cannot reach coordinator at {url}: {reason}")]
     Unreachable { url: String, reason: String },
     #[error("{}", describe_status(.0))]
@@ -101,7 +124,30 @@ pub fn describe_status(status: &tonic::Status) -> String {
             "unauthenticated: the coordinator wants a token (--token or WORKQ_TOKEN)".into()
         }
         _ if message.is_empty() => format!("coordinator answered {:?}", status.code()),
+        // What a plain http:// client reads from a port that serves TLS.
+        _ if message.contains("h2 protocol error") => {
+            format!("{message} (if the coordinator serves TLS, use https://)")
+        }
         _ => message.to_string(),
+    }
+}
+
+/// Why a connection to `url` failed, with a hint where TLS may be the cause: a
+/// certificate this client does not trust, or a plain connection closed without a
+/// word, as a port serving TLS closes one (which of these words the client reads
+/// depends on when the close arrives).
+pub fn with_tls_hint(url: &str, reason: String) -> String {
+    const CLOSED: [&str; 3] = [
+        "transport error",
+        "operation was canceled",
+        "h2 protocol error",
+    ];
+    if reason.contains("invalid peer certificate") {
+        format!("{reason} (trust the coordinator's CA with --ca-cert or WORKQ_CA_CERT)")
+    } else if url.starts_with("http://") && CLOSED.iter().any(|c| reason.starts_with(c)) {
+        format!("{reason} (if the coordinator serves TLS, use https://)")
+    } else {
+        reason
     }
 }
 
@@ -145,7 +191,7 @@ impl Client {
             .await
             .map_err(|e| ClientError::Unreachable {
                 url: options.url.clone(),
-                reason: error_chain(&e),
+                reason: with_tls_hint(&options.url, error_chain(&e)),
             })?;
         Self::with_channel(channel, &options)
     }
@@ -161,22 +207,31 @@ impl Client {
             url: options.url.clone(),
             reason,
         };
-        if options.url.starts_with("https://") {
+        let tls = options.url.starts_with("https://");
+        if !tls && !options.url.starts_with("http://") {
+            return Err(invalid("it must start with http:// or https://".into()));
+        }
+        if !tls && options.ca_cert.is_some() {
             return Err(invalid(
-                "TLS is not supported yet: use http:// (and a private network or a TLS-terminating proxy)"
-                    .into(),
+                "--ca-cert is for a coordinator serving TLS: use https://".into(),
             ));
         }
-        if !options.url.starts_with("http://") {
-            return Err(invalid("it must start with http://".into()));
-        }
-        let endpoint = Endpoint::from_shared(options.url.clone())
+        let mut endpoint = Endpoint::from_shared(options.url.clone())
             .map_err(|e| invalid(e.to_string()))?
             .connect_timeout(options.connect_timeout)
             .tcp_nodelay(true)
             .http2_keep_alive_interval(Duration::from_secs(20))
             .keep_alive_timeout(Duration::from_secs(10))
             .keep_alive_while_idle(true);
+        if tls {
+            let mut config = ClientTlsConfig::new().with_native_roots();
+            if let Some(pem) = &options.ca_cert {
+                config = config.ca_certificate(Certificate::from_pem(pem));
+            }
+            endpoint = endpoint
+                .tls_config(config)
+                .map_err(|e| invalid(error_chain(&e)))?;
+        }
         Ok(endpoint)
     }
 
@@ -231,10 +286,17 @@ impl Client {
         &self,
         call: pb::WireCall,
     ) -> Result<(WireSender<Req>, WireReceiver<Resp>), ClientError> {
-        let addr = crate::wire::host_port(&self.url).ok_or_else(|| ClientError::InvalidUrl {
+        let invalid = |reason: &str| ClientError::InvalidUrl {
             url: self.url.clone(),
-            reason: "the wire protocol needs an http://host:port address".into(),
-        })?;
+            reason: reason.into(),
+        };
+        if self.url.starts_with("https://") {
+            return Err(invalid(
+                "the wire protocol has no TLS: use the gRPC streams (--mode stream)",
+            ));
+        }
+        let addr = crate::wire::host_port(&self.url)
+            .ok_or_else(|| invalid("the wire protocol needs an http://host:port address"))?;
         crate::wire::open(addr, call, self.token.as_deref(), self.connect_timeout).await
     }
 }

@@ -54,6 +54,17 @@ struct Args {
     )]
     token: Option<String>,
 
+    /// PEM CA certificate(s) an https:// coordinator's certificate may chain to,
+    /// besides the system's.
+    #[arg(
+        long,
+        env = "WORKQ_CA_CERT",
+        value_name = "PEM",
+        global = true,
+        help_heading = "Worker options"
+    )]
+    ca_cert: Option<std::path::PathBuf>,
+
     /// Queue to lease items from. Without it, `keygen` generates --count keys and exits.
     #[arg(long, global = true, help_heading = "Worker options")]
     queue: Option<String>,
@@ -346,7 +357,16 @@ async fn run(args: Args, mode: Mode) -> u8 {
     };
     match mode {
         Mode::Queue { config, handler } => {
-            let options = ConnectOptions::new(args.server.clone()).token(args.token.clone());
+            let options = match ConnectOptions::new(args.server.clone())
+                .token(args.token.clone())
+                .ca_cert_file(args.ca_cert.as_deref())
+            {
+                Ok(options) => options,
+                Err(e) => {
+                    tracing::error!("{e}");
+                    return EXIT_FATAL;
+                }
+            };
             let link = link::Link::new(args.connect_timeout);
             match runner::run(options, config, handler, link, shutdown).await {
                 Ok(End::Drained) => 0,

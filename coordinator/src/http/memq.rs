@@ -17,7 +17,6 @@
 //! enqueue into a sealed queue gets 409 and one past max depth 429.
 
 use std::fmt::Write as _;
-use std::net::SocketAddr;
 
 use axum::body::Body;
 use axum::extract::{ConnectInfo, FromRequestParts, Path, State};
@@ -28,7 +27,7 @@ use axum::routing::{MethodFilter, MethodRouter, on};
 use axum::{Extension, Router};
 use tokio_stream::StreamExt;
 
-use super::{AppState, metrics, status_of, text_error};
+use super::{AppState, Peer, metrics, status_of, text_error};
 use crate::engine::{LeaseRequest, NewItem, OptionsPatch};
 use crate::error::Error;
 
@@ -356,11 +355,11 @@ async fn enqueue(
 async fn dequeue(
     State(state): State<AppState>,
     QueueName(name): QueueName,
-    peer: Option<Extension<ConnectInfo<SocketAddr>>>,
+    peer: Option<Extension<ConnectInfo<Peer>>>,
 ) -> Response {
     // One worker row per client host (a kuard pod), not per connection.
     let worker = match peer {
-        Some(Extension(ConnectInfo(addr))) => format!("memq:{}", addr.ip()),
+        Some(Extension(ConnectInfo(Peer(addr)))) => format!("memq:{}", addr.ip()),
         None => "memq-http".to_string(),
     };
     let request = LeaseRequest {

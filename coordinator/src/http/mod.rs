@@ -23,18 +23,40 @@ pub mod dashboard;
 pub mod memq;
 pub mod metrics;
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 
 use axum::Router;
+use axum::extract::connect_info::Connected;
 use axum::extract::{Request, State};
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
+use axum::serve::IncomingStream;
+use tokio::net::TcpListener;
 
 use crate::auth::Auth;
 use crate::engine::Engine;
 use crate::error::Error;
+use crate::tls::TlsListener;
+
+/// The client's address, whichever way the port is served (plain or TLS): memq names
+/// a worker after it.
+#[derive(Clone, Copy, Debug)]
+pub struct Peer(pub SocketAddr);
+
+impl Connected<IncomingStream<'_, TcpListener>> for Peer {
+    fn connect_info(stream: IncomingStream<'_, TcpListener>) -> Peer {
+        Peer(*stream.remote_addr())
+    }
+}
+
+impl Connected<IncomingStream<'_, TlsListener>> for Peer {
+    fn connect_info(stream: IncomingStream<'_, TlsListener>) -> Peer {
+        Peer(*stream.remote_addr())
+    }
+}
 
 /// Shared state of every HTTP handler.
 #[derive(Clone, Debug)]

@@ -51,8 +51,9 @@ impl Server {
         let shutdown = async {
             let _ = stopped.await;
         };
-        let task = tokio::spawn(server::run_with_grace(
-            grpc, http, engine, auth, shutdown, grace,
+        let serving = server::Serving { grace, tls: None };
+        let task = tokio::spawn(server::run_with(
+            grpc, http, engine, auth, shutdown, serving,
         ));
         Server {
             url,

@@ -1,0 +1,317 @@
+//! TLS with the real binaries. A coordinator started with `--tls-cert` and `--tls-key`
+//! serves gRPC and HTTP over TLS only. Clients that trust its CA (`--ca-cert`) work:
+//! the client library, `queue-cli` and `workq-worker`. The others are refused with the
+//! reason. The wire protocol, plain TCP, is not offered.
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::sync::Arc;
+use std::time::Duration;
+
+use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, DnType, IsCa, KeyPair};
+use tempfile::TempDir;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio_rustls::TlsConnector;
+use tokio_rustls::rustls::pki_types::{CertificateDer, ServerName};
+use tokio_rustls::rustls::{ClientConfig, RootCertStore};
+use workq_proto::{Client, ConnectOptions};
+use workq_tests::{Coordinator, Process, bin_path, create_queue, lease_one, pb, queue_stats};
+
+/// A test CA and a certificate it signed for 127.0.0.1 and localhost, as PEM files.
+struct Pki {
+    dir: TempDir,
+    ca_der: CertificateDer<'static>,
+}
+
+impl Pki {
+    fn new() -> Pki {
+        let dir = tempfile::tempdir().unwrap();
+        let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        ca_params
+            .distinguished_name
+            .push(DnType::CommonName, "workq test CA");
+        let ca = CertifiedIssuer::self_signed(ca_params, KeyPair::generate().unwrap()).unwrap();
+        let key = KeyPair::generate().unwrap();
+        let names = vec!["127.0.0.1".to_string(), "localhost".to_string()];
+        let cert = CertificateParams::new(names)
+            .unwrap()
+            .signed_by(&key, &ca)
+            .unwrap();
+        let write = |name: &str, text: String| std::fs::write(dir.path().join(name), text).unwrap();
+        write("ca.pem", ca.pem());
+        write("cert.pem", cert.pem());
+        write("key.pem", key.serialize_pem());
+        write(
+            "other-key.pem",
+            KeyPair::generate().unwrap().serialize_pem(),
+        );
+        Pki {
+            ca_der: ca.der().clone(),
+            dir,
+        }
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    fn arg(&self, name: &str) -> String {
+        self.path(name).display().to_string()
+    }
+
+    /// An in-memory coordinator serving TLS with this certificate.
+    fn coordinator(&self) -> Coordinator {
+        Coordinator::start_with(&[
+            "--in-memory",
+            "--tls-cert",
+            &self.arg("cert.pem"),
+            "--tls-key",
+            &self.arg("key.pem"),
+        ])
+    }
+
+    /// A TLS client that trusts this CA only.
+    fn connector(&self) -> TlsConnector {
+        let mut roots = RootCertStore::empty();
+        roots.add(self.ca_der.clone()).unwrap();
+        let config = ClientConfig::builder()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        TlsConnector::from(Arc::new(config))
+    }
+}
+
+fn https(url: &str) -> String {
+    url.replacen("http://", "https://", 1)
+}
+
+fn host_port(url: &str) -> &str {
+    url.split_once("://").unwrap().1
+}
+
+#[tokio::test]
+async fn a_client_that_trusts_the_ca_works_and_the_others_are_told_why() {
+    let pki = Pki::new();
+    let coordinator = pki.coordinator();
+    let url = https(&coordinator.grpc_url);
+
+    let options = ConnectOptions::new(&url)
+        .ca_cert_file(Some(&pki.path("ca.pem")))
+        .unwrap();
+    let mut client = Client::connect(options).await.unwrap();
+    create_queue(&mut client, "tls", 30_000).await;
+    client
+        .enqueue(pb::EnqueueRequest {
+            queue: "tls".into(),
+            items: vec![pb::NewItem {
+                payload: b"over tls".to_vec().into(),
+                ..Default::default()
+            }],
+            seal: false,
+        })
+        .await
+        .unwrap();
+    let lease = lease_one(&mut client, "tls", "w").await;
+    assert_eq!(&lease.payload[..], b"over tls");
+    client
+        .ack(pb::AckRequest {
+            queue: "tls".into(),
+            id: lease.id,
+            token: lease.token,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(queue_stats(&mut client, "tls").await.done, 1);
+
+    // Without the CA the certificate is not trusted.
+    let untrusted = Client::connect(ConnectOptions::new(&url))
+        .await
+        .unwrap_err();
+    assert!(
+        untrusted.to_string().contains("UnknownIssuer"),
+        "{untrusted}"
+    );
+    // Plain HTTP/2 to the TLS port gets no answer.
+    match Client::connect(ConnectOptions::new(&coordinator.grpc_url)).await {
+        Err(e) => assert!(e.to_string().contains("cannot reach"), "{e}"),
+        Ok(mut plain) => {
+            let refused = plain.list_queues(pb::ListQueuesRequest {}).await;
+            assert!(refused.is_err(), "a plain call was answered: {refused:?}");
+        }
+    }
+    // A CA file that holds no certificate is refused before any connection.
+    let bad = ConnectOptions::new(&url)
+        .ca_cert_file(Some(&pki.path("key.pem")))
+        .unwrap_err();
+    assert!(bad.to_string().contains("no PEM CERTIFICATE"), "{bad}");
+    // --ca-cert with http:// is a mistake, said as such.
+    let mixed = ConnectOptions::new(&coordinator.grpc_url)
+        .ca_cert_file(Some(&pki.path("ca.pem")))
+        .unwrap();
+    let mixed = Client::connect(mixed).await.unwrap_err();
+    assert!(mixed.to_string().contains("use https://"), "{mixed}");
+
+    // The wire protocol: refused by the client over https://, and a plain wire
+    // hello gets no answer from the TLS port.
+    let refused = client.wire_enqueue_stream().await.unwrap_err();
+    assert!(refused.to_string().contains("no TLS"), "{refused}");
+    let plain = Client::connect_lazy(ConnectOptions::new(&coordinator.grpc_url)).unwrap();
+    let (mut tx, mut rx) = plain.wire_enqueue_stream().await.unwrap();
+    let request = pb::EnqueueRequest {
+        queue: "tls".into(),
+        items: vec![pb::NewItem::default()],
+        seal: false,
+    };
+    let _ = tx.send(&request).await;
+    let answer = tokio::time::timeout(Duration::from_secs(15), rx.message()).await;
+    assert!(
+        matches!(answer, Ok(Err(_) | Ok(None))),
+        "a plain wire call was answered: {answer:?}"
+    );
+    // The port still serves TLS clients after the plain attempts.
+    assert_eq!(queue_stats(&mut client, "tls").await.done, 1);
+}
+
+#[tokio::test]
+async fn the_http_face_serves_tls_only() {
+    let pki = Pki::new();
+    let coordinator = pki.coordinator();
+    let addr = host_port(&coordinator.http_url).to_string();
+
+    let tcp = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    let server = ServerName::try_from("127.0.0.1").unwrap();
+    let mut tls = pki.connector().connect(server, tcp).await.unwrap();
+    tls.write_all(b"GET /healthz HTTP/1.1\r\nHost: workq\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut answer = String::new();
+    tls.read_to_string(&mut answer).await.unwrap();
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+
+    // Plain HTTP: the TLS port answers no HTTP.
+    let mut plain = TcpStream::connect(&addr).unwrap();
+    plain
+        .set_read_timeout(Some(Duration::from_secs(15)))
+        .unwrap();
+    plain
+        .write_all(b"GET /healthz HTTP/1.1\r\nHost: workq\r\nConnection: close\r\n\r\n")
+        .unwrap();
+    let mut bytes = Vec::new();
+    let _ = plain.read_to_end(&mut bytes);
+    assert!(
+        !String::from_utf8_lossy(&bytes).contains("HTTP/1.1 200"),
+        "a plain request was answered"
+    );
+}
+
+fn queue_cli(url: &str, ca: Option<&Path>, args: &[&str]) -> Output {
+    let mut command = Command::new(bin_path("queue-cli"));
+    command.args(["--server", url]).args(args);
+    if let Some(ca) = ca {
+        command.arg("--ca-cert").arg(ca);
+    }
+    command
+        .env_remove("WORKQ_TOKEN")
+        .env_remove("WORKQ_CA_CERT")
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn queue_cli_and_a_worker_drain_a_queue_over_tls() {
+    let pki = Pki::new();
+    let coordinator = pki.coordinator();
+    let url = https(&coordinator.grpc_url);
+    let ca = pki.path("ca.pem");
+
+    let untrusted = queue_cli(&url, None, &["create", "jobs"]);
+    assert!(!untrusted.status.success());
+    let stderr = String::from_utf8_lossy(&untrusted.stderr);
+    assert!(stderr.contains("UnknownIssuer"), "{stderr}");
+    assert!(stderr.contains("--ca-cert"), "{stderr}");
+    let plain = queue_cli(&coordinator.grpc_url, None, &["create", "jobs"]);
+    assert!(!plain.status.success());
+    let stderr = String::from_utf8_lossy(&plain.stderr);
+    assert!(stderr.contains("use https://"), "{stderr}");
+
+    for args in [
+        &["create", "jobs"][..],
+        &["enqueue", "jobs", "a", "b", "c", "--seal"],
+    ] {
+        let out = queue_cli(&url, Some(&ca), args);
+        assert!(out.status.success(), "{args:?}: {out:?}");
+    }
+    let mut worker = Process::spawn(
+        Command::new(bin_path("workq-worker"))
+            .args(["--server", &url, "--queue", "jobs"])
+            .env("WORKQ_CA_CERT", &ca)
+            .env_remove("WORKQ_TOKEN")
+            .args(["exec", "--", "cat"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null()),
+    );
+    assert_eq!(worker.wait_exit(Duration::from_secs(60)), Some(0));
+
+    let stats = queue_cli(&url, Some(&ca), &["stats", "jobs", "-o", "json"]);
+    assert!(stats.status.success(), "{stats:?}");
+    let stats: serde_json::Value = serde_json::from_slice(&stats.stdout).unwrap();
+    assert_eq!(stats["stats"]["done"], 3, "{stats}");
+    assert_eq!(stats["stats"]["drained"], true, "{stats}");
+}
+
+#[test]
+fn unusable_tls_flags_stop_the_start() {
+    let pki = Pki::new();
+    let start = |args: &[String]| {
+        let dir = tempfile::tempdir().unwrap();
+        let mut coordinator = Process::spawn(
+            Command::new(bin_path("workq-coordinator"))
+                .args(["--in-memory", "--grpc-addr", "127.0.0.1:0"])
+                .args(["--http-addr", "127.0.0.1:0", "--addr-file"])
+                .arg(dir.path().join("addr.json"))
+                .args(args)
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(std::fs::File::create(dir.path().join("err")).unwrap()),
+        );
+        let code = coordinator.wait_exit(Duration::from_secs(20));
+        let err = std::fs::read_to_string(dir.path().join("err")).unwrap();
+        assert!(!dir.path().join("addr.json").exists(), "it listened: {err}");
+        (code, err)
+    };
+    let flag = |name: &str, file: &str| [name.to_string(), pki.arg(file)];
+
+    let (code, err) = start(
+        &[
+            flag("--tls-cert", "cert.pem"),
+            flag("--tls-key", "other-key.pem"),
+        ]
+        .concat(),
+    );
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains("does not fit the certificate"), "{err}");
+
+    let (code, err) =
+        start(&[flag("--tls-cert", "key.pem"), flag("--tls-key", "key.pem")].concat());
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains("no CERTIFICATE"), "{err}");
+
+    let (code, err) = start(
+        &[
+            flag("--tls-cert", "missing.pem"),
+            flag("--tls-key", "key.pem"),
+        ]
+        .concat(),
+    );
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains("cannot read --tls-cert"), "{err}");
+
+    let (code, err) = start(&flag("--tls-cert", "cert.pem"));
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("--tls-key"), "{err}");
+}
