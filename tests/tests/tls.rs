@@ -97,6 +97,8 @@ async fn a_client_that_trusts_the_ca_works_and_the_others_are_told_why() {
     let pki = Pki::new();
     let coordinator = pki.coordinator();
     let url = https(&coordinator.grpc_url);
+    // A client that connects and never says a word holds up no one's handshake.
+    let _silent = TcpStream::connect(host_port(&url)).unwrap();
 
     let options = ConnectOptions::new(&url)
         .ca_cert_file(Some(&pki.path("ca.pem")))
@@ -181,15 +183,24 @@ async fn the_http_face_serves_tls_only() {
     let pki = Pki::new();
     let coordinator = pki.coordinator();
     let addr = host_port(&coordinator.http_url).to_string();
+    // A client that connects and never says a word holds up no one's handshake.
+    let _silent = TcpStream::connect(&addr).unwrap();
 
-    let tcp = tokio::net::TcpStream::connect(&addr).await.unwrap();
-    let server = ServerName::try_from("127.0.0.1").unwrap();
-    let mut tls = pki.connector().connect(server, tcp).await.unwrap();
-    tls.write_all(b"GET /healthz HTTP/1.1\r\nHost: workq\r\nConnection: close\r\n\r\n")
+    let healthz = async {
+        let tcp = tokio::net::TcpStream::connect(&addr).await.unwrap();
+        let server = ServerName::try_from("127.0.0.1").unwrap();
+        let mut tls = pki.connector().connect(server, tcp).await.unwrap();
+        tls.write_all(b"GET /healthz HTTP/1.1\r\nHost: workq\r\nConnection: close\r\n\r\n")
+            .await
+            .unwrap();
+        let mut answer = String::new();
+        tls.read_to_string(&mut answer).await.unwrap();
+        answer
+    };
+    // Well before the silent client's handshake times out (10 s).
+    let answer = tokio::time::timeout(Duration::from_secs(5), healthz)
         .await
-        .unwrap();
-    let mut answer = String::new();
-    tls.read_to_string(&mut answer).await.unwrap();
+        .expect("the handshake waited for the silent client");
     assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
 
     // Plain HTTP: the TLS port answers no HTTP.
