@@ -5,8 +5,8 @@
 //!   ([`Tls::grpc`]). The wire protocol is plain TCP and is not offered there: a
 //!   client that speaks it first gets no TLS handshake and is closed.
 //! - The HTTP port accepts through [`TlsListener`]: handshakes run in tasks of their
-//!   own (at most [`HANDSHAKE_TIMEOUT`] each), so a client that connects and stays
-//!   silent holds up no one.
+//!   own, as tonic's do, so a client that connects and stays silent holds up no one.
+//!   On both ports a handshake that takes over [`HANDSHAKE_TIMEOUT`] is dropped.
 
 use std::net::SocketAddr;
 use std::path::Path;
@@ -80,9 +80,12 @@ impl Tls {
         })
     }
 
-    /// tonic's configuration for the gRPC port.
+    /// tonic's configuration for the gRPC port (tonic runs each handshake in a task
+    /// of its own, with the same time limit).
     pub fn grpc(&self) -> ServerTlsConfig {
-        ServerTlsConfig::new().identity(Identity::from_pem(&self.cert_pem, &self.key_pem))
+        ServerTlsConfig::new()
+            .identity(Identity::from_pem(&self.cert_pem, &self.key_pem))
+            .timeout(HANDSHAKE_TIMEOUT)
     }
 
     /// Serves TLS on `listener` for the HTTP port.
