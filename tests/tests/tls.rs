@@ -178,6 +178,35 @@ async fn a_client_that_trusts_the_ca_works_and_the_others_are_told_why() {
     assert_eq!(queue_stats(&mut client, "tls").await.done, 1);
 }
 
+/// A token travels inside the TLS connection and is checked as without TLS.
+#[tokio::test]
+async fn a_token_is_checked_over_tls() {
+    let pki = Pki::new();
+    std::fs::write(pki.path("token"), "s3cret\n").unwrap();
+    let coordinator = Coordinator::start_with(&[
+        "--in-memory",
+        "--tls-cert",
+        &pki.arg("cert.pem"),
+        "--tls-key",
+        &pki.arg("key.pem"),
+        "--token-file",
+        &pki.arg("token"),
+    ]);
+    let options = ConnectOptions::new(https(&coordinator.grpc_url))
+        .ca_cert_file(Some(&pki.path("ca.pem")))
+        .unwrap();
+    let mut anonymous = Client::connect(options.clone()).await.unwrap();
+    let refused = anonymous
+        .list_queues(pb::ListQueuesRequest {})
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::Unauthenticated);
+    let mut client = Client::connect(options.token(Some("s3cret".into())))
+        .await
+        .unwrap();
+    create_queue(&mut client, "guarded", 30_000).await;
+}
+
 #[tokio::test]
 async fn the_http_face_serves_tls_only() {
     let pki = Pki::new();
