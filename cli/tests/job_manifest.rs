@@ -156,6 +156,41 @@ fn a_local_workq_server_does_not_leak_into_the_manifest() {
 }
 
 #[test]
+fn a_ca_secret_is_mounted_and_named_for_an_https_coordinator_only() {
+    let worker = ["--", "workq-worker", "--queue", "q", "keygen"];
+    let https = ["c", "--image", "w", "--server", "https://q.ns:7070"];
+    let y = yaml(&[&https[..], &["--ca-secret", "q-tls"], &worker].concat());
+    assert!(
+        y.contains(
+            "            - name: WORKQ_CA_CERT\n              value: /etc/workq-ca/ca.crt\n"
+        ),
+        "{y}"
+    );
+    assert!(y.contains("          volumeMounts:\n            - name: workq-ca\n              mountPath: /etc/workq-ca\n              readOnly: true\n"), "{y}");
+    assert!(y.contains("      volumes:\n        - name: workq-ca\n          secret:\n            secretName: q-tls\n            items:\n              - key: ca.crt\n                path: ca.crt\n"), "{y}");
+    // Without it, nothing of the kind.
+    let y = yaml(&[&https[..], &worker].concat());
+    assert!(
+        !y.contains("WORKQ_CA_CERT") && !y.contains("volumes:"),
+        "{y}"
+    );
+    // With a plain (or the default) server it is a mistake, said before any output.
+    for server in [&["--server", "http://q.ns:7070"][..], &[]] {
+        let args = [
+            &["c", "--image", "w", "--ca-secret", "q-tls"],
+            server,
+            &worker,
+        ]
+        .concat();
+        let out = manifest(&args);
+        assert_eq!(out.status.code(), Some(2), "{args:?}");
+        assert!(out.stdout.is_empty());
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.contains("--server https://"), "{stderr}");
+    }
+}
+
+#[test]
 fn a_worker_job_with_on_failure_is_refused() {
     let out = manifest(&[
         "c",

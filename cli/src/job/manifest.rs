@@ -33,6 +33,8 @@ const GRACE_MARGIN: Duration = Duration::from_secs(5);
 const WORKER_FATAL_EXIT_CODES: &str = "[1, 2]";
 /// Where the examples' Service publishes the coordinator's gRPC port.
 const DEFAULT_SERVER: &str = "http://workq:7070";
+/// Where `--ca-secret`'s certificate is mounted in the pods.
+const CA_DIR: &str = "/etc/workq-ca";
 
 #[derive(Args, Debug)]
 pub struct ManifestArgs {
@@ -55,6 +57,11 @@ pub struct ManifestArgs {
     /// Pass no WORKQ_TOKEN (for a coordinator running without --token-file).
     #[arg(long)]
     pub no_token: bool,
+
+    /// Secret whose key `ca.crt` (as cert-manager writes it) the pods trust for an
+    /// https:// coordinator: mounted read-only and named by WORKQ_CA_CERT.
+    #[arg(long, value_name = "NAME")]
+    pub ca_secret: Option<String>,
 
     /// CPU request of each pod, e.g. 500m.
     #[arg(long, value_name = "QUANTITY")]
@@ -160,6 +167,17 @@ pub fn render(args: &ManifestArgs, invocation: &str) -> Result<String, String> {
         .0
         .clone()
         .or_else(|| leases.then(|| DEFAULT_SERVER.to_string()));
+    let ca_secret = match (&args.ca_secret, &server) {
+        (None, _) => None,
+        (Some(secret), Some(url)) if url.starts_with("https://") => Some(secret),
+        (Some(_), _) => {
+            return Err(
+                "--ca-secret is for a coordinator serving TLS: pass --server \
+                        https://HOST:PORT"
+                    .into(),
+            );
+        }
+    };
     let grace = if worker {
         let worker_grace = worker_grace(&spec.command[1..])?;
         spec.grace.max(worker_grace + GRACE_MARGIN)
@@ -250,6 +268,16 @@ pub fn render(args: &ManifestArgs, invocation: &str) -> Result<String, String> {
             let _ = writeln!(w, "                  name: {}", scalar(&args.token_secret));
             let _ = writeln!(w, "                  key: token");
         }
+        if ca_secret.is_some() {
+            let _ = writeln!(w, "            - name: WORKQ_CA_CERT");
+            let _ = writeln!(w, "              value: {CA_DIR}/ca.crt");
+        }
+    }
+    if ca_secret.is_some() {
+        let _ = writeln!(w, "          volumeMounts:");
+        let _ = writeln!(w, "            - name: workq-ca");
+        let _ = writeln!(w, "              mountPath: {CA_DIR}");
+        let _ = writeln!(w, "              readOnly: true");
     }
     if args.cpu_request.is_some() || args.memory_request.is_some() {
         let _ = writeln!(w, "          resources:");
@@ -269,6 +297,15 @@ pub fn render(args: &ManifestArgs, invocation: &str) -> Result<String, String> {
         let _ = writeln!(w, "            allowPrivilegeEscalation: false");
         let _ = writeln!(w, "            capabilities:");
         let _ = writeln!(w, "              drop: [ALL]");
+    }
+    if let Some(secret) = ca_secret {
+        let _ = writeln!(w, "      volumes:");
+        let _ = writeln!(w, "        - name: workq-ca");
+        let _ = writeln!(w, "          secret:");
+        let _ = writeln!(w, "            secretName: {}", scalar(secret));
+        let _ = writeln!(w, "            items:");
+        let _ = writeln!(w, "              - key: ca.crt");
+        let _ = writeln!(w, "                path: ca.crt");
     }
     Ok(y)
 }
