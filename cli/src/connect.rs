@@ -23,8 +23,8 @@ pub struct Global {
     #[arg(hide_env_values = true)]
     pub token: Option<String>,
 
-    /// PEM CA certificate(s) an https:// coordinator's certificate may chain to,
-    /// besides the system's.
+    /// PEM CA certificate(s) an https:// coordinator's certificate must chain to,
+    /// instead of the system's (like curl's --cacert).
     #[arg(long, global = true, env = "WORKQ_CA_CERT", value_name = "PEM")]
     pub ca_cert: Option<PathBuf>,
 

@@ -34,8 +34,8 @@ pub struct ConnectOptions {
     pub url: String,
     /// Bearer token sent with every call, when the coordinator wants one.
     pub token: Option<String>,
-    /// PEM certificates of the CAs that an `https://` coordinator's certificate may
-    /// chain to, besides the system's.
+    /// PEM certificates of the CAs that an `https://` coordinator's certificate must
+    /// chain to, instead of the system's.
     pub ca_cert: Option<Vec<u8>>,
     /// How long one connection attempt may take.
     pub connect_timeout: Duration,
@@ -83,6 +83,11 @@ pub enum ClientError {
     InvalidToken(String),
     #[error("invalid --ca-cert: {0}")]
     InvalidCaCert(String),
+    #[error(
+        "this system has no CA certificates to check an https:// coordinator against: \
+         pass --ca-cert (or WORKQ_CA_CERT)"
+    )]
+    NoCaCertificates,
     #[error("cannot reach coordinator at {url}: {reason}")]
     Unreachable { url: String, reason: String },
     #[error("{}", describe_status(.0))]
@@ -224,13 +229,20 @@ impl Client {
             .keep_alive_timeout(Duration::from_secs(10))
             .keep_alive_while_idle(true);
         if tls {
-            let mut config = ClientTlsConfig::new().with_native_roots();
-            if let Some(pem) = &options.ca_cert {
-                config = config.ca_certificate(Certificate::from_pem(pem));
-            }
-            endpoint = endpoint
-                .tls_config(config)
-                .map_err(|e| invalid(error_chain(&e)))?;
+            // Like curl's --cacert: the given CAs replace the system's, which a slim
+            // image (workq's own) does not have.
+            let config = match &options.ca_cert {
+                Some(pem) => ClientTlsConfig::new().ca_certificate(Certificate::from_pem(pem)),
+                None => ClientTlsConfig::new().with_native_roots(),
+            };
+            endpoint = endpoint.tls_config(config).map_err(|e| {
+                let reason = error_chain(&e);
+                if reason.contains("no native certs") {
+                    ClientError::NoCaCertificates
+                } else {
+                    invalid(reason)
+                }
+            })?;
         }
         Ok(endpoint)
     }

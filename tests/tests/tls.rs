@@ -5,7 +5,7 @@
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Command, Output, Stdio};
 use std::sync::Arc;
 use std::time::Duration;
@@ -19,7 +19,9 @@ use tokio_rustls::rustls::{ClientConfig, RootCertStore};
 use workq_proto::{Client, ConnectOptions};
 use workq_tests::{Coordinator, Process, bin_path, create_queue, lease_one, pb, queue_stats};
 
-/// A test CA and a certificate it signed for 127.0.0.1 and localhost, as PEM files.
+/// A test CA and a certificate it signed for 127.0.0.1 and localhost, as PEM files,
+/// another CA that signed nothing here, and an empty directory to stand for a system
+/// without CA certificates (as workq's slim image is).
 struct Pki {
     dir: TempDir,
     ca_der: CertificateDer<'static>,
@@ -28,12 +30,13 @@ struct Pki {
 impl Pki {
     fn new() -> Pki {
         let dir = tempfile::tempdir().unwrap();
-        let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
-        ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        ca_params
-            .distinguished_name
-            .push(DnType::CommonName, "workq test CA");
-        let ca = CertifiedIssuer::self_signed(ca_params, KeyPair::generate().unwrap()).unwrap();
+        let new_ca = |name: &str| {
+            let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+            params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+            params.distinguished_name.push(DnType::CommonName, name);
+            CertifiedIssuer::self_signed(params, KeyPair::generate().unwrap()).unwrap()
+        };
+        let (ca, other_ca) = (new_ca("workq test CA"), new_ca("another CA"));
         let key = KeyPair::generate().unwrap();
         let names = vec!["127.0.0.1".to_string(), "localhost".to_string()];
         let cert = CertificateParams::new(names)
@@ -42,6 +45,8 @@ impl Pki {
             .unwrap();
         let write = |name: &str, text: String| std::fs::write(dir.path().join(name), text).unwrap();
         write("ca.pem", ca.pem());
+        write("other-ca.pem", other_ca.pem());
+        std::fs::create_dir(dir.path().join("no-system-cas")).unwrap();
         write("cert.pem", cert.pem());
         write("key.pem", key.serialize_pem());
         write(
@@ -129,10 +134,11 @@ async fn a_client_that_trusts_the_ca_works_and_the_others_are_told_why() {
         .unwrap();
     assert_eq!(queue_stats(&mut client, "tls").await.done, 1);
 
-    // Without the CA the certificate is not trusted.
-    let untrusted = Client::connect(ConnectOptions::new(&url))
-        .await
-        .unwrap_err();
+    // With another CA the certificate is not trusted.
+    let other = ConnectOptions::new(&url)
+        .ca_cert_file(Some(&pki.path("other-ca.pem")))
+        .unwrap();
+    let untrusted = Client::connect(other).await.unwrap_err();
     assert!(
         untrusted.to_string().contains("UnknownIssuer"),
         "{untrusted}"
@@ -248,13 +254,23 @@ async fn the_http_face_serves_tls_only() {
     );
 }
 
-fn queue_cli(url: &str, ca: Option<&Path>, args: &[&str]) -> Output {
+/// Makes `command` see no system CA certificates (rustls-native-certs reads these
+/// variables first), as in workq's image.
+fn without_system_cas<'a>(command: &'a mut Command, pki: &Pki) -> &'a mut Command {
+    let empty = pki.path("no-system-cas");
+    command
+        .env("SSL_CERT_FILE", empty.join("none.pem"))
+        .env("SSL_CERT_DIR", empty)
+}
+
+/// `queue-cli --server URL [--ca-cert CA] ARGS…` on a system without CA certificates.
+fn queue_cli(pki: &Pki, url: &str, ca: Option<&str>, args: &[&str]) -> Output {
     let mut command = Command::new(bin_path("queue-cli"));
     command.args(["--server", url]).args(args);
     if let Some(ca) = ca {
-        command.arg("--ca-cert").arg(ca);
+        command.arg("--ca-cert").arg(pki.path(ca));
     }
-    command
+    without_system_cas(&mut command, pki)
         .env_remove("WORKQ_TOKEN")
         .env_remove("WORKQ_CA_CERT")
         .output()
@@ -266,29 +282,33 @@ fn queue_cli_and_a_worker_drain_a_queue_over_tls() {
     let pki = Pki::new();
     let coordinator = pki.coordinator();
     let url = https(&coordinator.grpc_url);
-    let ca = pki.path("ca.pem");
+    let ca = Some("ca.pem");
 
-    let untrusted = queue_cli(&url, None, &["create", "jobs"]);
-    assert!(!untrusted.status.success());
-    let stderr = String::from_utf8_lossy(&untrusted.stderr);
+    let refused = |ca: Option<&str>, url: &str| {
+        let out = queue_cli(&pki, url, ca, &["create", "jobs"]);
+        assert!(!out.status.success());
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    let stderr = refused(None, &url);
+    assert!(stderr.contains("no CA certificates"), "{stderr}");
+    assert!(stderr.contains("pass --ca-cert"), "{stderr}");
+    let stderr = refused(Some("other-ca.pem"), &url);
     assert!(stderr.contains("UnknownIssuer"), "{stderr}");
     assert!(stderr.contains("--ca-cert"), "{stderr}");
-    let plain = queue_cli(&coordinator.grpc_url, None, &["create", "jobs"]);
-    assert!(!plain.status.success());
-    let stderr = String::from_utf8_lossy(&plain.stderr);
+    let stderr = refused(None, &coordinator.grpc_url);
     assert!(stderr.contains("use https://"), "{stderr}");
 
     for args in [
         &["create", "jobs"][..],
         &["enqueue", "jobs", "a", "b", "c", "--seal"],
     ] {
-        let out = queue_cli(&url, Some(&ca), args);
+        let out = queue_cli(&pki, &url, ca, args);
         assert!(out.status.success(), "{args:?}: {out:?}");
     }
     let mut worker = Process::spawn(
-        Command::new(bin_path("workq-worker"))
+        without_system_cas(&mut Command::new(bin_path("workq-worker")), &pki)
             .args(["--server", &url, "--queue", "jobs"])
-            .env("WORKQ_CA_CERT", &ca)
+            .env("WORKQ_CA_CERT", pki.path("ca.pem"))
             .env_remove("WORKQ_TOKEN")
             .args(["exec", "--", "cat"])
             .stdin(Stdio::null())
@@ -297,7 +317,7 @@ fn queue_cli_and_a_worker_drain_a_queue_over_tls() {
     );
     assert_eq!(worker.wait_exit(Duration::from_secs(60)), Some(0));
 
-    let stats = queue_cli(&url, Some(&ca), &["stats", "jobs", "-o", "json"]);
+    let stats = queue_cli(&pki, &url, ca, &["stats", "jobs", "-o", "json"]);
     assert!(stats.status.success(), "{stats:?}");
     let stats: serde_json::Value = serde_json::from_slice(&stats.stdout).unwrap();
     assert_eq!(stats["stats"]["done"], 3, "{stats}");

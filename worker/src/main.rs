@@ -54,8 +54,8 @@ struct Args {
     )]
     token: Option<String>,
 
-    /// PEM CA certificate(s) an https:// coordinator's certificate may chain to,
-    /// besides the system's.
+    /// PEM CA certificate(s) an https:// coordinator's certificate must chain to,
+    /// instead of the system's (like curl's --cacert).
     #[arg(
         long,
         env = "WORKQ_CA_CERT",
