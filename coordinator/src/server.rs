@@ -17,7 +17,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::net::TcpListener;
-use tokio::net::TcpStream;
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinSet;
 use tonic::service::interceptor::InterceptedService;
@@ -26,7 +25,7 @@ use workq_proto::pb::work_q_server::WorkQServer;
 use crate::auth::Auth;
 use crate::engine::Engine;
 use crate::grpc::Service;
-use crate::tls::Tls;
+use crate::tls::{Conn, Tls};
 
 /// Largest gRPC message accepted (a full enqueue batch).
 pub const MAX_MESSAGE_BYTES: usize = workq_proto::client::MAX_MESSAGE_BYTES;
@@ -124,19 +123,15 @@ pub async fn run_with(
     let accept = tokio::spawn(accept(
         grpc,
         grpc_tx,
-        Wire {
+        Port {
             engine: engine.clone(),
             auth: auth.clone(),
-            offered: tls.is_none(),
+            tls: tls.clone(),
         },
         stop_rx.clone(),
     ));
     let incoming = tokio_stream::wrappers::ReceiverStream::new(grpc_rx);
-    let mut grpc_builder = tonic::transport::Server::builder();
-    if let Some(tls) = &tls {
-        grpc_builder = grpc_builder.tls_config(tls.grpc())?;
-    }
-    let grpc_server = grpc_builder
+    let grpc_server = tonic::transport::Server::builder()
         .add_service(health_service)
         .add_service(reflection)
         .add_service(service)
@@ -188,21 +183,20 @@ pub async fn run_with(
     Ok(())
 }
 
-/// What the gRPC port needs to serve the wire protocol, and whether it does: not
-/// with TLS, which the wire protocol does not speak.
-struct Wire {
+/// What the gRPC port serves besides gRPC: the wire protocol, or (instead) TLS.
+struct Port {
     engine: Arc<Engine>,
     auth: Auth,
-    offered: bool,
+    tls: Option<Tls>,
 }
 
 /// Accepts connections on the gRPC port until shutdown; wire connections are served
-/// here, everything else goes to tonic through `grpc`. Returns once every wire call
-/// has ended.
+/// here, everything else goes to tonic through `grpc` (past its TLS handshake, with
+/// TLS). Returns once every wire call has ended.
 async fn accept(
     listener: TcpListener,
-    grpc: mpsc::Sender<std::io::Result<TcpStream>>,
-    wire: Wire,
+    grpc: mpsc::Sender<std::io::Result<Conn>>,
+    port: Port,
     mut stop: watch::Receiver<bool>,
 ) {
     let mut calls = JoinSet::new();
@@ -222,17 +216,23 @@ async fn accept(
             }
         };
         let _ = stream.set_nodelay(true);
-        let (grpc, engine, auth, offered, mut stop) = (
+        let (grpc, engine, auth, tls, mut stop) = (
             grpc.clone(),
-            wire.engine.clone(),
-            wire.auth.clone(),
-            wire.offered,
+            port.engine.clone(),
+            port.auth.clone(),
+            port.tls.clone(),
             stop.clone(),
         );
         calls.spawn(async move {
-            if !offered {
-                // tonic makes the TLS handshake; a wire hello fails it.
-                let _ = grpc.send(Ok(stream)).await;
+            if let Some(tls) = tls {
+                // A wire hello fails the handshake.
+                let handshake = tokio::select! {
+                    handshake = tls.handshake(stream) => handshake,
+                    _ = stop.wait_for(|stop| *stop) => return,
+                };
+                if let Ok(stream) = handshake {
+                    let _ = grpc.send(Ok(Conn::Tls(Box::new(stream)))).await;
+                }
                 return;
             }
             let sniff =
@@ -245,7 +245,7 @@ async fn accept(
             match sniffed {
                 Ok(Ok(true)) => crate::wire::serve(stream, engine, auth, stop).await,
                 Ok(Ok(false)) => {
-                    let _ = grpc.send(Ok(stream)).await;
+                    let _ = grpc.send(Ok(Conn::Plain(stream))).await;
                 }
                 // Nothing recognisable within the timeout, or a broken socket.
                 Ok(Err(_)) | Err(_) => {}

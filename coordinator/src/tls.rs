@@ -1,41 +1,52 @@
-//! TLS on both ports (`--tls-cert`, `--tls-key`): one certificate chain and key, read
-//! and checked once at start.
+//! TLS on both ports (`--tls-cert`, `--tls-key`): one certificate chain and key, checked
+//! at start and read again when the files change.
 //!
-//! - The gRPC port hands every connection to tonic, which makes the handshake
-//!   ([`Tls::grpc`]). The wire protocol is plain TCP and is not offered there: a
-//!   client that speaks it first gets no TLS handshake and is closed.
-//! - The HTTP port accepts through [`TlsListener`]: handshakes run in tasks of their
-//!   own, as tonic's do, so a client that connects and stays silent holds up no one.
-//!   On both ports a handshake that takes over [`HANDSHAKE_TIMEOUT`] is dropped.
+//! - Every handshake runs in a task of its own and may take [`HANDSHAKE_TIMEOUT`] at
+//!   most, so a client that connects and stays silent holds up no one.
+//! - The gRPC port makes its handshakes before tonic sees the connection ([`Conn`]).
+//!   The wire protocol is plain TCP and is not offered there: a client that speaks it
+//!   first fails the handshake and is closed.
+//! - The HTTP port accepts through [`TlsListener`].
+//! - Certificates expire and get renewed (cert-manager rewrites a Secret's files in
+//!   place): a handshake at least [`RELOAD_CHECK`] after the last look reads the files
+//!   again. New files that parse and fit serve every later handshake; anything else
+//!   keeps the current certificate and is logged once.
 
+use std::fmt;
+use std::io;
 use std::net::SocketAddr;
-use std::path::Path;
-use std::sync::Arc;
-use std::time::Duration;
+use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
+use std::task::{Context as TaskContext, Poll};
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
 use tokio_rustls::TlsAcceptor;
-use tokio_rustls::rustls::ServerConfig;
 use tokio_rustls::rustls::pki_types::pem::PemObject;
 use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use tokio_rustls::rustls::server::{ClientHello, ResolvesServerCert};
+use tokio_rustls::rustls::sign::CertifiedKey;
+use tokio_rustls::rustls::{ServerConfig, crypto::ring};
 use tokio_rustls::server::TlsStream;
-use tonic::transport::{Identity, ServerTlsConfig};
+use tonic::transport::server::{Connected, TcpConnectInfo};
 
-/// How long a client may take to finish its TLS handshake on the HTTP port.
+/// How long a client may take to finish its TLS handshake.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How often, at most, a handshake looks at the certificate files again.
+pub const RELOAD_CHECK: Duration = Duration::from_secs(1);
 
-/// The coordinator's certificate chain and key.
+/// The coordinator's certificate chain and key, and the acceptor that serves them.
 #[derive(Clone)]
 pub struct Tls {
-    cert_pem: Vec<u8>,
-    key_pem: Vec<u8>,
     acceptor: TlsAcceptor,
 }
 
-impl std::fmt::Debug for Tls {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+impl fmt::Debug for Tls {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str("Tls { .. }")
     }
 }
@@ -49,50 +60,48 @@ impl Tls {
             std::fs::read(path).with_context(|| format!("cannot read {flag} {}", path.display()))
         };
         let (cert_pem, key_pem) = (read(cert, "--tls-cert")?, read(key, "--tls-key")?);
-        Tls::from_pem(cert_pem, key_pem).with_context(|| {
+        let current = certified(&cert_pem, &key_pem).with_context(|| {
             format!(
                 "cannot serve TLS with --tls-cert {} and --tls-key {}",
                 cert.display(),
                 key.display()
             )
-        })
-    }
-
-    /// [`Tls::from_files`] on the files' contents.
-    pub fn from_pem(cert_pem: Vec<u8>, key_pem: Vec<u8>) -> anyhow::Result<Tls> {
-        let chain = CertificateDer::pem_slice_iter(&cert_pem)
-            .collect::<Result<Vec<_>, _>>()
-            .context("the certificate file is not PEM")?;
-        if chain.is_empty() {
-            bail!("the certificate file holds no CERTIFICATE block");
-        }
-        let key = PrivateKeyDer::from_pem_slice(&key_pem)
-            .context("the key file holds no PEM private key")?;
+        })?;
+        let certs = Certs {
+            cert: cert.to_path_buf(),
+            key: key.to_path_buf(),
+            current: RwLock::new(Arc::new(current)),
+            files: Mutex::new(Files {
+                checked: Instant::now(),
+                served: (cert_pem, key_pem),
+                refused: None,
+            }),
+        };
         let mut config = ServerConfig::builder()
             .with_no_client_auth()
-            .with_single_cert(chain, key)
-            .context("the key does not fit the certificate")?;
+            .with_cert_resolver(Arc::new(certs));
         config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
         Ok(Tls {
-            cert_pem,
-            key_pem,
             acceptor: TlsAcceptor::from(Arc::new(config)),
         })
     }
 
-    /// tonic's configuration for the gRPC port (tonic runs each handshake in a task
-    /// of its own, with the same time limit).
-    pub fn grpc(&self) -> ServerTlsConfig {
-        ServerTlsConfig::new()
-            .identity(Identity::from_pem(&self.cert_pem, &self.key_pem))
-            .timeout(HANDSHAKE_TIMEOUT)
+    /// The server side of a handshake on `stream`, within [`HANDSHAKE_TIMEOUT`].
+    pub async fn handshake(&self, stream: TcpStream) -> io::Result<TlsStream<TcpStream>> {
+        match tokio::time::timeout(HANDSHAKE_TIMEOUT, self.acceptor.accept(stream)).await {
+            Ok(done) => done,
+            Err(_) => Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "TLS handshake timed out",
+            )),
+        }
     }
 
     /// Serves TLS on `listener` for the HTTP port.
-    pub fn listen(&self, listener: TcpListener) -> std::io::Result<TlsListener> {
+    pub fn listen(&self, listener: TcpListener) -> io::Result<TlsListener> {
         let local = listener.local_addr()?;
         let (tx, incoming) = mpsc::channel(64);
-        let acceptor = self.acceptor.clone();
+        let tls = self.clone();
         let accepting = tokio::spawn(async move {
             loop {
                 let (stream, peer) = match listener.accept().await {
@@ -104,15 +113,13 @@ impl Tls {
                         continue;
                     }
                 };
-                let (acceptor, tx) = (acceptor.clone(), tx.clone());
+                let (tls, tx) = (tls.clone(), tx.clone());
                 tokio::spawn(async move {
-                    let handshake = acceptor.accept(stream);
-                    match tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake).await {
-                        Ok(Ok(stream)) => {
+                    match tls.handshake(stream).await {
+                        Ok(stream) => {
                             let _ = tx.send((stream, peer)).await;
                         }
-                        Ok(Err(e)) => tracing::debug!(%peer, "TLS handshake failed: {e}"),
-                        Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
+                        Err(e) => tracing::debug!(%peer, "TLS handshake failed: {e}"),
                     }
                 });
             }
@@ -122,6 +129,171 @@ impl Tls {
             local,
             accepting: accepting.abort_handle(),
         })
+    }
+}
+
+/// The certificate and key of a PEM chain and a PEM key that belong together.
+fn certified(cert_pem: &[u8], key_pem: &[u8]) -> anyhow::Result<CertifiedKey> {
+    let chain = CertificateDer::pem_slice_iter(cert_pem)
+        .collect::<Result<Vec<_>, _>>()
+        .context("the certificate file is not PEM")?;
+    if chain.is_empty() {
+        bail!("the certificate file holds no CERTIFICATE block");
+    }
+    let key =
+        PrivateKeyDer::from_pem_slice(key_pem).context("the key file holds no PEM private key")?;
+    CertifiedKey::from_der(chain, key, &ring::default_provider())
+        .context("the key does not fit the certificate")
+}
+
+/// The files, and the certificate every handshake gets.
+struct Certs {
+    cert: PathBuf,
+    key: PathBuf,
+    current: RwLock<Arc<CertifiedKey>>,
+    files: Mutex<Files>,
+}
+
+/// What was last read from the files.
+struct Files {
+    checked: Instant,
+    /// The contents being served.
+    served: (Vec<u8>, Vec<u8>),
+    /// Contents that did not make a certificate, so that they are logged once.
+    refused: Option<(Vec<u8>, Vec<u8>)>,
+}
+
+impl fmt::Debug for Certs {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Certs")
+            .field("cert", &self.cert)
+            .field("key", &self.key)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Certs {
+    /// Reads the files again if the last look is [`RELOAD_CHECK`] old, and serves
+    /// what they hold from now on if it changed and makes a certificate.
+    fn refresh(&self) {
+        let mut files = self.files.lock().unwrap_or_else(PoisonError::into_inner);
+        if files.checked.elapsed() < RELOAD_CHECK {
+            return;
+        }
+        files.checked = Instant::now();
+        let (Ok(cert), Ok(key)) = (std::fs::read(&self.cert), std::fs::read(&self.key)) else {
+            // Mid-rewrite, or gone: the next look tells.
+            return;
+        };
+        let contents = (cert, key);
+        if contents == files.served || files.refused.as_ref() == Some(&contents) {
+            return;
+        }
+        match certified(&contents.0, &contents.1) {
+            Ok(fresh) => {
+                *self.current.write().unwrap_or_else(PoisonError::into_inner) = Arc::new(fresh);
+                files.served = contents;
+                files.refused = None;
+                tracing::info!(cert = %self.cert.display(), "TLS certificate reloaded");
+            }
+            Err(e) => {
+                files.refused = Some(contents);
+                tracing::warn!(
+                    cert = %self.cert.display(),
+                    key = %self.key.display(),
+                    "the TLS files changed but cannot be served, keeping the current \
+                     certificate: {e:#}"
+                );
+            }
+        }
+    }
+}
+
+impl ResolvesServerCert for Certs {
+    fn resolve(&self, _: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        self.refresh();
+        Some(
+            self.current
+                .read()
+                .unwrap_or_else(PoisonError::into_inner)
+                .clone(),
+        )
+    }
+}
+
+/// A connection of the gRPC port as tonic gets it: plain, or past its TLS handshake.
+#[derive(Debug)]
+pub enum Conn {
+    Plain(TcpStream),
+    Tls(Box<TlsStream<TcpStream>>),
+}
+
+impl Connected for Conn {
+    type ConnectInfo = TcpConnectInfo;
+
+    fn connect_info(&self) -> TcpConnectInfo {
+        match self {
+            Conn::Plain(stream) => stream.connect_info(),
+            Conn::Tls(stream) => stream.get_ref().0.connect_info(),
+        }
+    }
+}
+
+impl AsyncRead for Conn {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut TaskContext<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Conn::Plain(stream) => Pin::new(stream).poll_read(cx, buf),
+            Conn::Tls(stream) => Pin::new(stream).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for Conn {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut TaskContext<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Conn::Plain(stream) => Pin::new(stream).poll_write(cx, buf),
+            Conn::Tls(stream) => Pin::new(stream).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut TaskContext<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Conn::Plain(stream) => Pin::new(stream).poll_write_vectored(cx, bufs),
+            Conn::Tls(stream) => Pin::new(stream).poll_write_vectored(cx, bufs),
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        match self {
+            Conn::Plain(stream) => stream.is_write_vectored(),
+            Conn::Tls(stream) => stream.is_write_vectored(),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Conn::Plain(stream) => Pin::new(stream).poll_flush(cx),
+            Conn::Tls(stream) => Pin::new(stream).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Conn::Plain(stream) => Pin::new(stream).poll_shutdown(cx),
+            Conn::Tls(stream) => Pin::new(stream).poll_shutdown(cx),
+        }
     }
 }
 
@@ -151,7 +323,7 @@ impl axum::serve::Listener for TlsListener {
         }
     }
 
-    fn local_addr(&self) -> std::io::Result<SocketAddr> {
+    fn local_addr(&self) -> io::Result<SocketAddr> {
         Ok(self.local)
     }
 }

@@ -17,7 +17,9 @@ use tokio_rustls::TlsConnector;
 use tokio_rustls::rustls::pki_types::{CertificateDer, ServerName};
 use tokio_rustls::rustls::{ClientConfig, RootCertStore};
 use workq_proto::{Client, ConnectOptions};
-use workq_tests::{Coordinator, Process, bin_path, create_queue, lease_one, pb, queue_stats};
+use workq_tests::{
+    Coordinator, Process, bin_path, create_queue, lease_one, pb, queue_stats, wait_for_async,
+};
 
 /// A test CA and a certificate it signed for 127.0.0.1 and localhost, as PEM files,
 /// another CA that signed nothing here, and an empty directory to stand for a system
@@ -182,6 +184,56 @@ async fn a_client_that_trusts_the_ca_works_and_the_others_are_told_why() {
     );
     // The port still serves TLS clients after the plain attempts.
     assert_eq!(queue_stats(&mut client, "tls").await.done, 1);
+}
+
+/// A renewed certificate (the files rewritten in place, as cert-manager does) serves
+/// the next handshakes on both ports without a restart; files that do not make a
+/// certificate leave the one being served in place, and say so in the log.
+#[tokio::test]
+async fn a_renewed_certificate_is_served_without_a_restart() {
+    let (pki, renewed) = (Pki::new(), Pki::new());
+    let coordinator = pki.coordinator();
+    let url = https(&coordinator.grpc_url);
+    let trusting = |by: &Pki| {
+        ConnectOptions::new(&url)
+            .ca_cert_file(Some(&by.path("ca.pem")))
+            .unwrap()
+    };
+    Client::connect(trusting(&pki)).await.unwrap();
+
+    // The key first: a look between the two writes finds a pair that does not fit,
+    // and keeps serving the old one.
+    std::fs::copy(renewed.path("key.pem"), pki.path("key.pem")).unwrap();
+    std::fs::copy(renewed.path("cert.pem"), pki.path("cert.pem")).unwrap();
+    wait_for_async(
+        "the renewed certificate",
+        Duration::from_secs(15),
+        || async { Client::connect(trusting(&renewed)).await.is_ok() },
+    )
+    .await;
+    let old = Client::connect(trusting(&pki)).await.unwrap_err();
+    assert!(old.to_string().contains("invalid peer certificate"), "{old}");
+    assert!(coordinator.log().contains("TLS certificate reloaded"));
+    let http = tokio::net::TcpStream::connect(host_port(&coordinator.http_url))
+        .await
+        .unwrap();
+    let server = ServerName::try_from("127.0.0.1").unwrap();
+    renewed.connector().connect(server, http).await.unwrap();
+
+    // Files that make no certificate: the renewed one stays, handshake after handshake.
+    std::fs::write(pki.path("cert.pem"), "not a certificate").unwrap();
+    let refused = "cannot be served, keeping the current certificate";
+    wait_for_async(
+        "the refusal in the log",
+        Duration::from_secs(15),
+        || async {
+            Client::connect(trusting(&renewed)).await.unwrap();
+            coordinator.log().contains(refused)
+        },
+    )
+    .await;
+    Client::connect(trusting(&renewed)).await.unwrap();
+    assert_eq!(coordinator.log().matches(refused).count(), 1, "logged once");
 }
 
 /// A token travels inside the TLS connection and is checked as without TLS.
