@@ -212,7 +212,10 @@ async fn a_renewed_certificate_is_served_without_a_restart() {
     )
     .await;
     let old = Client::connect(trusting(&pki)).await.unwrap_err();
-    assert!(old.to_string().contains("invalid peer certificate"), "{old}");
+    assert!(
+        old.to_string().contains("invalid peer certificate"),
+        "{old}"
+    );
     assert!(coordinator.log().contains("TLS certificate reloaded"));
     let http = tokio::net::TcpStream::connect(host_port(&coordinator.http_url))
         .await
