@@ -186,6 +186,15 @@ async fn dequeue_is_a_lease_plus_an_immediate_ack() {
     assert_eq!((stats.ready, stats.leased, stats.done), (2, 0, 1));
     assert_eq!(stats.counters.deliveries, 1);
     assert_eq!(stats.counters.completed, 1);
+    // The worker is named after the client's host (one row per kuard pod).
+    let workers: Vec<String> = server
+        .engine
+        .workers(Some("jobs"))
+        .unwrap()
+        .into_iter()
+        .map(|row| row.id)
+        .collect();
+    assert_eq!(workers, ["memq:127.0.0.1"]);
 
     // Items enqueued over gRPC count in memq's stats too.
     server
