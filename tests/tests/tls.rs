@@ -91,7 +91,7 @@ impl Pki {
     }
 }
 
-fn https(url: &str) -> String {
+fn https_url(url: &str) -> String {
     url.replacen("http://", "https://", 1)
 }
 
@@ -103,7 +103,7 @@ fn host_port(url: &str) -> &str {
 async fn a_client_that_trusts_the_ca_works_and_the_others_are_told_why() {
     let pki = Pki::new();
     let coordinator = pki.coordinator();
-    let url = https(&coordinator.grpc_url);
+    let url = https_url(&coordinator.grpc_url);
     // A client that connects and never says a word holds up no one's handshake.
     let _silent = TcpStream::connect(host_port(&url)).unwrap();
 
@@ -193,7 +193,7 @@ async fn a_client_that_trusts_the_ca_works_and_the_others_are_told_why() {
 async fn a_renewed_certificate_is_served_without_a_restart() {
     let (pki, renewed) = (Pki::new(), Pki::new());
     let coordinator = pki.coordinator();
-    let url = https(&coordinator.grpc_url);
+    let url = https_url(&coordinator.grpc_url);
     let trusting = |by: &Pki| {
         ConnectOptions::new(&url)
             .ca_cert_file(Some(&by.path("ca.pem")))
@@ -253,7 +253,7 @@ async fn a_token_is_checked_over_tls() {
         "--token-file",
         &pki.arg("token"),
     ]);
-    let options = ConnectOptions::new(https(&coordinator.grpc_url))
+    let options = ConnectOptions::new(https_url(&coordinator.grpc_url))
         .ca_cert_file(Some(&pki.path("ca.pem")))
         .unwrap();
     let mut anonymous = Client::connect(options.clone()).await.unwrap();
@@ -276,22 +276,55 @@ async fn the_http_face_serves_tls_only() {
     // A client that connects and never says a word holds up no one's handshake.
     let _silent = TcpStream::connect(&addr).unwrap();
 
-    let healthz = async {
-        let tcp = tokio::net::TcpStream::connect(&addr).await.unwrap();
-        let server = ServerName::try_from("127.0.0.1").unwrap();
-        let mut tls = pki.connector().connect(server, tcp).await.unwrap();
-        tls.write_all(b"GET /healthz HTTP/1.1\r\nHost: workq\r\nConnection: close\r\n\r\n")
-            .await
-            .unwrap();
-        let mut answer = String::new();
-        tls.read_to_string(&mut answer).await.unwrap();
-        answer
+    // One HTTP/1.1 request over its own TLS connection; the whole answer.
+    let https = |method: &str, path: &str, body: &str| {
+        let request = format!(
+            "{method} {path} HTTP/1.1\r\nHost: workq\r\nConnection: close\r\n\
+             Content-Length: {}\r\n\r\n{body}",
+            body.len()
+        );
+        let (addr, connector) = (addr.clone(), pki.connector());
+        async move {
+            let tcp = tokio::net::TcpStream::connect(&addr).await.unwrap();
+            let server = ServerName::try_from("127.0.0.1").unwrap();
+            let mut tls = connector.connect(server, tcp).await.unwrap();
+            tls.write_all(request.as_bytes()).await.unwrap();
+            let mut answer = String::new();
+            tls.read_to_string(&mut answer).await.unwrap();
+            answer
+        }
     };
     // Well before the silent client's handshake times out (10 s).
-    let answer = tokio::time::timeout(Duration::from_secs(5), healthz)
+    let answer = tokio::time::timeout(Duration::from_secs(5), https("GET", "/healthz", ""))
         .await
         .expect("the handshake waited for the silent client");
     assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+
+    // kuard's memq face over TLS; its worker is named after the client's host.
+    let queue = "/memq/server/queues/k";
+    for (method, path, body) in [
+        ("PUT", queue.to_string(), ""),
+        ("POST", format!("{queue}/enqueue"), "x"),
+        ("POST", format!("{queue}/dequeue"), ""),
+    ] {
+        let answer = https(method, &path, body).await;
+        assert!(
+            answer.starts_with("HTTP/1.1 200"),
+            "{method} {path}: {answer}"
+        );
+    }
+    let options = ConnectOptions::new(https_url(&coordinator.grpc_url))
+        .ca_cert_file(Some(&pki.path("ca.pem")))
+        .unwrap();
+    let mut client = Client::connect(options).await.unwrap();
+    let workers = client
+        .list_workers(pb::ListWorkersRequest { queue: "k".into() })
+        .await
+        .unwrap()
+        .into_inner()
+        .workers;
+    let ids: Vec<&str> = workers.iter().map(|w| w.id.as_str()).collect();
+    assert_eq!(ids, ["memq:127.0.0.1"]);
 
     // Plain HTTP: the TLS port answers no HTTP.
     let mut plain = TcpStream::connect(&addr).unwrap();
@@ -336,7 +369,7 @@ fn queue_cli(pki: &Pki, url: &str, ca: Option<&str>, args: &[&str]) -> Output {
 fn queue_cli_and_a_worker_drain_a_queue_over_tls() {
     let pki = Pki::new();
     let coordinator = pki.coordinator();
-    let url = https(&coordinator.grpc_url);
+    let url = https_url(&coordinator.grpc_url);
     let ca = Some("ca.pem");
 
     let refused = |ca: Option<&str>, url: &str| {
