@@ -56,7 +56,8 @@ impl ConnectOptions {
         self
     }
 
-    /// Trusts the CA certificates of the PEM file at `path` too (`--ca-cert`).
+    /// Trusts the CA certificates of the PEM file at `path` (`--ca-cert`), instead of
+    /// the system's; `None` leaves the options as they are.
     pub fn ca_cert_file(mut self, path: Option<&std::path::Path>) -> Result<Self, ClientError> {
         if let Some(path) = path {
             let pem = std::fs::read(path).map_err(|e| {
