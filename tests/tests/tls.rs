@@ -432,34 +432,24 @@ fn unusable_tls_flags_stop_the_start() {
         assert!(!dir.path().join("addr.json").exists(), "it listened: {err}");
         (code, err)
     };
-    let flag = |name: &str, file: &str| [name.to_string(), pki.arg(file)];
-
-    let (code, err) = start(
-        &[
-            flag("--tls-cert", "cert.pem"),
-            flag("--tls-key", "other-key.pem"),
-        ]
-        .concat(),
-    );
-    assert_eq!(code, Some(1), "{err}");
-    assert!(err.contains("does not fit the certificate"), "{err}");
-
-    let (code, err) =
-        start(&[flag("--tls-cert", "key.pem"), flag("--tls-key", "key.pem")].concat());
-    assert_eq!(code, Some(1), "{err}");
-    assert!(err.contains("no CERTIFICATE"), "{err}");
-
-    let (code, err) = start(
-        &[
-            flag("--tls-cert", "missing.pem"),
-            flag("--tls-key", "key.pem"),
-        ]
-        .concat(),
-    );
-    assert_eq!(code, Some(1), "{err}");
-    assert!(err.contains("cannot read --tls-cert"), "{err}");
-
-    let (code, err) = start(&flag("--tls-cert", "cert.pem"));
-    assert_eq!(code, Some(2), "{err}");
-    assert!(err.contains("--tls-key"), "{err}");
+    // (--tls-cert, --tls-key, exit code, what the error says)
+    for (cert, key, code, says) in [
+        (
+            "cert.pem",
+            Some("other-key.pem"),
+            1,
+            "does not fit the certificate",
+        ),
+        ("key.pem", Some("key.pem"), 1, "no CERTIFICATE"),
+        ("missing.pem", Some("key.pem"), 1, "cannot read --tls-cert"),
+        ("cert.pem", None, 2, "--tls-key"),
+    ] {
+        let mut args = vec!["--tls-cert".to_string(), pki.arg(cert)];
+        if let Some(key) = key {
+            args.extend(["--tls-key".to_string(), pki.arg(key)]);
+        }
+        let (exit, err) = start(&args);
+        assert_eq!(exit, Some(code), "{args:?}: {err}");
+        assert!(err.contains(says), "{args:?}: {err}");
+    }
 }
