@@ -12,11 +12,12 @@
 //! port passes every connection to tonic (the wire protocol is plain TCP).
 
 use std::future::{Future, IntoFuture};
+use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinSet;
 use tonic::service::interceptor::InterceptedService;
@@ -183,6 +184,20 @@ pub async fn run_with(
     Ok(())
 }
 
+/// The listener's next connection. A failed accept (out of file descriptors and the
+/// like) is logged and retried after a pause, not in a spin.
+pub(crate) async fn next_connection(listener: &TcpListener) -> (TcpStream, SocketAddr) {
+    loop {
+        match listener.accept().await {
+            Ok(accepted) => return accepted,
+            Err(e) => {
+                tracing::warn!("accept failed: {e}");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
+
 /// What the gRPC port serves besides gRPC: the wire protocol, or (instead) TLS.
 struct Port {
     engine: Arc<Engine>,
@@ -201,19 +216,10 @@ async fn accept(
 ) {
     let mut calls = JoinSet::new();
     loop {
-        let accepted = tokio::select! {
+        let stream = tokio::select! {
             _ = stop.wait_for(|stop| *stop) => break,
             Some(_) = calls.join_next(), if !calls.is_empty() => continue,
-            accepted = listener.accept() => accepted,
-        };
-        let stream = match accepted {
-            Ok((stream, _)) => stream,
-            Err(e) => {
-                // Out of file descriptors and the like: wait, do not spin.
-                tracing::warn!("accept failed: {e}");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-                continue;
-            }
+            (stream, _) = next_connection(&listener) => stream,
         };
         let _ = stream.set_nodelay(true);
         let (grpc, engine, auth, tls, mut stop) = (
