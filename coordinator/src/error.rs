@@ -16,6 +16,10 @@ pub enum Error {
     ItemNotFound { queue: String, id: u64 },
     #[error("queue '{0}' already exists")]
     QueueExists(String),
+    #[error("schedule '{0}' not found (see queue-cli schedule list)")]
+    ScheduleNotFound(String),
+    #[error("schedule '{0}' already exists (delete it first to change it)")]
+    ScheduleExists(String),
     /// A stale or unknown lease token: the item belongs to someone else now.
     #[error("lease lost: {0}")]
     LeaseLost(String),

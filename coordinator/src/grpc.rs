@@ -9,6 +9,7 @@ use tokio_stream::Stream;
 use tonic::{Request, Response, Status};
 use workq_proto::pb;
 
+use crate::engine::schedules::{NewSchedule, Policy, ScheduleView};
 use crate::engine::{self, Engine, OptionsPatch, QueueView};
 use crate::error::Error;
 use crate::http::metrics;
@@ -19,8 +20,10 @@ pub fn status(error: Error) -> Status {
     let message = error.to_string();
     match error {
         Error::InvalidArgument(_) => Status::invalid_argument(message),
-        Error::QueueNotFound(_) | Error::ItemNotFound { .. } => Status::not_found(message),
-        Error::QueueExists(_) => Status::already_exists(message),
+        Error::QueueNotFound(_) | Error::ItemNotFound { .. } | Error::ScheduleNotFound(_) => {
+            Status::not_found(message)
+        }
+        Error::QueueExists(_) | Error::ScheduleExists(_) => Status::already_exists(message),
         Error::LeaseLost(_) | Error::Sealed(_) | Error::FailedPrecondition(_) => {
             Status::failed_precondition(message)
         }
@@ -225,6 +228,63 @@ pub fn settled_pb(s: engine::Settled) -> pb::SettleResult {
     }
 }
 
+/// A create request in the engine's terms; an unknown policy is refused.
+fn new_schedule(r: pb::CreateScheduleRequest) -> crate::Result<NewSchedule> {
+    let policy = u32::try_from(r.concurrency_policy)
+        .ok()
+        .and_then(Policy::from_code)
+        .ok_or_else(|| {
+            Error::invalid(format!(
+                "unknown concurrency policy {} (Allow, Forbid or Replace)",
+                r.concurrency_policy
+            ))
+        })?;
+    Ok(NewSchedule {
+        name: r.name,
+        queue: r.queue,
+        cron: r.cron,
+        time_zone: r.time_zone,
+        payload: r.payload,
+        count: r.count,
+        policy,
+        starting_deadline_ms: r.starting_deadline_ms,
+        suspend: r.suspend,
+    })
+}
+
+fn schedule_pb(view: ScheduleView) -> pb::Schedule {
+    let r = view.record;
+    pb::Schedule {
+        name: r.name,
+        queue: r.queue,
+        cron: r.cron,
+        time_zone: r.time_zone,
+        payload: r.payload,
+        count: r.count,
+        concurrency_policy: r.policy as i32,
+        starting_deadline_ms: r.starting_deadline_ms,
+        suspended: r.suspended,
+        created_at_ms: r.created_ms,
+        next_run_at_ms: view.next_run_ms.unwrap_or(0),
+        runs: r
+            .runs
+            .into_iter()
+            .map(|run| pb::ScheduleRun {
+                scheduled_at_ms: run.scheduled_ms,
+                ran_at_ms: run.ran_ms,
+                outcome: run.outcome as i32,
+                items: run.items,
+                replaced: run.replaced,
+                detail: run.detail,
+            })
+            .collect(),
+        enqueued_runs: r.enqueued_runs,
+        skipped_runs: r.skipped_runs,
+        missed_runs: r.missed_runs,
+        failed_runs: r.failed_runs,
+    }
+}
+
 fn state_filter(raw: i32) -> Result<Option<engine::State>, Status> {
     match pb::ItemState::try_from(raw) {
         Ok(pb::ItemState::Unspecified) => Ok(None),
@@ -241,6 +301,65 @@ fn state_filter(raw: i32) -> Result<Option<engine::State>, Status> {
 
 #[tonic::async_trait]
 impl pb::work_q_server::WorkQ for Service {
+    async fn create_schedule(
+        &self,
+        request: Request<pb::CreateScheduleRequest>,
+    ) -> Reply<pb::Schedule> {
+        let new = new_schedule(request.into_inner()).map_err(status)?;
+        reply(self.engine.create_schedule(new).await.map(schedule_pb))
+    }
+
+    async fn list_schedules(
+        &self,
+        request: Request<pb::ListSchedulesRequest>,
+    ) -> Reply<pb::ListSchedulesResponse> {
+        let r = request.into_inner();
+        let queue = (!r.queue.is_empty()).then_some(r.queue.as_str());
+        let schedules = self.engine.list_schedules(queue).await;
+        Ok(Response::new(pb::ListSchedulesResponse {
+            schedules: schedules.into_iter().map(schedule_pb).collect(),
+        }))
+    }
+
+    async fn delete_schedule(
+        &self,
+        request: Request<pb::DeleteScheduleRequest>,
+    ) -> Reply<pb::DeleteScheduleResponse> {
+        let r = request.into_inner();
+        reply(
+            self.engine
+                .delete_schedule(&r.name)
+                .await
+                .map(|()| pb::DeleteScheduleResponse {}),
+        )
+    }
+
+    async fn suspend_schedule(
+        &self,
+        request: Request<pb::SuspendScheduleRequest>,
+    ) -> Reply<pb::Schedule> {
+        let r = request.into_inner();
+        reply(
+            self.engine
+                .set_schedule_suspended(&r.name, true)
+                .await
+                .map(schedule_pb),
+        )
+    }
+
+    async fn resume_schedule(
+        &self,
+        request: Request<pb::ResumeScheduleRequest>,
+    ) -> Reply<pb::Schedule> {
+        let r = request.into_inner();
+        reply(
+            self.engine
+                .set_schedule_suspended(&r.name, false)
+                .await
+                .map(schedule_pb),
+        )
+    }
+
     async fn create_queue(&self, request: Request<pb::CreateQueueRequest>) -> Reply<pb::QueueInfo> {
         let r = request.into_inner();
         let patch = options_patch(r.options, false);

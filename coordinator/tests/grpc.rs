@@ -415,3 +415,90 @@ async fn shutdown_ends_long_polls_promptly() {
         assert!(r.into_inner().leases.is_empty());
     }
 }
+
+#[tokio::test]
+async fn schedule_calls_map_their_errors_to_status_codes_and_need_the_token() {
+    let server = Server::start(Auth::with_token("s3cret")).await;
+    let mut anonymous = server.client().await;
+    let err = anonymous
+        .list_schedules(pb::ListSchedulesRequest::default())
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::Unauthenticated);
+
+    let mut c = server.client_with(Some("s3cret")).await;
+    create(&mut c, "q", 30_000).await;
+    let request = |name: &str, cron: &str| pb::CreateScheduleRequest {
+        name: name.into(),
+        queue: "q".into(),
+        cron: cron.into(),
+        ..Default::default()
+    };
+    let created = c
+        .create_schedule(request("s", "@hourly"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(created.time_zone, "UTC");
+    assert_eq!(created.count, 1, "0 means one item");
+    assert_eq!(
+        created.concurrency_policy,
+        pb::ConcurrencyPolicy::Allow as i32,
+        "unset means Allow"
+    );
+    assert!(created.next_run_at_ms > created.created_at_ms);
+
+    let refused = [
+        (request("s", "@hourly"), Code::AlreadyExists),
+        (request("t", "@never"), Code::InvalidArgument),
+        (
+            pb::CreateScheduleRequest {
+                concurrency_policy: 9,
+                ..request("t", "@hourly")
+            },
+            Code::InvalidArgument,
+        ),
+        (
+            pb::CreateScheduleRequest {
+                queue: "missing".into(),
+                ..request("t", "@hourly")
+            },
+            Code::NotFound,
+        ),
+    ];
+    for (request, code) in refused {
+        let err = c.create_schedule(request.clone()).await.unwrap_err();
+        assert_eq!(err.code(), code, "{request:?}: {}", err.message());
+    }
+    for result in [
+        c.delete_schedule(pb::DeleteScheduleRequest { name: "t".into() })
+            .await
+            .map(|_| ()),
+        c.suspend_schedule(pb::SuspendScheduleRequest { name: "t".into() })
+            .await
+            .map(|_| ()),
+        c.resume_schedule(pb::ResumeScheduleRequest { name: "t".into() })
+            .await
+            .map(|_| ()),
+    ] {
+        assert_eq!(result.unwrap_err().code(), Code::NotFound);
+    }
+    let listed = c
+        .list_schedules(pb::ListSchedulesRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .schedules;
+    assert_eq!(listed.len(), 1, "refusals created nothing");
+    let suspended = c
+        .suspend_schedule(pb::SuspendScheduleRequest { name: "s".into() })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(suspended.suspended);
+    assert_eq!(suspended.next_run_at_ms, 0);
+    c.delete_schedule(pb::DeleteScheduleRequest { name: "s".into() })
+        .await
+        .unwrap();
+    server.stop().await;
+}

@@ -620,6 +620,23 @@ impl ReadyIndex {
         self.len = 0;
     }
 
+    /// Takes `id` (of `priority`) out of the index; false if it was not in it.
+    pub fn remove(&mut self, priority: i32, id: u64) -> bool {
+        let std::collections::btree_map::Entry::Occupied(mut level) =
+            self.levels.entry(Reverse(priority))
+        else {
+            return false;
+        };
+        if !level.get_mut().remove(id) {
+            return false;
+        }
+        if level.get().is_empty() {
+            level.remove();
+        }
+        self.len -= 1;
+        true
+    }
+
     /// Ids in lease order.
     pub fn iter(&self) -> impl Iterator<Item = u64> + '_ {
         self.levels.values().flat_map(Level::iter)
@@ -670,6 +687,14 @@ impl Level {
                 self.fresh.push_back(id);
                 true
             }
+        }
+    }
+
+    /// False if `id` is not here. Linear in the deque: for rare removals by id.
+    fn remove(&mut self, id: u64) -> bool {
+        match self.fresh.binary_search(&id) {
+            Ok(at) => self.fresh.remove(at).is_some(),
+            Err(_) => self.returned.remove(&id),
         }
     }
 

@@ -37,9 +37,18 @@ pub const MAX_REQUEUE_IDS: usize = 10_000;
 
 /// PRODUCT.md: 1–128 characters of `A-Z a-z 0-9 . _ -`, starting with a letter or digit.
 pub fn check_queue_name(name: &str) -> Result<()> {
+    check_name("queue", name)
+}
+
+/// Schedule names follow the queue names' rules.
+pub fn check_schedule_name(name: &str) -> Result<()> {
+    check_name("schedule", name)
+}
+
+fn check_name(kind: &str, name: &str) -> Result<()> {
     let fail = |reason: &str| {
         Err(Error::InvalidArgument(format!(
-            "invalid queue name '{}': {reason}",
+            "invalid {kind} name '{}': {reason}",
             name.escape_debug()
         )))
     };

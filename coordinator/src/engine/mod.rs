@@ -21,12 +21,14 @@
 //! not all wake for each item. Watch streams wait on a version channel that every
 //! change bumps.
 
+pub mod cron;
 pub mod items;
 pub mod limits;
 pub mod queue;
 #[cfg(test)]
 mod queue_tests;
 mod reaper;
+pub mod schedules;
 mod split;
 
 use std::collections::HashMap;
@@ -191,6 +193,7 @@ pub struct Engine {
     /// The deadline the reaper currently sleeps toward (u64::MAX: none).
     next_wake: AtomicU64,
     reaper_wake: Arc<Notify>,
+    schedules: schedules::Schedules,
     shutdown: watch::Sender<bool>,
 }
 
@@ -257,10 +260,12 @@ impl Engine {
             clock,
             next_wake: AtomicU64::new(u64::MAX),
             reaper_wake: Arc::new(Notify::new()),
+            schedules: schedules::Schedules::recover(snapshot.schedules),
             shutdown,
         });
         engine.store.start();
         reaper::spawn(engine.clone());
+        schedules::spawn(&engine);
         spawn_checkpointer(&engine);
         Ok(engine)
     }
@@ -350,6 +355,9 @@ impl Engine {
         let Some(mut writer) = self.store.begin_checkpoint()? else {
             return Ok(None);
         };
+        for record in self.schedules.records_blocking() {
+            writer.put_schedule(&record);
+        }
         for slot in self.slots() {
             let mut ids = {
                 let queue = slot.lock();

@@ -732,6 +732,28 @@ impl Queue {
         ids.len() as u64
     }
 
+    /// Purges those of `ids` that are READY or DELAYED (a schedule's Replace policy);
+    /// the others are left as they are. Returns how many went.
+    pub fn purge_ids(&mut self, ids: &[u64]) -> u64 {
+        let mut purged = 0;
+        for &id in ids {
+            let Some(item) = self.items.header(id) else {
+                continue;
+            };
+            let gone = match item.state {
+                State::Ready => self.ready.remove(item.priority, id),
+                State::Delayed => self.delayed.remove(&(item.ready_at_ms, id)),
+                _ => false,
+            };
+            if gone {
+                self.forget(id);
+                purged += 1;
+            }
+        }
+        self.counters.purged += purged;
+        purged
+    }
+
     /// Every item id, for deleting the queue.
     pub fn all_ids(&self) -> Vec<u64> {
         self.items.ids().collect()

@@ -87,8 +87,11 @@ pub fn router(engine: Arc<Engine>, auth: Auth) -> Router {
 pub fn status_of(error: &Error) -> StatusCode {
     match error {
         Error::InvalidArgument(_) => StatusCode::BAD_REQUEST,
-        Error::QueueNotFound(_) | Error::ItemNotFound { .. } => StatusCode::NOT_FOUND,
+        Error::QueueNotFound(_) | Error::ItemNotFound { .. } | Error::ScheduleNotFound(_) => {
+            StatusCode::NOT_FOUND
+        }
         Error::QueueExists(_)
+        | Error::ScheduleExists(_)
         | Error::LeaseLost(_)
         | Error::Sealed(_)
         | Error::FailedPrecondition(_) => StatusCode::CONFLICT,

@@ -32,7 +32,7 @@
 //! Layout under `<data-dir>/wal/`: `wal-<n>.log` (log files) and `snapshot-<n>.snap`
 //! (the state as of the start of log file `n`). Recovery loads the newest snapshot and
 //! replays log files `n` and later. Keys: `q<name>` for queue records, `i<id: u64 BE>`
-//! for items, `m…` for the store's own records.
+//! for items, `s<name>` for schedules, `m…` for the store's own records.
 //!
 //! Why not sled (the first store): its flush costs ~10× an `fdatasync` of the same
 //! bytes, it syncs with `sync_file_range` (not power-loss safe, spacejam/sled#1452),
@@ -56,7 +56,7 @@ use tokio::sync::Notify;
 
 use super::record::encode_item;
 use super::wal::{self, Ending, Segment};
-use super::{FlushStats, ItemRecord, OnDurable, QueueRecord, Snapshot, Ticket};
+use super::{FlushStats, ItemRecord, OnDurable, QueueRecord, ScheduleRecord, Snapshot, Ticket};
 use crate::engine::items::{ItemView, Stored};
 use crate::engine::queue::IdHasher;
 use crate::error::{Error, Result};
@@ -352,6 +352,7 @@ impl IdSet {
 #[derive(Default)]
 pub(super) struct Recovered {
     pub queues: HashMap<String, QueueRecord>,
+    pub schedules: HashMap<String, ScheduleRecord>,
     /// In the order first read, with `None` where an item was deleted later. Snapshots
     /// list each queue's items by id, so the engine builds its indexes in id order
     /// (much faster than at random).
@@ -388,6 +389,20 @@ impl Recovered {
                     }
                     None => {
                         self.queues.remove(name);
+                    }
+                }
+            }
+            Some((b's', name)) => {
+                let name = std::str::from_utf8(name)
+                    .map_err(|e| storage_error("corrupt schedule key", e))?;
+                match value {
+                    Some(value) => {
+                        let record = ScheduleRecord::decode(value)
+                            .map_err(|e| storage_error("corrupt schedule record", e))?;
+                        self.schedules.insert(name.to_string(), record);
+                    }
+                    None => {
+                        self.schedules.remove(name);
                     }
                 }
             }
@@ -551,6 +566,7 @@ impl Recovered {
     pub fn into_snapshot(self) -> Snapshot {
         Snapshot {
             queues: self.queues.into_values().collect(),
+            schedules: self.schedules.into_values().collect(),
             items: self.items.into_iter().flatten().collect(),
             queue_names: self.names,
             unreadable: self.unreadable,
@@ -1007,6 +1023,16 @@ impl Batch<'_> {
         wal::push_op(self.frame, &queue_key(name), None)
     }
 
+    pub fn put_schedule(&mut self, record: &ScheduleRecord) {
+        wal::push_put_with(self.frame, &schedule_key(&record.name), |buf| {
+            record.encode_raw(buf)
+        })
+    }
+
+    pub fn delete_schedule(&mut self, name: &str) {
+        wal::push_op(self.frame, &schedule_key(name), None)
+    }
+
     /// An item record that `encode` appends.
     pub fn put_item(&mut self, id: u64, encode: impl FnOnce(&mut Vec<u8>)) {
         let before = self.frame.len();
@@ -1032,6 +1058,11 @@ pub struct SnapshotWriter {
 impl SnapshotWriter {
     pub fn put_queue(&mut self, record: &QueueRecord) {
         self.file.put_queue(record);
+    }
+
+    pub fn put_schedule(&mut self, record: &ScheduleRecord) {
+        self.file
+            .put(&schedule_key(&record.name), &record.encode_to_vec());
     }
 
     /// Appends `item` of `queue`, encoded straight into the snapshot's buffer.
@@ -1520,8 +1551,16 @@ fn file_len(path: &Path) -> u64 {
 }
 
 fn queue_key(name: &str) -> Vec<u8> {
+    named_key(b'q', name)
+}
+
+fn schedule_key(name: &str) -> Vec<u8> {
+    named_key(b's', name)
+}
+
+fn named_key(kind: u8, name: &str) -> Vec<u8> {
     let mut key = Vec::with_capacity(name.len() + 1);
-    key.push(b'q');
+    key.push(kind);
     key.extend_from_slice(name.as_bytes());
     key
 }

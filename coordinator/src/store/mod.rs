@@ -20,12 +20,13 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use crate::error::Result;
 pub use log_store::{Batch, DEFAULT_CHECKPOINT_EVERY, Durability, LogStore, SnapshotWriter};
-pub use record::{ItemRecord, QueueRecord};
+pub use record::{ItemRecord, QueueRecord, RunRecord, ScheduleRecord};
 
 /// Everything on disk, read once at start-up.
 #[derive(Debug, Default)]
 pub struct Snapshot {
     pub queues: Vec<QueueRecord>,
+    pub schedules: Vec<ScheduleRecord>,
     /// Every item, already in the engine's form: (the queue's name as an index into
     /// `queue_names`, the item); each queue's items in id order, as a snapshot lists
     /// them, then those only the log holds.

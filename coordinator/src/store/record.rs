@@ -135,6 +135,70 @@ pub struct ItemRecord {
     pub worker: String,
 }
 
+/// A schedule with the state its ticks need: what it enqueues, the last tick it
+/// handled and the items that tick enqueued (for Forbid and Replace).
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct ScheduleRecord {
+    #[prost(string, tag = "1")]
+    pub name: String,
+    #[prost(string, tag = "2")]
+    pub queue: String,
+    #[prost(string, tag = "3")]
+    pub cron: String,
+    #[prost(string, tag = "4")]
+    pub time_zone: String,
+    #[prost(bytes = "vec", tag = "5")]
+    pub payload: Vec<u8>,
+    #[prost(uint32, tag = "6")]
+    pub count: u32,
+    /// As `ConcurrencyPolicy` in workq.proto: 1 Allow, 2 Forbid, 3 Replace.
+    #[prost(uint32, tag = "7")]
+    pub policy: u32,
+    /// 0: no deadline.
+    #[prost(uint64, tag = "8")]
+    pub starting_deadline_ms: u64,
+    #[prost(bool, tag = "9")]
+    pub suspended: bool,
+    #[prost(uint64, tag = "10")]
+    pub created_ms: u64,
+    /// The scheduled time of the last tick handled (run, skipped, missed or failed),
+    /// or the creation time before the first: ticks after it are due.
+    #[prost(uint64, tag = "11")]
+    pub last_tick_ms: u64,
+    /// The items the last tick that enqueued enqueued.
+    #[prost(uint64, repeated, tag = "12")]
+    pub last_items: Vec<u64>,
+    /// The most recent runs first.
+    #[prost(message, repeated, tag = "13")]
+    pub runs: Vec<RunRecord>,
+    #[prost(uint64, tag = "14")]
+    pub enqueued_runs: u64,
+    #[prost(uint64, tag = "15")]
+    pub skipped_runs: u64,
+    #[prost(uint64, tag = "16")]
+    pub missed_runs: u64,
+    #[prost(uint64, tag = "17")]
+    pub failed_runs: u64,
+}
+
+/// One tick of a schedule, as `ScheduleRun` in workq.proto.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct RunRecord {
+    #[prost(uint64, tag = "1")]
+    pub scheduled_ms: u64,
+    #[prost(uint64, tag = "2")]
+    pub ran_ms: u64,
+    /// As `RunOutcome` in workq.proto.
+    #[prost(uint32, tag = "3")]
+    pub outcome: u32,
+    #[prost(uint32, tag = "4")]
+    pub items: u32,
+    #[prost(uint32, tag = "5")]
+    pub replaced: u32,
+    #[prost(string, tag = "6")]
+    pub detail: String,
+}
+
 /// Appends `item`'s record to `buf`: the same bytes as
 /// `ItemRecord::from_item(queue, item).encode_to_vec()`, without copying the payload
 /// and strings into an `ItemRecord` first (this runs for every change in strict mode

@@ -1,0 +1,240 @@
+//! When a schedule ticks: a cron expression read in an IANA time zone.
+//!
+//! The dialect is Kubernetes' CronJob schedule (k8s-jobs.md §11): five fields (minute
+//! hour day-of-month month day-of-week), `?` for `*`, `sun`–`sat`, the macros
+//! `@yearly`/`@annually`, `@monthly`, `@weekly`, `@daily`/`@midnight` and `@hourly`,
+//! and a day-of-month and day-of-week that both restrict matching either (as cron
+//! always has). One extension: a sixth field in front, seconds, for schedules finer
+//! than a minute. `TZ=` inside the expression is refused, as Kubernetes does since
+//! 1.29: the zone is a field of its own.
+//!
+//! Times are Unix milliseconds, as everywhere in the engine. Ticks fall on whole
+//! seconds. Clocks that skip an hour run the ticks inside the gap once, at the end of
+//! the gap; clocks that go back run a tick in the repeated hour once (croner's rules).
+
+use std::str::FromStr;
+
+use chrono::{DateTime, TimeZone};
+use chrono_tz::Tz;
+use croner::Cron;
+use croner::parser::{CronParser, Seconds, Year};
+
+use crate::error::{Error, Result};
+
+/// The zone of a schedule created without one.
+pub const DEFAULT_ZONE: &str = "UTC";
+
+#[derive(Clone, Debug)]
+pub struct CronSpec {
+    cron: Cron,
+    zone: Tz,
+}
+
+impl CronSpec {
+    /// Parses `expr` in `zone` (empty: UTC). Refuses what Kubernetes would refuse, with
+    /// a message that says what to write instead.
+    pub fn parse(expr: &str, zone: &str) -> Result<CronSpec> {
+        let expr = expr.trim();
+        if expr.starts_with("TZ=") || expr.starts_with("CRON_TZ=") {
+            return Err(Error::invalid(format!(
+                "cron '{expr}': give the time zone with --time-zone, not inside the expression"
+            )));
+        }
+        let zone_name = if zone.is_empty() { DEFAULT_ZONE } else { zone };
+        let zone = Tz::from_str(zone_name).map_err(|_| {
+            Error::invalid(format!(
+                "unknown time zone '{zone_name}' (use an IANA name such as Europe/Stockholm \
+                 or America/New_York)"
+            ))
+        })?;
+        // Kubernetes' one macro croner lacks.
+        let pattern = if expr.eq_ignore_ascii_case("@midnight") {
+            "@daily"
+        } else {
+            expr
+        };
+        let cron = CronParser::builder()
+            .seconds(Seconds::Optional)
+            .year(Year::Disallowed)
+            .build()
+            .parse(pattern)
+            .map_err(|e| {
+                Error::invalid(format!(
+                    "cron '{expr}' is not valid: {e} (five fields: minute hour \
+                     day-of-month month day-of-week, e.g. '*/5 * * * *'; or @hourly, \
+                     @daily, …)"
+                ))
+            })?;
+        let spec = CronSpec { cron, zone };
+        // A pattern such as "0 0 30 2 *" (February 30th) parses but never ticks.
+        if spec.next_after(0).is_none() {
+            return Err(Error::invalid(format!(
+                "cron '{expr}' never matches a date"
+            )));
+        }
+        Ok(spec)
+    }
+
+    /// The zone's IANA name.
+    pub fn zone_name(&self) -> &'static str {
+        self.zone.name()
+    }
+
+    fn at(&self, ms: u64) -> Option<DateTime<Tz>> {
+        self.zone
+            .timestamp_millis_opt(i64::try_from(ms).ok()?)
+            .single()
+    }
+
+    /// The first tick strictly after `ms`.
+    pub fn next_after(&self, ms: u64) -> Option<u64> {
+        let next = self.cron.find_next_occurrence(&self.at(ms)?, false).ok()?;
+        u64::try_from(next.timestamp_millis()).ok()
+    }
+
+    /// The last tick at or before `ms`.
+    pub fn latest_at_or_before(&self, ms: u64) -> Option<u64> {
+        let previous = self
+            .cron
+            .find_previous_occurrence(&self.at(ms)?, true)
+            .ok()?;
+        u64::try_from(previous.timestamp_millis()).ok()
+    }
+}
+
+/// `ms` as RFC 3339 in UTC, to the second (what `{tick}` in a payload becomes).
+pub fn rfc3339(ms: u64) -> String {
+    i64::try_from(ms)
+        .ok()
+        .and_then(DateTime::from_timestamp_millis)
+        .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true))
+        .unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// 2026-03-29 00:30:00 UTC: Europe/Stockholm moves from +01:00 to +02:00 at
+    /// 01:00 UTC (02:00 local becomes 03:00).
+    const BEFORE_DST: u64 = 1_774_744_200_000;
+    const MINUTE: u64 = 60_000;
+    const HOUR: u64 = 60 * MINUTE;
+
+    fn utc(expr: &str) -> CronSpec {
+        CronSpec::parse(expr, "").unwrap()
+    }
+
+    #[test]
+    fn the_kubernetes_dialect_parses_and_ticks_in_utc_by_default() {
+        let every_five = utc("*/5 * * * *");
+        assert_eq!(every_five.zone_name(), "UTC");
+        let start = BEFORE_DST + 1; // 00:30:00.001
+        assert_eq!(every_five.next_after(start), Some(BEFORE_DST + 5 * MINUTE));
+        assert_eq!(every_five.latest_at_or_before(start), Some(BEFORE_DST));
+        // A tick at exactly `ms` is the latest at or before it, not the next after it.
+        assert_eq!(every_five.latest_at_or_before(BEFORE_DST), Some(BEFORE_DST));
+        assert_eq!(
+            every_five.next_after(BEFORE_DST),
+            Some(BEFORE_DST + 5 * MINUTE)
+        );
+        for (macro_, plain) in [
+            ("@hourly", "0 * * * *"),
+            ("@daily", "0 0 * * *"),
+            ("@midnight", "0 0 * * *"),
+            ("@weekly", "0 0 * * 0"),
+            ("@monthly", "0 0 1 * *"),
+            ("@yearly", "0 0 1 1 *"),
+            ("@annually", "0 0 1 1 *"),
+            ("0 0 ? * *", "0 0 * * *"),
+            ("0 9 * * mon-fri", "0 9 * * 1-5"),
+        ] {
+            let (a, b) = (utc(macro_), utc(plain));
+            let mut t = BEFORE_DST;
+            for _ in 0..3 {
+                let (next_a, next_b) = (a.next_after(t), b.next_after(t));
+                assert_eq!(next_a, next_b, "{macro_} against {plain}");
+                t = next_a.unwrap();
+            }
+        }
+        // Seconds first, as the one extension.
+        let every_second = utc("* * * * * *");
+        assert_eq!(
+            every_second.next_after(BEFORE_DST + 1),
+            Some(BEFORE_DST + 1000)
+        );
+    }
+
+    #[test]
+    fn day_of_month_and_day_of_week_both_restricted_match_either() {
+        // 2026-03-01 is a Sunday. "0 0 1 * 1": the 1st of the month, or any Monday.
+        let spec = utc("0 0 1 * 1");
+        let march_1 = 1_772_323_200_000;
+        let next = spec.next_after(march_1).unwrap();
+        assert_eq!(rfc3339(next), "2026-03-02T00:00:00Z", "Monday the 2nd");
+        assert_eq!(
+            rfc3339(spec.next_after(next).unwrap()),
+            "2026-03-09T00:00:00Z"
+        );
+    }
+
+    #[test]
+    fn a_time_zone_moves_the_ticks_and_its_clock_changes_skip_nothing_twice() {
+        let stockholm = CronSpec::parse("0 9 * * *", "Europe/Stockholm").unwrap();
+        assert_eq!(stockholm.zone_name(), "Europe/Stockholm");
+        // 09:00 in Stockholm: 08:00 UTC in winter, 07:00 UTC once summer time starts.
+        let first = stockholm.next_after(BEFORE_DST - 24 * HOUR).unwrap();
+        assert_eq!(rfc3339(first), "2026-03-28T08:00:00Z");
+        assert_eq!(
+            rfc3339(stockholm.next_after(first).unwrap()),
+            "2026-03-29T07:00:00Z"
+        );
+        // 02:30 local does not exist on the 29th: that day's tick runs once, at 03:00.
+        let in_gap = CronSpec::parse("30 2 * * *", "Europe/Stockholm").unwrap();
+        let ticks: Vec<String> =
+            std::iter::successors(in_gap.next_after(BEFORE_DST - 24 * HOUR), |t| {
+                in_gap.next_after(*t)
+            })
+            .take(3)
+            .map(rfc3339)
+            .collect();
+        assert_eq!(
+            ticks,
+            [
+                "2026-03-28T01:30:00Z",
+                "2026-03-29T01:00:00Z",
+                "2026-03-30T00:30:00Z"
+            ]
+        );
+    }
+
+    #[test]
+    fn bad_expressions_and_zones_are_refused_with_what_to_write_instead() {
+        for (expr, zone, says) in [
+            ("", "", "not valid"),
+            ("61 * * * *", "", "not valid"),
+            ("* * *", "", "five fields"),
+            ("0 0 1 1 * 2030", "", "not valid"),
+            ("0 0 1 1 * * 2030", "", "not valid"),
+            ("TZ=UTC 0 * * * *", "", "--time-zone"),
+            ("CRON_TZ=UTC 0 * * * *", "", "--time-zone"),
+            ("0 0 30 2 *", "", "never matches"),
+            (
+                "0 * * * *",
+                "Mars/Olympus",
+                "unknown time zone 'Mars/Olympus'",
+            ),
+            ("0 * * * *", "+02:00", "IANA name"),
+        ] {
+            let error = CronSpec::parse(expr, zone).unwrap_err();
+            assert!(
+                matches!(error, Error::InvalidArgument(_)),
+                "{expr:?} {zone:?}: {error:?}"
+            );
+            assert!(
+                error.to_string().contains(says),
+                "{expr:?} {zone:?}: {error}"
+            );
+        }
+    }
+}

@@ -1,0 +1,519 @@
+//! Schedules: a CronJob for queues (PRODUCT.md "Schedules").
+//!
+//! At each tick of its cron a schedule enqueues its batch (`count` items of its
+//! payload) into its queue. The rules are Kubernetes' CronJob rules (k8s-jobs.md §11),
+//! with items in place of Jobs:
+//! - **Concurrency policy.** Allow enqueues regardless. Forbid skips the tick while any
+//!   item of the last enqueued tick is READY, DELAYED or LEASED (an item gone by
+//!   retention or purge counts as finished). Replace purges the last tick's READY and
+//!   DELAYED items first; its LEASED items finish.
+//! - **Missed ticks.** A schedule remembers the last tick it handled. Whenever the
+//!   scheduler looks (at each tick, at start-up, on resume), only the most recent due
+//!   tick runs; the ones before it are never back-filled. A tick more than the starting
+//!   deadline late is recorded as missed instead. So after a restart the most recent
+//!   tick missed while the coordinator was down runs once, if it is within the
+//!   deadline; ticks while suspended count as missed, and resuming runs the most
+//!   recent one under the same rule.
+//! - **Exactly once per tick.** Each item carries the dedup key
+//!   `schedule/<name>/<tick ms>/<i>`. The items are logged before the schedule's own
+//!   record says the tick ran, so a crash between the two runs the tick again after
+//!   the restart, and the keys turn the second enqueue into the first one's items
+//!   (as Kubernetes names a CronJob's Job after its scheduled time).
+//!
+//! The scheduler is one task, like the reaper: it sleeps until the earliest next tick
+//! of any schedule and is woken when schedules change. Ticks run one at a time, each
+//! through the queue's ordinary enqueue (limits, sealing, max depth, group commit).
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use tokio::sync::{Mutex, Notify};
+
+use super::Engine;
+use super::cron::{self, CronSpec};
+use super::limits;
+use super::queue::{NewItem, State};
+use crate::error::{Error, Result};
+use crate::store::{RunRecord, ScheduleRecord};
+
+/// Runs kept per schedule (`schedule list` shows them, most recent first).
+pub const RUNS_KEPT: usize = 10;
+
+/// What a tick does while the previous tick's items are unfinished.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Policy {
+    Allow,
+    Forbid,
+    Replace,
+}
+
+impl Policy {
+    /// The code in records and in workq.proto; 0 (unset) is Allow.
+    pub fn from_code(code: u32) -> Option<Policy> {
+        match code {
+            0 | 1 => Some(Policy::Allow),
+            2 => Some(Policy::Forbid),
+            3 => Some(Policy::Replace),
+            _ => None,
+        }
+    }
+
+    pub fn code(self) -> u32 {
+        match self {
+            Policy::Allow => 1,
+            Policy::Forbid => 2,
+            Policy::Replace => 3,
+        }
+    }
+}
+
+/// How a tick went (`RunOutcome` in workq.proto).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    Enqueued = 1,
+    Skipped = 2,
+    Missed = 3,
+    Failed = 4,
+}
+
+/// A schedule to create.
+#[derive(Clone, Debug)]
+pub struct NewSchedule {
+    pub name: String,
+    pub queue: String,
+    pub cron: String,
+    /// Empty: UTC.
+    pub time_zone: String,
+    pub payload: Vec<u8>,
+    /// 0: one item.
+    pub count: u32,
+    pub policy: Policy,
+    /// 0: no deadline.
+    pub starting_deadline_ms: u64,
+    pub suspend: bool,
+}
+
+/// A schedule as clients see it.
+#[derive(Clone, Debug)]
+pub struct ScheduleView {
+    pub record: ScheduleRecord,
+    /// The next tick; `None` while suspended.
+    pub next_run_ms: Option<u64>,
+}
+
+struct Entry {
+    record: ScheduleRecord,
+    spec: CronSpec,
+}
+
+impl Entry {
+    fn view(&self, now: u64) -> ScheduleView {
+        ScheduleView {
+            record: self.record.clone(),
+            next_run_ms: (!self.record.suspended)
+                .then(|| self.spec.next_after(now.max(self.record.last_tick_ms)))
+                .flatten(),
+        }
+    }
+}
+
+/// Every schedule, behind one async lock: changes are rare, and a tick holds it while
+/// its enqueue is made durable, so an admin call never sees a half-handled tick.
+pub(super) struct Schedules {
+    entries: Mutex<BTreeMap<String, Entry>>,
+    /// Wakes the scheduler when a schedule changes.
+    wake: Arc<Notify>,
+}
+
+impl Schedules {
+    /// The schedules read back at start-up.
+    pub(super) fn recover(records: Vec<ScheduleRecord>) -> Schedules {
+        let mut entries = BTreeMap::new();
+        for record in records {
+            match CronSpec::parse(&record.cron, &record.time_zone) {
+                Ok(spec) => {
+                    entries.insert(record.name.clone(), Entry { record, spec });
+                }
+                Err(e) => tracing::error!(
+                    schedule = %record.name,
+                    error = %e,
+                    "a stored schedule's cron no longer parses; it will not run"
+                ),
+            }
+        }
+        if !entries.is_empty() {
+            tracing::info!(schedules = entries.len(), "schedules recovered");
+        }
+        Schedules {
+            entries: Mutex::new(entries),
+            wake: Arc::new(Notify::new()),
+        }
+    }
+
+    /// Every schedule's record, for a snapshot. Call from a thread outside the runtime.
+    pub(super) fn records_blocking(&self) -> Vec<ScheduleRecord> {
+        self.entries
+            .blocking_lock()
+            .values()
+            .map(|entry| entry.record.clone())
+            .collect()
+    }
+}
+
+impl Engine {
+    pub async fn create_schedule(&self, new: NewSchedule) -> Result<ScheduleView> {
+        limits::check_schedule_name(&new.name)?;
+        let spec = CronSpec::parse(&new.cron, &new.time_zone)?;
+        let count = new.count.max(1);
+        if count as usize > limits::MAX_BATCH_ITEMS {
+            return Err(Error::invalid(format!(
+                "a schedule enqueues at most {} items a tick, not {count}",
+                limits::MAX_BATCH_ITEMS
+            )));
+        }
+        let queue = self.get_queue(&new.queue)?;
+        if new.payload.len() as u64 > queue.options.max_payload_bytes {
+            return Err(Error::invalid(format!(
+                "payload of {} bytes is over queue '{}''s max payload of {} bytes",
+                new.payload.len(),
+                new.queue,
+                queue.options.max_payload_bytes
+            )));
+        }
+        let now = self.clock.now_ms();
+        let record = ScheduleRecord {
+            name: new.name.clone(),
+            queue: new.queue,
+            cron: new.cron.trim().to_string(),
+            time_zone: spec.zone_name().to_string(),
+            payload: new.payload,
+            count,
+            policy: new.policy.code(),
+            starting_deadline_ms: new.starting_deadline_ms,
+            suspended: new.suspend,
+            created_ms: now,
+            last_tick_ms: now,
+            ..ScheduleRecord::default()
+        };
+        let view = {
+            let mut entries = self.schedules.entries.lock().await;
+            if entries.contains_key(&new.name) {
+                return Err(Error::ScheduleExists(new.name));
+            }
+            let ticket = self.store.write(|batch| batch.put_schedule(&record))?;
+            let entry = Entry { record, spec };
+            let view = entry.view(now);
+            entries.insert(new.name.clone(), entry);
+            self.store.sync(ticket).await?;
+            view
+        };
+        self.schedules.wake.notify_one();
+        tracing::info!(schedule = %new.name, queue = %view.record.queue, cron = %view.record.cron, "schedule created");
+        Ok(view)
+    }
+
+    /// Every schedule (only `queue`'s, when given), by name.
+    pub async fn list_schedules(&self, queue: Option<&str>) -> Vec<ScheduleView> {
+        let now = self.clock.now_ms();
+        let entries = self.schedules.entries.lock().await;
+        entries
+            .values()
+            .filter(|entry| queue.is_none_or(|q| entry.record.queue == q))
+            .map(|entry| entry.view(now))
+            .collect()
+    }
+
+    /// Deletes a schedule; the items its ticks enqueued stay.
+    pub async fn delete_schedule(&self, name: &str) -> Result<()> {
+        let mut entries = self.schedules.entries.lock().await;
+        if !entries.contains_key(name) {
+            return Err(Error::ScheduleNotFound(name.to_string()));
+        }
+        let ticket = self.store.write(|batch| batch.delete_schedule(name))?;
+        entries.remove(name);
+        self.store.sync(ticket).await?;
+        drop(entries);
+        self.schedules.wake.notify_one();
+        tracing::info!(schedule = name, "schedule deleted");
+        Ok(())
+    }
+
+    pub async fn set_schedule_suspended(
+        &self,
+        name: &str,
+        suspended: bool,
+    ) -> Result<ScheduleView> {
+        let mut entries = self.schedules.entries.lock().await;
+        let entry = entries
+            .get_mut(name)
+            .ok_or_else(|| Error::ScheduleNotFound(name.to_string()))?;
+        if entry.record.suspended != suspended {
+            let mut record = entry.record.clone();
+            record.suspended = suspended;
+            let ticket = self.store.write(|batch| batch.put_schedule(&record))?;
+            entry.record = record;
+            self.store.sync(ticket).await?;
+            tracing::info!(schedule = name, suspended, "schedule suspension changed");
+        }
+        let view = entry.view(self.clock.now_ms());
+        drop(entries);
+        self.schedules.wake.notify_one();
+        Ok(view)
+    }
+
+    /// Handles every schedule's due tick; returns the earliest next tick (`u64::MAX`:
+    /// none).
+    async fn run_due_schedules(&self) -> u64 {
+        let mut entries = self.schedules.entries.lock().await;
+        let mut next = u64::MAX;
+        for entry in entries.values_mut() {
+            if entry.record.suspended {
+                continue;
+            }
+            let now = self.clock.now_ms();
+            if let Some(tick) = entry
+                .spec
+                .latest_at_or_before(now)
+                .filter(|&tick| tick > entry.record.last_tick_ms)
+            {
+                self.run_tick(entry, tick, now).await;
+            }
+            if let Some(at) = entry.spec.next_after(now.max(entry.record.last_tick_ms)) {
+                next = next.min(at);
+            }
+        }
+        next
+    }
+
+    /// Runs (or records as missed) the tick at `tick`, and logs the schedule's new
+    /// state.
+    async fn run_tick(&self, entry: &mut Entry, tick: u64, now: u64) {
+        let mut record = entry.record.clone();
+        let late = now.saturating_sub(tick);
+        let mut run = RunRecord {
+            scheduled_ms: tick,
+            ran_ms: now,
+            ..RunRecord::default()
+        };
+        if record.starting_deadline_ms > 0 && late > record.starting_deadline_ms {
+            run.outcome = Outcome::Missed as u32;
+            run.detail = format!(
+                "{} late, past the starting deadline of {}",
+                human_ms(late),
+                human_ms(record.starting_deadline_ms)
+            );
+            record.missed_runs += 1;
+        } else {
+            match self.enqueue_tick(&record, tick).await {
+                Ok(Tick::Enqueued { ids, replaced }) => {
+                    run.outcome = Outcome::Enqueued as u32;
+                    run.items = ids.len() as u32;
+                    run.replaced = replaced as u32;
+                    if late >= 1_000 {
+                        run.detail = format!("{} late", human_ms(late));
+                    }
+                    record.last_items = ids;
+                    record.enqueued_runs += 1;
+                }
+                Ok(Tick::Skipped { unfinished }) => {
+                    run.outcome = Outcome::Skipped as u32;
+                    run.detail = format!(
+                        "Forbid: {unfinished} item(s) of the previous run are not done or dead"
+                    );
+                    record.skipped_runs += 1;
+                }
+                Err(e) => {
+                    run.outcome = Outcome::Failed as u32;
+                    run.detail = e.to_string();
+                    record.failed_runs += 1;
+                }
+            }
+        }
+        record.last_tick_ms = tick;
+        record.runs.insert(0, run);
+        record.runs.truncate(RUNS_KEPT);
+        let last = &record.runs[0];
+        tracing::info!(
+            schedule = %record.name,
+            queue = %record.queue,
+            tick = %cron::rfc3339(tick),
+            outcome = outcome_of(last.outcome).map_or("unknown", Outcome::name),
+            items = last.items,
+            detail = %last.detail,
+            "schedule tick"
+        );
+        let written = self
+            .store
+            .write(|batch| batch.put_schedule(&record))
+            .map(|ticket| (ticket, record));
+        match written {
+            Ok((ticket, record)) => {
+                entry.record = record;
+                if let Err(e) = self.store.sync(ticket).await {
+                    tracing::error!(schedule = %entry.record.name, error = %e, "logging a schedule's tick failed");
+                }
+            }
+            Err(e) => {
+                tracing::error!(schedule = %entry.record.name, error = %e, "logging a schedule's tick failed")
+            }
+        }
+    }
+
+    /// The tick's enqueue, under the queue's lock with its policy's check or purge.
+    async fn enqueue_tick(&self, record: &ScheduleRecord, tick: u64) -> Result<Tick> {
+        let policy = Policy::from_code(record.policy).unwrap_or(Policy::Allow);
+        let stamp = cron::rfc3339(tick);
+        let items: Vec<NewItem<Vec<u8>>> = (0..record.count)
+            .map(|i| NewItem {
+                payload: expand(&record.payload, i, &stamp),
+                priority: 0,
+                delay_ms: 0,
+                key: format!("schedule/{}/{tick}/{i}", record.name),
+            })
+            .collect();
+        let slot = self.slot(&record.queue)?;
+        let room = items.len();
+        let last = &record.last_items;
+        let (tick, ticket) = self.apply(&slot, &record.queue, |q, now, store| {
+            // Refused before Replace purges anything: a failed tick changes nothing.
+            if q.sealed {
+                return Err(Error::Sealed(q.name.clone()));
+            }
+            let unfinished = last
+                .iter()
+                .filter(|&&id| {
+                    q.item(id).is_some_and(|item| {
+                        matches!(item.state, State::Ready | State::Delayed | State::Leased)
+                    })
+                })
+                .count();
+            if policy == Policy::Forbid && unfinished > 0 {
+                return Ok(Tick::Skipped { unfinished });
+            }
+            let replaced = if policy == Policy::Replace {
+                q.purge_ids(last)
+            } else {
+                0
+            };
+            let mut ids = store.ids(room);
+            let enqueued = q.enqueue(now, items, false, || ids.take())?;
+            Ok(Tick::Enqueued {
+                ids: enqueued.into_iter().map(|e| e.id).collect(),
+                replaced,
+            })
+        })?;
+        self.store.sync(ticket).await?;
+        Ok(tick)
+    }
+}
+
+enum Tick {
+    Enqueued { ids: Vec<u64>, replaced: u64 },
+    Skipped { unfinished: usize },
+}
+
+impl Outcome {
+    pub fn name(self) -> &'static str {
+        match self {
+            Outcome::Enqueued => "enqueued",
+            Outcome::Skipped => "skipped",
+            Outcome::Missed => "missed",
+            Outcome::Failed => "failed",
+        }
+    }
+}
+
+pub fn outcome_of(code: u32) -> Option<Outcome> {
+    match code {
+        1 => Some(Outcome::Enqueued),
+        2 => Some(Outcome::Skipped),
+        3 => Some(Outcome::Missed),
+        4 => Some(Outcome::Failed),
+        _ => None,
+    }
+}
+
+/// The payload with `{i}` replaced by the item's index and `{tick}` by the tick's time.
+fn expand(payload: &[u8], i: u32, tick: &str) -> Vec<u8> {
+    let mut out = Vec::with_capacity(payload.len());
+    let mut rest = payload;
+    while !rest.is_empty() {
+        if let Some(after) = rest.strip_prefix(b"{i}") {
+            out.extend_from_slice(i.to_string().as_bytes());
+            rest = after;
+        } else if let Some(after) = rest.strip_prefix(b"{tick}") {
+            out.extend_from_slice(tick.as_bytes());
+            rest = after;
+        } else {
+            out.push(rest[0]);
+            rest = &rest[1..];
+        }
+    }
+    out
+}
+
+/// A duration for a run's detail: "1.5s", "3m20s", "2h5m".
+fn human_ms(ms: u64) -> String {
+    let seconds = ms / 1000;
+    match seconds {
+        0..60 => format!("{:.1}s", ms as f64 / 1000.0),
+        60..3600 => format!("{}m{}s", seconds / 60, seconds % 60),
+        _ => format!("{}h{}m", seconds / 3600, seconds % 3600 / 60),
+    }
+}
+
+/// Runs due ticks until shutdown, sleeping until the next one in between.
+pub(super) fn spawn(engine: &Arc<Engine>) {
+    // Hold the engine only during a pass, so dropping the engine ends the task.
+    let weak = Arc::downgrade(engine);
+    let wake = engine.schedules.wake.clone();
+    let clock = engine.clock;
+    let mut shutdown = engine.shutdown.subscribe();
+    tokio::spawn(async move {
+        loop {
+            let next = {
+                let Some(engine) = weak.upgrade() else { break };
+                if *shutdown.borrow_and_update() {
+                    break;
+                }
+                engine.run_due_schedules().await
+            };
+            // A change during the pass left a permit (`notify_one`), so it is not lost.
+            let sleep = async {
+                if next == u64::MAX {
+                    std::future::pending::<()>().await;
+                } else {
+                    tokio::time::sleep_until(clock.instant_at(next)).await;
+                }
+            };
+            tokio::select! {
+                _ = wake.notified() => {}
+                _ = sleep => {}
+                _ = shutdown.changed() => {}
+            }
+        }
+    });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn payloads_get_the_index_and_the_tick() {
+        assert_eq!(
+            expand(b"key-{i} at {tick} {x} {i}", 7, "2026-11-28T16:00:00Z"),
+            b"key-7 at 2026-11-28T16:00:00Z {x} 7"
+        );
+        assert_eq!(expand(b"", 1, "t"), b"");
+        assert_eq!(expand(b"{i", 1, "t"), b"{i");
+        assert_eq!(expand(&[0xff, b'{', b'i', b'}'], 3, "t"), [0xff, b'3']);
+    }
+
+    #[test]
+    fn durations_read_as_a_person_would_write_them() {
+        assert_eq!(human_ms(1_500), "1.5s");
+        assert_eq!(human_ms(200_000), "3m20s");
+        assert_eq!(human_ms(7_500_000), "2h5m");
+    }
+}

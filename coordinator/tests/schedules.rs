@@ -1,0 +1,491 @@
+//! Schedules through the engine: each tick enqueues its batch, the concurrency
+//! policies hold the previous tick's items to account, missed ticks follow the
+//! CronJob rules (the most recent one runs once, within the starting deadline), a
+//! refused enqueue is recorded and changes nothing, and schedules with their last runs
+//! survive a restart. In-memory tests run on tokio's paused clock; restarts open the
+//! data dir again with the engine's clock set later, so "down for ten minutes" takes
+//! no ten minutes.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use workq_coordinator::engine::schedules::{NewSchedule, Outcome, Policy, ScheduleView};
+use workq_coordinator::engine::{Item, LeaseRequest, OptionsPatch, State};
+use workq_coordinator::store::{Durability, Store};
+use workq_coordinator::{Engine, Error, clock::Clock};
+
+/// 2026-11-28T16:00:00.500Z.
+const T0: u64 = 1_795_881_600_500;
+const MINUTE: u64 = 60_000;
+
+fn open_memory() -> Arc<Engine> {
+    Engine::open(Store::memory(), Clock::starting_at(T0)).unwrap()
+}
+
+async fn create_queue(engine: &Engine, name: &str) {
+    engine
+        .create_queue(name, &OptionsPatch::default(), false)
+        .await
+        .unwrap();
+}
+
+/// Every minute, two items "item-{i}@{tick}" into "q".
+fn every_minute(name: &str) -> NewSchedule {
+    NewSchedule {
+        name: name.into(),
+        queue: "q".into(),
+        cron: "* * * * *".into(),
+        time_zone: String::new(),
+        payload: b"item-{i}@{tick}".to_vec(),
+        count: 2,
+        policy: Policy::Allow,
+        starting_deadline_ms: 0,
+        suspend: false,
+    }
+}
+
+async fn schedule(engine: &Engine, name: &str) -> ScheduleView {
+    let all = engine.list_schedules(None).await;
+    all.into_iter()
+        .find(|s| s.record.name == name)
+        .unwrap_or_else(|| panic!("schedule {name} is listed"))
+}
+
+fn items(engine: &Engine) -> Vec<Item> {
+    engine.list_items("q", None, 0, 1000, true).unwrap().0
+}
+
+fn payloads(engine: &Engine, state: State) -> Vec<String> {
+    items(engine)
+        .into_iter()
+        .filter(|i| i.state == state)
+        .map(|i| String::from_utf8(i.payload).unwrap())
+        .collect()
+}
+
+/// Lets the paused clock run `ms` on, the scheduler's timers with it.
+async fn pass(ms: u64) {
+    tokio::time::sleep(Duration::from_millis(ms)).await;
+}
+
+fn outcome(view: &ScheduleView, run: usize) -> Option<Outcome> {
+    workq_coordinator::engine::schedules::outcome_of(view.record.runs[run].outcome)
+}
+
+fn lease(worker: &str, max_items: u32) -> LeaseRequest {
+    LeaseRequest {
+        worker: worker.into(),
+        max_items,
+        lease_timeout_ms: 600_000,
+        wait_ms: 0,
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn each_tick_enqueues_the_batch_with_its_index_and_time() {
+    let engine = open_memory();
+    create_queue(&engine, "q").await;
+    let created = engine.create_schedule(every_minute("s")).await.unwrap();
+    assert_eq!(created.record.time_zone, "UTC");
+    assert_eq!(created.next_run_ms, Some(T0 - 500 + MINUTE));
+    assert!(created.record.runs.is_empty());
+    assert!(items(&engine).is_empty(), "nothing before the first tick");
+
+    pass(MINUTE).await;
+    assert_eq!(
+        payloads(&engine, State::Ready),
+        ["item-0@2026-11-28T16:01:00Z", "item-1@2026-11-28T16:01:00Z"]
+    );
+    let keys: Vec<String> = items(&engine).into_iter().map(|i| i.key).collect();
+    let tick = T0 - 500 + MINUTE;
+    assert_eq!(
+        keys,
+        [
+            format!("schedule/s/{tick}/0"),
+            format!("schedule/s/{tick}/1")
+        ]
+    );
+    let view = schedule(&engine, "s").await;
+    assert_eq!(view.record.runs.len(), 1);
+    assert_eq!(outcome(&view, 0), Some(Outcome::Enqueued));
+    assert_eq!(view.record.runs[0].scheduled_ms, tick);
+    assert_eq!(view.record.runs[0].items, 2);
+    assert_eq!(view.record.enqueued_runs, 1);
+    assert_eq!(view.next_run_ms, Some(tick + MINUTE));
+
+    // Allow: the next tick enqueues although the first tick's items are unfinished.
+    pass(MINUTE).await;
+    assert_eq!(payloads(&engine, State::Ready).len(), 4);
+    let view = schedule(&engine, "s").await;
+    assert_eq!(view.record.enqueued_runs, 2);
+    assert_eq!(
+        view.record.runs[0].scheduled_ms,
+        tick + MINUTE,
+        "most recent first"
+    );
+    assert_eq!(engine.stats("q").unwrap().counters.enqueued, 4);
+}
+
+#[tokio::test(start_paused = true)]
+async fn forbid_skips_while_the_last_runs_items_are_unfinished() {
+    let engine = open_memory();
+    create_queue(&engine, "q").await;
+    let new = NewSchedule {
+        policy: Policy::Forbid,
+        ..every_minute("s")
+    };
+    engine.create_schedule(new).await.unwrap();
+    pass(MINUTE).await;
+    assert_eq!(items(&engine).len(), 2);
+
+    // One item done, one still leased: the next tick is skipped.
+    let leased = engine.lease("q", lease("w", 2)).await.unwrap().granted;
+    engine
+        .ack("q", leased[0].id, leased[0].token, Vec::new())
+        .await
+        .unwrap();
+    pass(MINUTE).await;
+    assert_eq!(items(&engine).len(), 2, "nothing enqueued");
+    let view = schedule(&engine, "s").await;
+    assert_eq!(outcome(&view, 0), Some(Outcome::Skipped));
+    assert!(
+        view.record.runs[0].detail.contains("1 item(s)"),
+        "{:?}",
+        view.record.runs[0]
+    );
+    assert_eq!(view.record.skipped_runs, 1);
+
+    // Dead counts as finished as much as done.
+    engine
+        .fail("q", leased[1].id, leased[1].token, "boom".into(), true, 0)
+        .await
+        .unwrap();
+    pass(MINUTE).await;
+    let view = schedule(&engine, "s").await;
+    assert_eq!(outcome(&view, 0), Some(Outcome::Enqueued));
+    assert_eq!(payloads(&engine, State::Ready).len(), 2);
+}
+
+#[tokio::test(start_paused = true)]
+async fn replace_purges_the_last_runs_unleased_items_and_lets_leased_ones_finish() {
+    let engine = open_memory();
+    create_queue(&engine, "q").await;
+    let new = NewSchedule {
+        policy: Policy::Replace,
+        count: 3,
+        ..every_minute("s")
+    };
+    engine.create_schedule(new).await.unwrap();
+    pass(MINUTE).await;
+    let first = engine.lease("q", lease("w", 1)).await.unwrap().granted;
+    pass(MINUTE).await;
+    let view = schedule(&engine, "s").await;
+    assert_eq!(outcome(&view, 0), Some(Outcome::Enqueued));
+    assert_eq!(view.record.runs[0].replaced, 2);
+    assert_eq!(
+        payloads(&engine, State::Leased),
+        ["item-0@2026-11-28T16:01:00Z"]
+    );
+    assert_eq!(
+        payloads(&engine, State::Ready),
+        [
+            "item-0@2026-11-28T16:02:00Z",
+            "item-1@2026-11-28T16:02:00Z",
+            "item-2@2026-11-28T16:02:00Z"
+        ]
+    );
+    assert_eq!(engine.stats("q").unwrap().counters.purged, 2);
+    // The leased item of the first run still completes with its token.
+    engine
+        .ack("q", first[0].id, first[0].token, Vec::new())
+        .await
+        .unwrap();
+}
+
+#[tokio::test(start_paused = true)]
+async fn resuming_runs_only_the_most_recent_missed_tick_within_the_deadline() {
+    let engine = open_memory();
+    create_queue(&engine, "q").await;
+    let new = NewSchedule {
+        suspend: true,
+        ..every_minute("late")
+    };
+    let created = engine.create_schedule(new).await.unwrap();
+    assert_eq!(created.next_run_ms, None, "suspended: no next run");
+    let with_deadline = NewSchedule {
+        suspend: true,
+        starting_deadline_ms: 30_000,
+        ..every_minute("strict")
+    };
+    engine.create_schedule(with_deadline).await.unwrap();
+
+    // Five ticks pass while suspended; resume 45 s after the last one.
+    pass(5 * MINUTE + 45_000).await;
+    assert!(items(&engine).is_empty());
+    engine.set_schedule_suspended("late", false).await.unwrap();
+    engine
+        .set_schedule_suspended("strict", false)
+        .await
+        .unwrap();
+    pass(1).await;
+
+    // No deadline: the most recent missed tick runs once, late; none before it.
+    let late = schedule(&engine, "late").await;
+    assert_eq!(late.record.runs.len(), 1, "{:?}", late.record.runs);
+    assert_eq!(outcome(&late, 0), Some(Outcome::Enqueued));
+    assert_eq!(late.record.runs[0].scheduled_ms, T0 - 500 + 5 * MINUTE);
+    assert!(late.record.runs[0].detail.contains("late"));
+    assert_eq!(items(&engine).len(), 2);
+    // A 30 s deadline: the same tick is missed, and nothing is enqueued for it.
+    let strict = schedule(&engine, "strict").await;
+    assert_eq!(strict.record.runs.len(), 1);
+    assert_eq!(outcome(&strict, 0), Some(Outcome::Missed));
+    assert!(
+        strict.record.runs[0]
+            .detail
+            .contains("past the starting deadline of 30.0s")
+    );
+    assert_eq!(strict.record.missed_runs, 1);
+
+    // Both tick on time from then on.
+    pass(MINUTE).await;
+    assert_eq!(
+        outcome(&schedule(&engine, "strict").await, 0),
+        Some(Outcome::Enqueued)
+    );
+    assert_eq!(items(&engine).len(), 6);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_refused_enqueue_is_recorded_and_changes_nothing() {
+    let engine = open_memory();
+    create_queue(&engine, "q").await;
+    let new = NewSchedule {
+        policy: Policy::Replace,
+        ..every_minute("s")
+    };
+    engine.create_schedule(new).await.unwrap();
+    pass(MINUTE).await;
+    engine.set_sealed("q", true).await.unwrap();
+    pass(MINUTE).await;
+    let view = schedule(&engine, "s").await;
+    assert_eq!(outcome(&view, 0), Some(Outcome::Failed));
+    assert!(
+        view.record.runs[0].detail.contains("sealed"),
+        "{:?}",
+        view.record.runs[0]
+    );
+    assert_eq!(view.record.failed_runs, 1);
+    // Replace did not purge the last run's items for a tick that could not enqueue.
+    assert_eq!(payloads(&engine, State::Ready).len(), 2);
+
+    engine.delete_queue("q").await.unwrap();
+    pass(MINUTE).await;
+    let view = schedule(&engine, "s").await;
+    assert_eq!(outcome(&view, 0), Some(Outcome::Failed));
+    assert!(view.record.runs[0].detail.contains("queue 'q' not found"));
+    // The queue comes back: so do the ticks.
+    create_queue(&engine, "q").await;
+    pass(MINUTE).await;
+    assert_eq!(
+        outcome(&schedule(&engine, "s").await, 0),
+        Some(Outcome::Enqueued)
+    );
+    assert_eq!(items(&engine).len(), 2);
+}
+
+#[tokio::test(start_paused = true)]
+async fn time_zones_deletion_and_the_history_limit() {
+    let engine = open_memory();
+    create_queue(&engine, "q").await;
+    let new = NewSchedule {
+        cron: "0 9 * * *".into(),
+        time_zone: "America/New_York".into(),
+        ..every_minute("morning")
+    };
+    let morning = engine.create_schedule(new).await.unwrap();
+    // 09:00 in New York on 2026-11-29 is 14:00 UTC (EST, UTC-5).
+    assert_eq!(morning.next_run_ms, Some(1_795_960_800_000));
+    assert_eq!(morning.record.time_zone, "America/New_York");
+
+    let every_second = NewSchedule {
+        cron: "* * * * * *".into(),
+        count: 1,
+        ..every_minute("fast")
+    };
+    engine.create_schedule(every_second).await.unwrap();
+    pass(12_000).await;
+    let fast = schedule(&engine, "fast").await;
+    assert_eq!(fast.record.enqueued_runs, 12);
+    assert_eq!(fast.record.runs.len(), 10, "the last ten runs are kept");
+    engine.delete_schedule("fast").await.unwrap();
+    pass(5_000).await;
+    assert_eq!(
+        items(&engine).len(),
+        12,
+        "no ticks after deletion; its items stay"
+    );
+    assert_eq!(engine.list_schedules(None).await.len(), 1);
+    assert_eq!(engine.list_schedules(Some("other")).await.len(), 0);
+    let err = engine.delete_schedule("fast").await.unwrap_err();
+    assert!(matches!(err, Error::ScheduleNotFound(_)), "{err:?}");
+    let err = engine
+        .set_schedule_suspended("fast", true)
+        .await
+        .unwrap_err();
+    assert!(matches!(err, Error::ScheduleNotFound(_)), "{err:?}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn bad_schedules_are_refused_with_the_reason_and_change_nothing() {
+    let engine = open_memory();
+    create_queue(&engine, "q").await;
+    engine.create_schedule(every_minute("taken")).await.unwrap();
+    let cases: Vec<(NewSchedule, &str)> = vec![
+        (every_minute("-bad"), "invalid schedule name"),
+        (every_minute(""), "invalid schedule name"),
+        (
+            NewSchedule {
+                cron: "every minute".into(),
+                ..every_minute("s")
+            },
+            "is not valid",
+        ),
+        (
+            NewSchedule {
+                time_zone: "Nowhere/Else".into(),
+                ..every_minute("s")
+            },
+            "unknown time zone",
+        ),
+        (
+            NewSchedule {
+                queue: "missing".into(),
+                ..every_minute("s")
+            },
+            "queue 'missing' not found",
+        ),
+        (
+            NewSchedule {
+                count: 10_001,
+                ..every_minute("s")
+            },
+            "at most 10000 items",
+        ),
+        (
+            NewSchedule {
+                payload: vec![b'x'; 1024 * 1024 + 1],
+                ..every_minute("s")
+            },
+            "max payload",
+        ),
+        (every_minute("taken"), "already exists"),
+    ];
+    for (new, says) in cases {
+        let name = new.name.clone();
+        let err = engine.create_schedule(new).await.unwrap_err();
+        assert!(err.to_string().contains(says), "{name}: {err}");
+    }
+    let names: Vec<String> = engine
+        .list_schedules(None)
+        .await
+        .into_iter()
+        .map(|s| s.record.name)
+        .collect();
+    assert_eq!(names, ["taken"]);
+}
+
+// ---- restarts --------------------------------------------------------------------
+
+/// Opens the data dir with the engine's clock at `unix_ms`, waiting while an engine
+/// dropped just before still holds the dir.
+async fn open_at(dir: &Path, unix_ms: u64) -> Arc<Engine> {
+    for _ in 0..1000 {
+        match Store::open_disk(dir, Durability::Strict) {
+            Ok(store) => return Engine::open(store, Clock::starting_at(unix_ms)).unwrap(),
+            Err(e) if e.to_string().contains("in use") => {
+                tokio::time::sleep(Duration::from_millis(10)).await
+            }
+            Err(e) => panic!("cannot open {}: {e}", dir.display()),
+        }
+    }
+    panic!("the data dir stayed in use")
+}
+
+/// Waits (really) until `name` has run `runs` times.
+async fn wait_runs(engine: &Engine, name: &str, runs: usize) -> ScheduleView {
+    for _ in 0..500 {
+        let view = schedule(engine, name).await;
+        if view.record.runs.len() >= runs {
+            return view;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("{name} did not run {runs} times")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn schedules_and_their_runs_survive_restarts_and_missed_ticks_follow_the_deadline() {
+    let dir = tempfile::tempdir().unwrap();
+    // 16:00:59.900: the first tick (16:01:00) comes a tenth of a second after the start.
+    let start = T0 + 59_400;
+    let engine = open_at(dir.path(), start).await;
+    create_queue(&engine, "q").await;
+    engine.create_schedule(every_minute("s")).await.unwrap();
+    let deadline = NewSchedule {
+        starting_deadline_ms: 30_000,
+        ..every_minute("d")
+    };
+    engine.create_schedule(deadline).await.unwrap();
+    let suspended = NewSchedule {
+        suspend: true,
+        ..every_minute("off")
+    };
+    engine.create_schedule(suspended).await.unwrap();
+    let before_s = wait_runs(&engine, "s", 1).await;
+    let before_d = wait_runs(&engine, "d", 1).await;
+    assert_eq!(items(&engine).len(), 4);
+    // A crash: no clean close, no snapshot.
+    drop(engine);
+
+    // Back 20 s after 16:05: both run the 16:05 tick once; 16:02–16:04 are not
+    // back-filled.
+    let engine = open_at(dir.path(), T0 - 500 + 5 * MINUTE + 20_000).await;
+    let s = wait_runs(&engine, "s", 2).await;
+    let d = wait_runs(&engine, "d", 2).await;
+    for (view, before) in [(&s, &before_s), (&d, &before_d)] {
+        assert_eq!(view.record.runs.len(), 2, "{:?}", view.record.runs);
+        assert_eq!(outcome(view, 0), Some(Outcome::Enqueued));
+        assert_eq!(view.record.runs[0].scheduled_ms, T0 - 500 + 5 * MINUTE);
+        assert_eq!(
+            view.record.runs[1], before.record.runs[0],
+            "restored as run"
+        );
+    }
+    let off = schedule(&engine, "off").await;
+    assert!(off.record.suspended && off.record.runs.is_empty());
+    assert_eq!(items(&engine).len(), 8);
+    // A clean stop this time: the schedules go through a snapshot.
+    engine.close().await.unwrap();
+    drop(engine);
+
+    // Back 50 s after 16:09: past "d"'s 30 s deadline, within "s"'s none.
+    let engine = open_at(dir.path(), T0 - 500 + 9 * MINUTE + 50_000).await;
+    let s = wait_runs(&engine, "s", 3).await;
+    let d = wait_runs(&engine, "d", 3).await;
+    assert_eq!(outcome(&s, 0), Some(Outcome::Enqueued));
+    assert_eq!(outcome(&d, 0), Some(Outcome::Missed));
+    assert_eq!(d.record.missed_runs, 1);
+    assert_eq!(d.record.enqueued_runs, 2);
+    assert_eq!(items(&engine).len(), 10);
+    // "d" ran the same ticks as "s" before its miss.
+    let ticks = |view: &ScheduleView| -> Vec<(u64, u32)> {
+        view.record.runs[1..]
+            .iter()
+            .map(|run| (run.scheduled_ms, run.items))
+            .collect()
+    };
+    assert_eq!(ticks(&d), ticks(&s));
+    engine.close().await.unwrap();
+}
