@@ -13,7 +13,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
-use crate::commands::{enqueue, items, lease, queue, watch, workers};
+use crate::commands::{enqueue, items, lease, queue, schedule, watch, workers};
 use crate::connect::Global;
 
 /// Command-line client for workq, a durable work queue for batch jobs.
@@ -73,6 +73,11 @@ enum Command {
     Extend(lease::ExtendArgs),
     Release(lease::ReleaseArgs),
 
+    // ---- schedules (commands/schedule.rs) ----
+    /// Enqueue batches on a cron schedule: create, list, delete, suspend, resume.
+    #[command(subcommand)]
+    Schedule(schedule::ScheduleCommand),
+
     // ---- load generation (bench/) ----
     Bench(bench::BenchArgs),
 
@@ -107,6 +112,7 @@ async fn main() -> ExitCode {
         Command::Fail(args) => lease::fail(&global, args).await,
         Command::Extend(args) => lease::extend(&global, args).await,
         Command::Release(args) => lease::release(&global, args).await,
+        Command::Schedule(command) => schedule::run(&global, command).await,
         Command::Bench(args) => bench::run(&global, args).await,
         Command::Job(command) => return job::run(command).await,
     };

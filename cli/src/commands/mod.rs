@@ -6,6 +6,7 @@ pub mod enqueue;
 pub mod items;
 pub mod lease;
 pub mod queue;
+pub mod schedule;
 pub mod watch;
 pub mod workers;
 

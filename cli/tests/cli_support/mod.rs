@@ -29,6 +29,14 @@ impl Env {
         }
     }
 
+    /// One with a data dir (strict durability), for restarts.
+    pub fn start_on_disk() -> Env {
+        Env {
+            coordinator: Coordinator::start(),
+            _token_dir: None,
+        }
+    }
+
     /// One that wants `token` on every call.
     pub fn start_with_token(token: &str) -> Env {
         let dir = tempfile::tempdir().expect("temp dir");
