@@ -320,3 +320,81 @@ fn the_parser_rejects_what_prometheus_rejects() {
     let good = "# HELP x help\n# TYPE x gauge\nx{q=\"a\\\"b\"} 1.5\n";
     assert_eq!(parse(good).len(), 1);
 }
+
+#[tokio::test]
+async fn schedules_count_their_runs_by_outcome() {
+    use workq_coordinator::engine::OptionsPatch;
+    use workq_coordinator::engine::schedules::{NewSchedule, Policy};
+
+    let server = Server::start().await;
+    let engine = &server.engine;
+    engine
+        .create_queue("q", &OptionsPatch::default(), false)
+        .await
+        .unwrap();
+    let new = NewSchedule {
+        name: "every-second".into(),
+        queue: "q".into(),
+        cron: "* * * * * *".into(),
+        time_zone: String::new(),
+        payload: Vec::new(),
+        count: 1,
+        policy: Policy::Forbid,
+        starting_deadline_ms: 0,
+        suspend: false,
+    };
+    engine.create_schedule(new.clone()).await.unwrap();
+    let yearly = NewSchedule {
+        name: "yearly".into(),
+        cron: "@yearly".into(),
+        ..new
+    };
+    engine.create_schedule(yearly).await.unwrap();
+    // The first tick enqueues; the next ones find its item unfinished. Suspended
+    // after the first skip, the counts hold still for the scrape.
+    let view = loop {
+        let views = engine.list_schedules(None).await;
+        if views[0].record.skipped_runs > 0 {
+            break engine
+                .set_schedule_suspended("every-second", true)
+                .await
+                .unwrap();
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    };
+    let samples = scrape(&server).await;
+    let runs = |schedule, outcome| {
+        sample(
+            &samples,
+            "workq_schedule_runs_total",
+            &[("schedule", schedule), ("queue", "q"), ("outcome", outcome)],
+        )
+    };
+    assert_eq!(runs("every-second", "enqueued"), 1.0);
+    assert_eq!(
+        runs("every-second", "skipped"),
+        view.record.skipped_runs as f64
+    );
+    assert_eq!(runs("every-second", "missed"), 0.0);
+    assert_eq!(runs("every-second", "failed"), 0.0);
+    assert_eq!(runs("yearly", "enqueued"), 0.0);
+    let next = |schedule| {
+        sample(
+            &samples,
+            "workq_schedule_next_run_timestamp_seconds",
+            &[("schedule", schedule)],
+        )
+    };
+    assert_eq!(next("every-second"), 0.0, "suspended");
+    // In whole seconds, as the engine has it.
+    let new_year = engine
+        .list_schedules(None)
+        .await
+        .into_iter()
+        .find(|s| s.record.name == "yearly")
+        .unwrap()
+        .next_run_ms
+        .unwrap();
+    assert_eq!(next("yearly"), (new_year / 1000) as f64);
+    server.stop().await;
+}

@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use workq_coordinator::engine::schedules::{NewSchedule, Outcome, Policy, ScheduleView};
-use workq_coordinator::engine::{Item, LeaseRequest, OptionsPatch, State};
+use workq_coordinator::engine::{Item, LeaseRequest, NewItem, OptionsPatch, State};
 use workq_coordinator::store::{Durability, Store};
 use workq_coordinator::{Engine, Error, clock::Clock};
 
@@ -127,6 +127,44 @@ async fn each_tick_enqueues_the_batch_with_its_index_and_time() {
     assert_eq!(engine.stats("q").unwrap().counters.enqueued, 4);
 }
 
+/// A crash between a tick's items reaching the log and the schedule's record saying
+/// the tick ran leaves exactly this: the tick's items, and a schedule due to run it
+/// again. The items' dedup keys make the second run the first one's items.
+#[tokio::test(start_paused = true)]
+async fn a_tick_run_twice_enqueues_its_items_once() {
+    let engine = open_memory();
+    create_queue(&engine, "q").await;
+    engine.create_schedule(every_minute("s")).await.unwrap();
+    let tick = T0 - 500 + MINUTE;
+    let logged: Vec<NewItem> = (0..2)
+        .map(|i| NewItem {
+            payload: bytes::Bytes::from(format!("first run {i}")),
+            key: format!("schedule/s/{tick}/{i}"),
+            ..NewItem::default()
+        })
+        .collect();
+    let ids: Vec<u64> = engine
+        .enqueue("q", logged, false)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|e| e.id)
+        .collect();
+
+    pass(MINUTE).await;
+    let view = schedule(&engine, "s").await;
+    assert_eq!(outcome(&view, 0), Some(Outcome::Enqueued));
+    assert_eq!(
+        view.record.last_items, ids,
+        "the tick's items are the first run's"
+    );
+    assert_eq!(
+        payloads(&engine, State::Ready),
+        ["first run 0", "first run 1"]
+    );
+    assert_eq!(engine.stats("q").unwrap().counters.deduplicated, 2);
+}
+
 #[tokio::test(start_paused = true)]
 async fn forbid_skips_while_the_last_runs_items_are_unfinished() {
     let engine = open_memory();
@@ -201,6 +239,46 @@ async fn replace_purges_the_last_runs_unleased_items_and_lets_leased_ones_finish
         .ack("q", first[0].id, first[0].token, Vec::new())
         .await
         .unwrap();
+}
+
+#[tokio::test(start_paused = true)]
+async fn replace_counts_the_room_its_purge_makes_and_a_full_queue_purges_nothing() {
+    let engine = open_memory();
+    let patch = OptionsPatch {
+        max_depth: Some(3),
+        ..OptionsPatch::default()
+    };
+    engine.create_queue("q", &patch, false).await.unwrap();
+    let new = NewSchedule {
+        policy: Policy::Replace,
+        ..every_minute("s")
+    };
+    engine.create_schedule(new).await.unwrap();
+    pass(MINUTE).await;
+    // 2 unfinished + 2 new would pass the max depth of 3, but the purge makes room.
+    pass(MINUTE).await;
+    let view = schedule(&engine, "s").await;
+    assert_eq!(outcome(&view, 0), Some(Outcome::Enqueued));
+    assert_eq!(view.record.runs[0].replaced, 2);
+
+    // One item leased (Replace leaves it) and one from elsewhere: 3 unfinished, 1
+    // purgeable, 2 new: 4 > 3. The tick is refused before anything is purged.
+    engine.lease("q", lease("w", 1)).await.unwrap();
+    let other = NewItem {
+        payload: bytes::Bytes::from_static(b"other"),
+        ..NewItem::default()
+    };
+    engine.enqueue("q", vec![other], false).await.unwrap();
+    let before = items(&engine);
+    pass(MINUTE).await;
+    let view = schedule(&engine, "s").await;
+    assert_eq!(outcome(&view, 0), Some(Outcome::Failed));
+    assert!(
+        view.record.runs[0].detail.contains("is full"),
+        "{:?}",
+        view.record.runs[0]
+    );
+    assert_eq!(items(&engine), before, "nothing purged, nothing added");
 }
 
 #[tokio::test(start_paused = true)]

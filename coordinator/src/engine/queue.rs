@@ -368,15 +368,10 @@ impl Queue {
 
     // ---- transitions ----------------------------------------------------------
 
-    /// Adds a batch atomically: it is validated whole before anything changes.
-    /// `ids` hands out fresh item ids.
-    pub fn enqueue(
-        &mut self,
-        now: u64,
-        batch: Vec<NewItem<impl AsRef<[u8]>>>,
-        seal: bool,
-        mut ids: impl FnMut() -> u64,
-    ) -> Result<Vec<Enqueued>> {
+    /// Whether `enqueue` would take `batch` once `freed` unfinished items are gone
+    /// (a schedule's Replace checks before it purges): the queue is not sealed, every
+    /// payload fits, and what is new stays within the max depth. Changes nothing.
+    pub fn check_batch(&self, batch: &[NewItem<impl AsRef<[u8]>>], freed: u64) -> Result<()> {
         if self.sealed {
             return Err(Error::Sealed(self.name.clone()));
         }
@@ -401,17 +396,27 @@ impl Queue {
                             && seen.insert(i.key.as_str()))
                 })
                 .count() as u64;
-            if self.unfinished() + new > self.options.max_depth {
+            let unfinished = self.unfinished().saturating_sub(freed);
+            if unfinished + new > self.options.max_depth {
                 return Err(Error::ResourceExhausted(format!(
                     "queue '{}' is full: {} unfinished items, {} more would pass its max depth of {}",
-                    self.name,
-                    self.unfinished(),
-                    new,
-                    self.options.max_depth
+                    self.name, unfinished, new, self.options.max_depth
                 )));
             }
         }
+        Ok(())
+    }
 
+    /// Adds a batch atomically: it is validated whole before anything changes.
+    /// `ids` hands out fresh item ids.
+    pub fn enqueue(
+        &mut self,
+        now: u64,
+        batch: Vec<NewItem<impl AsRef<[u8]>>>,
+        seal: bool,
+        mut ids: impl FnMut() -> u64,
+    ) -> Result<Vec<Enqueued>> {
+        self.check_batch(&batch, 0)?;
         let mut results = Vec::with_capacity(batch.len());
         for new in batch {
             let found = (!new.key.is_empty()).then(|| self.keys.find(&new.key, &self.items));

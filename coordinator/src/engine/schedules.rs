@@ -375,22 +375,20 @@ impl Engine {
         let room = items.len();
         let last = &record.last_items;
         let (tick, ticket) = self.apply(&slot, &record.queue, |q, now, store| {
-            // Refused before Replace purges anything: a failed tick changes nothing.
-            if q.sealed {
-                return Err(Error::Sealed(q.name.clone()));
-            }
-            let unfinished = last
-                .iter()
-                .filter(|&&id| {
-                    q.item(id).is_some_and(|item| {
-                        matches!(item.state, State::Ready | State::Delayed | State::Leased)
-                    })
-                })
-                .count();
+            let in_state = |states: &[State]| {
+                last.iter()
+                    .filter(|&&id| q.item(id).is_some_and(|item| states.contains(&item.state)))
+                    .count()
+            };
+            let unfinished = in_state(&[State::Ready, State::Delayed, State::Leased]);
             if policy == Policy::Forbid && unfinished > 0 {
                 return Ok(Tick::Skipped { unfinished });
             }
             let replaced = if policy == Policy::Replace {
+                // Checked before the purge, counting the room it makes: a tick the
+                // queue refuses changes nothing.
+                let purgeable = in_state(&[State::Ready, State::Delayed]);
+                q.check_batch(&items, purgeable as u64)?;
                 q.purge_ids(last)
             } else {
                 0

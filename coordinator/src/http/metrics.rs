@@ -128,7 +128,7 @@ fn label(value: &str) -> String {
 }
 
 pub async fn render(State(state): State<AppState>) -> Response {
-    let text = exposition(&state);
+    let text = exposition(&state).await;
     (
         [(
             header::CONTENT_TYPE,
@@ -140,7 +140,7 @@ pub async fn render(State(state): State<AppState>) -> Response {
 }
 
 /// The whole exposition text for one scrape.
-pub fn exposition(state: &AppState) -> String {
+pub async fn exposition(state: &AppState) -> String {
     let engine = &state.engine;
     let queues = engine.list_queues();
     let mut out = String::with_capacity(4096 + queues.len() * 2048);
@@ -260,6 +260,8 @@ pub fn exposition(state: &AppState) -> String {
         }
     }
 
+    schedules(&mut out, &engine.list_schedules(None).await);
+
     LEASE.render(
         &mut out,
         "workq_lease_duration_seconds",
@@ -332,6 +334,48 @@ pub fn exposition(state: &AppState) -> String {
         }
     }
     out
+}
+
+/// Each schedule's ticks by outcome and its next tick: alert on failed or missed runs,
+/// or on a next run that does not move.
+fn schedules(out: &mut String, schedules: &[crate::engine::schedules::ScheduleView]) {
+    let _ = writeln!(
+        out,
+        "# HELP workq_schedule_runs_total Schedule ticks by outcome (enqueued, skipped, missed, failed)."
+    );
+    let _ = writeln!(out, "# TYPE workq_schedule_runs_total counter");
+    for s in schedules {
+        let r = &s.record;
+        for (outcome, n) in [
+            ("enqueued", r.enqueued_runs),
+            ("skipped", r.skipped_runs),
+            ("missed", r.missed_runs),
+            ("failed", r.failed_runs),
+        ] {
+            let _ = writeln!(
+                out,
+                "workq_schedule_runs_total{{schedule=\"{}\",queue=\"{}\",outcome=\"{outcome}\"}} {n}",
+                label(&r.name),
+                label(&r.queue)
+            );
+        }
+    }
+    let _ = writeln!(
+        out,
+        "# HELP workq_schedule_next_run_timestamp_seconds When the schedule ticks next (0 while suspended)."
+    );
+    let _ = writeln!(
+        out,
+        "# TYPE workq_schedule_next_run_timestamp_seconds gauge"
+    );
+    for s in schedules {
+        let _ = writeln!(
+            out,
+            "workq_schedule_next_run_timestamp_seconds{{schedule=\"{}\"}} {}",
+            label(&s.record.name),
+            s.next_run_ms.unwrap_or(0) / 1000
+        );
+    }
 }
 
 #[cfg(test)]
