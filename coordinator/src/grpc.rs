@@ -46,6 +46,17 @@ impl Service {
 
 type Reply<T> = Result<Response<T>, Status>;
 
+impl Service {
+    async fn set_suspended(&self, name: String, suspended: bool) -> Reply<pb::Schedule> {
+        reply(
+            self.engine
+                .set_schedule_suspended(&name, suspended)
+                .await
+                .map(schedule_pb),
+        )
+    }
+}
+
 fn reply<T>(result: crate::Result<T>) -> Reply<T> {
     result.map(Response::new).map_err(status)
 }
@@ -338,26 +349,14 @@ impl pb::work_q_server::WorkQ for Service {
         &self,
         request: Request<pb::SuspendScheduleRequest>,
     ) -> Reply<pb::Schedule> {
-        let r = request.into_inner();
-        reply(
-            self.engine
-                .set_schedule_suspended(&r.name, true)
-                .await
-                .map(schedule_pb),
-        )
+        self.set_suspended(request.into_inner().name, true).await
     }
 
     async fn resume_schedule(
         &self,
         request: Request<pb::ResumeScheduleRequest>,
     ) -> Reply<pb::Schedule> {
-        let r = request.into_inner();
-        reply(
-            self.engine
-                .set_schedule_suspended(&r.name, false)
-                .await
-                .map(schedule_pb),
-        )
+        self.set_suspended(request.into_inner().name, false).await
     }
 
     async fn create_queue(&self, request: Request<pb::CreateQueueRequest>) -> Reply<pb::QueueInfo> {

@@ -1029,6 +1029,28 @@ fn lower_this_threads_priority() {
     }
 }
 
+/// The timer tasks' wait (reaper, scheduler): until `deadline` (Unix ms; `u64::MAX`:
+/// none), a wake-up, or a change of the shutdown flag, whichever comes first.
+async fn sleep_until_due(
+    clock: Clock,
+    deadline: u64,
+    wake: &Notify,
+    shutdown: &mut watch::Receiver<bool>,
+) {
+    let sleep = async {
+        if deadline == u64::MAX {
+            std::future::pending::<()>().await;
+        } else {
+            tokio::time::sleep_until(clock.instant_at(deadline)).await;
+        }
+    };
+    tokio::select! {
+        _ = wake.notified() => {}
+        _ = sleep => {}
+        _ = shutdown.changed() => {}
+    }
+}
+
 /// Writes a snapshot whenever the store says the log has grown enough.
 fn spawn_checkpointer(engine: &Arc<Engine>) {
     let Some(wanted) = engine.store.checkpoint_wanted() else {

@@ -33,18 +33,7 @@ pub(super) fn spawn(engine: Arc<Engine>) {
                 engine.next_wake.store(next, Ordering::SeqCst);
                 next
             };
-            let sleep = async {
-                if next == u64::MAX {
-                    std::future::pending::<()>().await;
-                } else {
-                    tokio::time::sleep_until(clock.instant_at(next)).await;
-                }
-            };
-            tokio::select! {
-                _ = wake.notified() => {}
-                _ = sleep => {}
-                _ = shutdown.changed() => {}
-            }
+            super::sleep_until_due(clock, next, &wake, &mut shutdown).await;
         }
     });
 }

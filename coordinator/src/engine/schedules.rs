@@ -477,18 +477,7 @@ pub(super) fn spawn(engine: &Arc<Engine>) {
                 engine.run_due_schedules().await
             };
             // A change during the pass left a permit (`notify_one`), so it is not lost.
-            let sleep = async {
-                if next == u64::MAX {
-                    std::future::pending::<()>().await;
-                } else {
-                    tokio::time::sleep_until(clock.instant_at(next)).await;
-                }
-            };
-            tokio::select! {
-                _ = wake.notified() => {}
-                _ = sleep => {}
-                _ = shutdown.changed() => {}
-            }
+            super::sleep_until_due(clock, next, &wake, &mut shutdown).await;
         }
     });
 }
