@@ -301,3 +301,77 @@ async fn the_dashboard_is_served_from_the_binary() {
     );
     server.stop().await;
 }
+
+#[tokio::test]
+async fn schedules_are_listed_with_their_runs() {
+    use workq_coordinator::engine::schedules::{NewSchedule, Policy};
+
+    let server = Server::start().await;
+    let engine = &server.engine;
+    for queue in ["a", "b"] {
+        engine
+            .create_queue(queue, &OptionsPatch::default(), false)
+            .await
+            .unwrap();
+    }
+    let ticker = NewSchedule {
+        name: "ticker".into(),
+        queue: "a".into(),
+        cron: "* * * * * *".into(),
+        time_zone: String::new(),
+        payload: b"tick".to_vec(),
+        count: 2,
+        policy: Policy::Replace,
+        starting_deadline_ms: 0,
+        suspend: false,
+    };
+    engine.create_schedule(ticker.clone()).await.unwrap();
+    let nightly = NewSchedule {
+        name: "nightly".into(),
+        queue: "b".into(),
+        cron: "0 2 * * *".into(),
+        time_zone: "Europe/Stockholm".into(),
+        suspend: true,
+        starting_deadline_ms: 600_000,
+        policy: Policy::Forbid,
+        ..ticker
+    };
+    engine.create_schedule(nightly).await.unwrap();
+    // Wait (really) for the ticker's first run.
+    let listed = loop {
+        let reply = server.get("/api/v1/schedules").await;
+        assert_eq!(reply.status, 200);
+        let listed = reply.json();
+        if listed["schedules"][1]["enqueued_runs"] == 1 {
+            break listed;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    };
+    let nightly = &listed["schedules"][0];
+    assert_eq!(nightly["name"], "nightly");
+    assert_eq!(nightly["time_zone"], "Europe/Stockholm");
+    assert_eq!(nightly["policy"], "Forbid");
+    assert_eq!(nightly["starting_deadline_ms"], 600_000);
+    assert_eq!(nightly["suspended"], true);
+    assert_eq!(nightly["next_run_ms"], 0);
+    assert_eq!(nightly["runs"], json!([]));
+    let ticker = &listed["schedules"][1];
+    assert_eq!(ticker["policy"], "Replace");
+    assert_eq!(ticker["count"], 2);
+    let run = &ticker["runs"][0];
+    assert_eq!(run["outcome"], "enqueued");
+    assert_eq!(run["items"], 2);
+    assert!(run["scheduled_ms"].as_u64().unwrap() <= run["ran_ms"].as_u64().unwrap());
+    assert!(ticker["next_run_ms"].as_u64().unwrap() > run["scheduled_ms"].as_u64().unwrap());
+    assert!(listed["now_ms"].as_u64().unwrap() >= run["ran_ms"].as_u64().unwrap());
+
+    let only_b = server.get("/api/v1/schedules?queue=b").await.json();
+    let names: Vec<&str> = only_b["schedules"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["nightly"]);
+    server.stop().await;
+}

@@ -1,7 +1,8 @@
 // The dashboard in a real browser (driven by .ci/browser-test, which starts the
 // coordinator and the item flow): queue rows, progress and worker rows appear and
-// update, a dead item is requeued from the page, and a token-protected coordinator
-// is usable after pasting the token. Saves a screenshot for the CI artifacts.
+// update, schedules show their last and next runs, a dead item is requeued from the
+// page, and a token-protected coordinator is usable after pasting the token. Saves a
+// screenshot for the CI artifacts.
 //
 // Usage: node http_browser.cjs HTTP_URL TOKEN_HTTP_URL TOKEN SCREENSHOT PROFILE_DIR
 "use strict";
@@ -110,6 +111,22 @@ async function main() {
       { timeout: TIMEOUT },
     );
     ok("worker rows appear and update (pod-a, pod-b, the memq client)");
+
+    // Schedules: the ticking one shows its last run (enqueued, then skipped under
+    // Forbid) and its next; the suspended one shows no next run.
+    const ticker = page.locator('#schedules tr[data-schedule="ticker"][data-outcome="skipped"]');
+    await ticker.waitFor();
+    const tickerCells = await ticker.locator("td").allTextContents();
+    check(tickerCells[1] === "ticks" && tickerCells[2] === "* * * * * *", "ticker row: " + tickerCells);
+    check(tickerCells[3] === "Forbid", "ticker policy: " + tickerCells[3]);
+    check(tickerCells[5] === "skipped: previous run unfinished", "ticker result: " + tickerCells[5]);
+    check(/^in \d+s$/.test(tickerCells[6]), "ticker next run: " + tickerCells[6]);
+    const nightly = await page.locator('#schedules tr[data-schedule="nightly"] td').allTextContents();
+    check(nightly[0] === "nightly (suspended)", "nightly name: " + nightly[0]);
+    check(nightly[2] === "0 2 * * * Europe/Stockholm", "nightly cron: " + nightly[2]);
+    check(nightly[4] === "–" && nightly[6] === "–", "nightly has no runs: " + nightly);
+    check((await page.locator("#schedule-count").textContent()) === "(2)", "two schedules counted");
+    ok("schedules show their last run, its result and the next one");
 
     // Dead items with their last error; requeue one from the page.
     await page.waitForFunction(() => document.querySelectorAll("#dead tbody tr").length === 3, null, {

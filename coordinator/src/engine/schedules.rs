@@ -58,6 +58,15 @@ impl Policy {
         }
     }
 
+    /// Kubernetes' spelling.
+    pub fn name(self) -> &'static str {
+        match self {
+            Policy::Allow => "Allow",
+            Policy::Forbid => "Forbid",
+            Policy::Replace => "Replace",
+        }
+    }
+
     pub fn code(self) -> u32 {
         match self {
             Policy::Allow => 1,

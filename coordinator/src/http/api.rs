@@ -6,7 +6,8 @@
 //! - `GET  /api/v1/queues/{q}/workers`, `GET /api/v1/workers[?queue=Q]`: workers with
 //!   the items they hold;
 //! - `GET  /api/v1/queues/{q}/items?state=dead&after=ID&limit=N`: a page of items;
-//! - `POST /api/v1/queues/{q}/requeue` with `{"ids":[…]}` or `{"all_dead":true}`.
+//! - `POST /api/v1/queues/{q}/requeue` with `{"ids":[…]}` or `{"all_dead":true}`;
+//! - `GET  /api/v1/schedules[?queue=Q]`: schedules with their last runs.
 //!
 //! Times are Unix milliseconds; `now_ms` in listings lets a client compute ages with
 //! the server's clock. Item ids are JSON numbers (ids count up from 1, far below 2^53).
@@ -44,6 +45,7 @@ pub fn routes() -> Router<AppState> {
         .route("/api/v1/workers", get(all_workers))
         .route("/api/v1/queues/{q}/items", get(list_items))
         .route("/api/v1/queues/{q}/requeue", post(requeue))
+        .route("/api/v1/schedules", get(list_schedules))
 }
 
 /// A JSON error reply.
@@ -173,6 +175,95 @@ async fn get_queue(
     Path(name): Path<String>,
 ) -> ApiResult<QueueJson> {
     Ok(Json(QueueJson::from_view(state.engine.get_queue(&name)?)))
+}
+
+#[derive(Serialize)]
+struct ScheduleJson {
+    name: String,
+    queue: String,
+    cron: String,
+    time_zone: String,
+    policy: &'static str,
+    count: u32,
+    starting_deadline_ms: u64,
+    suspended: bool,
+    created_ms: u64,
+    /// 0 while suspended.
+    next_run_ms: u64,
+    enqueued_runs: u64,
+    skipped_runs: u64,
+    missed_runs: u64,
+    failed_runs: u64,
+    /// The most recent first.
+    runs: Vec<RunJson>,
+}
+
+#[derive(Serialize)]
+struct RunJson {
+    scheduled_ms: u64,
+    ran_ms: u64,
+    outcome: &'static str,
+    items: u32,
+    replaced: u32,
+    detail: String,
+}
+
+#[derive(Serialize)]
+struct ScheduleList {
+    now_ms: u64,
+    schedules: Vec<ScheduleJson>,
+}
+
+#[derive(Deserialize)]
+struct SchedulesQuery {
+    queue: Option<String>,
+}
+
+async fn list_schedules(
+    State(state): State<AppState>,
+    query: Result<Query<SchedulesQuery>, QueryRejection>,
+) -> ApiResult<ScheduleList> {
+    use crate::engine::schedules::{Outcome, Policy, outcome_of};
+    let Query(query) = query.map_err(|e| ApiError(StatusCode::BAD_REQUEST, e.body_text()))?;
+    let views = state.engine.list_schedules(query.queue.as_deref()).await;
+    let schedules = views
+        .into_iter()
+        .map(|view| {
+            let r = view.record;
+            ScheduleJson {
+                policy: Policy::from_code(r.policy).map_or("Allow", Policy::name),
+                runs: r
+                    .runs
+                    .into_iter()
+                    .map(|run| RunJson {
+                        scheduled_ms: run.scheduled_ms,
+                        ran_ms: run.ran_ms,
+                        outcome: outcome_of(run.outcome).map_or("unknown", Outcome::name),
+                        items: run.items,
+                        replaced: run.replaced,
+                        detail: run.detail,
+                    })
+                    .collect(),
+                name: r.name,
+                queue: r.queue,
+                cron: r.cron,
+                time_zone: r.time_zone,
+                count: r.count,
+                starting_deadline_ms: r.starting_deadline_ms,
+                suspended: r.suspended,
+                created_ms: r.created_ms,
+                next_run_ms: view.next_run_ms.unwrap_or(0),
+                enqueued_runs: r.enqueued_runs,
+                skipped_runs: r.skipped_runs,
+                missed_runs: r.missed_runs,
+                failed_runs: r.failed_runs,
+            }
+        })
+        .collect();
+    Ok(Json(ScheduleList {
+        now_ms: state.engine.now_ms(),
+        schedules,
+    }))
 }
 
 #[derive(Serialize)]

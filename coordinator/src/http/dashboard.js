@@ -204,6 +204,41 @@ function updateWorkerRow(row, w, now) {
   row.dataset.completed = String(w.completed);
 }
 
+// ---- schedules ----------------------------------------------------------------------
+
+function createScheduleRow(s) {
+  const row = document.createElement("tr");
+  row.dataset.schedule = s.name;
+  return cells(row, 7, ["name", "", "cron", "", "", "result", "num"]);
+}
+
+// What a run did, in a few words, and the class that colours it.
+function runResult(run) {
+  switch (run.outcome) {
+    case "enqueued":
+      return ["enqueued " + fmtInt(run.items) + (run.replaced ? ", replaced " + fmtInt(run.replaced) : ""), "run-ok"];
+    case "skipped":
+      return ["skipped: previous run unfinished", "run-skipped"];
+    default:
+      return [run.outcome + (run.detail ? ": " + run.detail : ""), "run-bad"];
+  }
+}
+
+function updateScheduleRow(row, s, now) {
+  setText(row.cells[0], s.name + (s.suspended ? " (suspended)" : ""));
+  setText(row.cells[1], s.queue);
+  setText(row.cells[2], s.cron + (s.time_zone === "UTC" ? "" : " " + s.time_zone));
+  setText(row.cells[3], s.policy);
+  const last = s.runs[0];
+  setText(row.cells[4], last ? fmtAgo(Math.max(0, now - last.scheduled_ms)) : "–");
+  const [text, cls] = last ? runResult(last) : ["–", ""];
+  setText(row.cells[5], text);
+  row.cells[5].className = "result " + cls;
+  setText(row.cells[6], s.next_run_ms ? "in " + fmtDuration(Math.max(1000, s.next_run_ms - now)) : "–");
+  row.dataset.outcome = last ? last.outcome : "";
+  row.dataset.suspended = String(s.suspended);
+}
+
 // ---- dead items ---------------------------------------------------------------------
 
 function createDeadRow(item) {
@@ -295,7 +330,11 @@ function refresh() {
 
 async function poll() {
   try {
-    const [list, workers] = await Promise.all([api("/api/v1/queues"), api("/api/v1/workers")]);
+    const [list, workers, schedules] = await Promise.all([
+      api("/api/v1/queues"),
+      api("/api/v1/workers"),
+      api("/api/v1/schedules"),
+    ]);
     const withDead = list.queues.filter((q) => q.stats.dead > 0);
     const fetched = withDead
       .slice()
@@ -309,7 +348,7 @@ async function poll() {
           .catch((e) => (e.status === 404 ? [] : Promise.reject(e))),
       ),
     );
-    render(list, workers, deadPages.flat(), withDead);
+    render(list, workers, schedules, deadPages.flat(), withDead);
     lastOk = Date.now();
     setConn("live", "live");
     showError("");
@@ -326,7 +365,7 @@ async function poll() {
   }
 }
 
-function render(list, workers, dead, withDead) {
+function render(list, workers, schedules, dead, withDead) {
   const queues = list.queues;
   syncRows($("queues").tBodies[0], queues, (q) => q.name, createQueueRow, updateQueueRow);
   $("no-queues").hidden = queues.length > 0;
@@ -342,6 +381,16 @@ function render(list, workers, dead, withDead) {
   );
   $("no-workers").hidden = workers.workers.length > 0;
   $("worker-count").textContent = "(" + workers.workers.length + ")";
+
+  syncRows(
+    $("schedules").tBodies[0],
+    schedules.schedules,
+    (s) => s.name,
+    createScheduleRow,
+    (row, s) => updateScheduleRow(row, s, schedules.now_ms),
+  );
+  $("no-schedules").hidden = schedules.schedules.length > 0;
+  $("schedule-count").textContent = "(" + schedules.schedules.length + ")";
 
   syncRows($("dead").tBodies[0], dead, (d) => d.queue + "\u0000" + d.id, createDeadRow, updateDeadRow);
   const totalDead = withDead.reduce((n, q) => n + q.stats.dead, 0);
