@@ -480,6 +480,69 @@ fn purge_discards_ready_and_delayed_only() {
 }
 
 #[test]
+fn purge_ids_takes_only_the_named_ready_and_delayed_items() {
+    let mut f = Fixture::new();
+    let ready = f.enqueue(T0, "ready");
+    let delayed = f
+        .enqueue_item(
+            T0,
+            NewItem {
+                delay_ms: 5_000,
+                key: "dk".into(),
+                ..NewItem::default()
+            },
+        )
+        .id;
+    let fresh = f.enqueue(T0, "fresh");
+    let kept = f.enqueue(T0, "not named");
+    let high = f
+        .enqueue_item(
+            T0,
+            NewItem {
+                priority: 7,
+                ..NewItem::default()
+            },
+        )
+        .id;
+    // Leases the high-priority item, then `ready`, and gives `ready` back: it is then
+    // a returned id of its level, `fresh` and `kept` fresh ones.
+    let granted = f.lease_n(T0, 2);
+    assert_eq!(
+        granted.iter().map(|g| g.id).collect::<Vec<_>>(),
+        [high, ready]
+    );
+    f.q.release(T0, ready, granted[1].token).unwrap();
+    let purged = f.q.purge_ids(&[ready, delayed, fresh, high, 999_999]);
+    assert_eq!(
+        purged, 3,
+        "ready and delayed go; leased and unknown ids stay"
+    );
+    f.q.check_invariants();
+    for id in [ready, delayed, fresh] {
+        assert!(f.q.item(id).is_none(), "{id} purged");
+    }
+    assert!(f.q.item(high).is_some());
+    let s = f.stats(T0);
+    assert_eq!(
+        (s.ready, s.delayed, s.leased, s.counters.purged),
+        (1, 0, 1, 3)
+    );
+    // Only the unnamed item is left to lease; the purged key is free again.
+    let next: Vec<u64> = f.lease_n(T0, 5).iter().map(|g| g.id).collect();
+    assert_eq!(next, [kept]);
+    assert!(
+        !f.enqueue_item(
+            T0,
+            NewItem {
+                key: "dk".into(),
+                ..NewItem::default()
+            }
+        )
+        .deduplicated
+    );
+}
+
+#[test]
 fn limits_refuse_the_whole_batch() {
     let mut f = Fixture::with(Options {
         max_payload_bytes: 4,
