@@ -17,6 +17,7 @@ use crate::output::{
 pub enum ScheduleCommand {
     Create(CreateArgs),
     List(ListArgs),
+    /// Delete a schedule; the items it enqueued stay.
     Delete(NameArgs),
     /// Stop a schedule's ticks; the items it enqueued stay.
     Suspend(NameArgs),
