@@ -315,26 +315,17 @@ async fn schedules_are_listed_with_their_runs() {
             .unwrap();
     }
     let ticker = NewSchedule {
-        name: "ticker".into(),
-        queue: "a".into(),
-        cron: "* * * * * *".into(),
-        time_zone: String::new(),
-        payload: b"tick".to_vec(),
         count: 2,
         policy: Policy::Replace,
-        starting_deadline_ms: 0,
-        suspend: false,
+        ..NewSchedule::new("ticker", "a", "* * * * * *")
     };
-    engine.create_schedule(ticker.clone()).await.unwrap();
+    engine.create_schedule(ticker).await.unwrap();
     let nightly = NewSchedule {
-        name: "nightly".into(),
-        queue: "b".into(),
-        cron: "0 2 * * *".into(),
         time_zone: "Europe/Stockholm".into(),
         suspend: true,
         starting_deadline_ms: 600_000,
         policy: Policy::Forbid,
-        ..ticker
+        ..NewSchedule::new("nightly", "b", "0 2 * * *")
     };
     engine.create_schedule(nightly).await.unwrap();
     // Wait (really) for the ticker's first run.

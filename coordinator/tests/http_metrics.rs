@@ -332,24 +332,15 @@ async fn schedules_count_their_runs_by_outcome() {
         .create_queue("q", &OptionsPatch::default(), false)
         .await
         .unwrap();
-    let new = NewSchedule {
-        name: "every-second".into(),
-        queue: "q".into(),
-        cron: "* * * * * *".into(),
-        time_zone: String::new(),
-        payload: Vec::new(),
-        count: 1,
+    let every_second = NewSchedule {
         policy: Policy::Forbid,
-        starting_deadline_ms: 0,
-        suspend: false,
+        ..NewSchedule::new("every-second", "q", "* * * * * *")
     };
-    engine.create_schedule(new.clone()).await.unwrap();
-    let yearly = NewSchedule {
-        name: "yearly".into(),
-        cron: "@yearly".into(),
-        ..new
-    };
-    engine.create_schedule(yearly).await.unwrap();
+    engine.create_schedule(every_second).await.unwrap();
+    engine
+        .create_schedule(NewSchedule::new("yearly", "q", "@yearly"))
+        .await
+        .unwrap();
     // The first tick enqueues; the next ones find its item unfinished. Suspended
     // after the first skip, the counts hold still for the scrape.
     let view = loop {

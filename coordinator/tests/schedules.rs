@@ -33,15 +33,9 @@ async fn create_queue(engine: &Engine, name: &str) {
 /// Every minute, two items "item-{i}@{tick}" into "q".
 fn every_minute(name: &str) -> NewSchedule {
     NewSchedule {
-        name: name.into(),
-        queue: "q".into(),
-        cron: "* * * * *".into(),
-        time_zone: String::new(),
         payload: b"item-{i}@{tick}".to_vec(),
         count: 2,
-        policy: Policy::Allow,
-        starting_deadline_ms: 0,
-        suspend: false,
+        ..NewSchedule::new(name, "q", "* * * * *")
     }
 }
 

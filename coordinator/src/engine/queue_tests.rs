@@ -53,6 +53,15 @@ impl Fixture {
         out.into_iter().next().unwrap()
     }
 
+    /// Enqueues an item with `key`: whether it was new (no item holds the key).
+    fn key_is_free(&mut self, now: u64, key: &str) -> bool {
+        let item = NewItem {
+            key: key.into(),
+            ..NewItem::default()
+        };
+        !self.enqueue_item(now, item).deduplicated
+    }
+
     fn lease(&mut self, now: u64) -> Option<Granted> {
         self.lease_n(now, 1).into_iter().next()
     }
@@ -467,16 +476,7 @@ fn purge_discards_ready_and_delayed_only() {
         (0, 0, 1, 2)
     );
     // The purged key is free again.
-    assert!(
-        !f.enqueue_item(
-            T0,
-            NewItem {
-                key: "dk".into(),
-                ..NewItem::default()
-            }
-        )
-        .deduplicated
-    );
+    assert!(f.key_is_free(T0, "dk"));
 }
 
 #[test]
@@ -530,16 +530,7 @@ fn purge_ids_takes_only_the_named_ready_and_delayed_items() {
     // Only the unnamed item is left to lease; the purged key is free again.
     let next: Vec<u64> = f.lease_n(T0, 5).iter().map(|g| g.id).collect();
     assert_eq!(next, [kept]);
-    assert!(
-        !f.enqueue_item(
-            T0,
-            NewItem {
-                key: "dk".into(),
-                ..NewItem::default()
-            }
-        )
-        .deduplicated
-    );
+    assert!(f.key_is_free(T0, "dk"));
 }
 
 #[test]

@@ -102,6 +102,27 @@ pub struct NewSchedule {
     pub suspend: bool,
 }
 
+impl NewSchedule {
+    /// One item a tick with an empty payload, in UTC, Allow, no deadline, running.
+    pub fn new(
+        name: impl Into<String>,
+        queue: impl Into<String>,
+        cron: impl Into<String>,
+    ) -> NewSchedule {
+        NewSchedule {
+            name: name.into(),
+            queue: queue.into(),
+            cron: cron.into(),
+            time_zone: String::new(),
+            payload: Vec::new(),
+            count: 1,
+            policy: Policy::Allow,
+            starting_deadline_ms: 0,
+            suspend: false,
+        }
+    }
+}
+
 /// A schedule as clients see it.
 #[derive(Clone, Debug)]
 pub struct ScheduleView {
