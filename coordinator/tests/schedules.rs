@@ -409,6 +409,55 @@ async fn time_zones_deletion_and_the_history_limit() {
     assert!(matches!(err, Error::ScheduleNotFound(_)), "{err:?}");
 }
 
+/// Stockholm's clocks go back at 01:00 UTC on 2026-10-25 (03:00 CEST becomes 02:00
+/// CET). An hourly schedule runs 02:00 once and a daily one 02:30 once, in their first
+/// pass; the second pass does not run, whether or not another schedule wakes the
+/// scheduler inside it. (croner
+/// alone finds the second pass when asked from exactly the first: the scheduler,
+/// whose clock reads exactly the tick here, would run it.)
+#[tokio::test(start_paused = true)]
+async fn a_repeated_hour_runs_its_tick_once_however_the_scheduler_wakes() {
+    // 2026-10-24T23:50:00Z (01:50 CEST).
+    let start = 1_792_885_800_000;
+    let engine = Engine::open(Store::memory(), Clock::starting_at(start)).unwrap();
+    create_queue(&engine, "q").await;
+    let hourly = NewSchedule {
+        time_zone: "Europe/Stockholm".into(),
+        ..NewSchedule::new("hourly", "q", "0 * * * *")
+    };
+    engine.create_schedule(hourly).await.unwrap();
+    let daily = NewSchedule {
+        time_zone: "Europe/Stockholm".into(),
+        ..NewSchedule::new("daily", "q", "30 2 * * *")
+    };
+    engine.create_schedule(daily).await.unwrap();
+    // Wakes the scheduler at 00:30, 01:30 and 02:30 UTC.
+    let waker = NewSchedule::new("waker", "q", "30 * * * *");
+    engine.create_schedule(waker).await.unwrap();
+    pass(3 * 60 * MINUTE).await;
+    let ticks = |view: ScheduleView| -> Vec<String> {
+        view.record
+            .runs
+            .iter()
+            .rev()
+            .map(|run| workq_coordinator::engine::cron::rfc3339(run.scheduled_ms))
+            .collect()
+    };
+    assert_eq!(
+        ticks(schedule(&engine, "hourly").await),
+        [
+            "2026-10-25T00:00:00Z", // 02:00 CEST
+            "2026-10-25T02:00:00Z", // 03:00 CET
+        ]
+    );
+    // 02:30 CEST; not 02:30 CET an hour later.
+    assert_eq!(
+        ticks(schedule(&engine, "daily").await),
+        ["2026-10-25T00:30:00Z"]
+    );
+    assert_eq!(schedule(&engine, "waker").await.record.enqueued_runs, 3);
+}
+
 #[tokio::test(start_paused = true)]
 async fn bad_schedules_are_refused_with_the_reason_and_change_nothing() {
     let engine = open_memory();

@@ -10,11 +10,12 @@
 //!
 //! Times are Unix milliseconds, as everywhere in the engine. Ticks fall on whole
 //! seconds. Clocks that skip an hour run the ticks inside the gap once, at the end of
-//! the gap; clocks that go back run a tick in the repeated hour once (croner's rules).
+//! the gap (croner's rule); clocks that go back run a tick in the repeated hour once,
+//! in its first pass ([`CronSpec::repeats`]).
 
 use std::str::FromStr;
 
-use chrono::{DateTime, TimeZone};
+use chrono::{DateTime, LocalResult, TimeZone};
 use chrono_tz::Tz;
 use croner::Cron;
 use croner::parser::{CronParser, Seconds, Year};
@@ -88,17 +89,40 @@ impl CronSpec {
 
     /// The first tick strictly after `ms`.
     pub fn next_after(&self, ms: u64) -> Option<u64> {
-        let next = self.cron.find_next_occurrence(&self.at(ms)?, false).ok()?;
-        u64::try_from(next.timestamp_millis()).ok()
+        let mut from = self.at(ms)?;
+        loop {
+            let next = self.cron.find_next_occurrence(&from, false).ok()?;
+            if !self.repeats(&next) {
+                return u64::try_from(next.timestamp_millis()).ok();
+            }
+            from = next;
+        }
     }
 
     /// The last tick at or before `ms`.
     pub fn latest_at_or_before(&self, ms: u64) -> Option<u64> {
-        let previous = self
-            .cron
-            .find_previous_occurrence(&self.at(ms)?, true)
-            .ok()?;
-        u64::try_from(previous.timestamp_millis()).ok()
+        let mut from = self.at(ms)?;
+        let mut inclusive = true;
+        loop {
+            let previous = self.cron.find_previous_occurrence(&from, inclusive).ok()?;
+            if !self.repeats(&previous) {
+                return u64::try_from(previous.timestamp_millis()).ok();
+            }
+            (from, inclusive) = (previous, false);
+        }
+    }
+
+    /// Whether `at` is the second pass of a wall-clock time (a clock went back and
+    /// showed it before): not a tick. croner's searches disagree there, the forward
+    /// one finding the second pass only when it starts exactly on the first, so a
+    /// tick in a repeated hour would run once or twice by when the scheduler looked.
+    /// Counting the first pass only makes it once, as cron does for a job at a fixed
+    /// time; an hourly job then has a two-hour gap on that night.
+    fn repeats(&self, at: &DateTime<Tz>) -> bool {
+        match self.zone.from_local_datetime(&at.naive_local()) {
+            LocalResult::Ambiguous(first, _) => first < *at,
+            _ => false,
+        }
     }
 }
 
@@ -206,6 +230,58 @@ mod tests {
                 "2026-03-30T00:30:00Z"
             ]
         );
+    }
+
+    /// Through the clock changes of 2026 in zones that move by an hour, by half an hour
+    /// (Lord Howe) or not at all, the scheduler's two questions agree: the latest tick
+    /// at or before `t` is not after it, the next one is after it (a schedule never
+    /// waits for a time already past), and nothing ticks between them, so a schedule
+    /// neither runs a tick twice nor skips one, whenever it looks.
+    #[test]
+    fn latest_and_next_agree_through_clock_changes() {
+        // Days around the changes: Europe (Mar 29, Oct 25), US (Mar 8, Nov 1), Lord
+        // Howe (Apr 5, Oct 4), starting at 00:00 UTC the day before.
+        let days: [u64; 6] = [
+            1_774_656_000_000,
+            1_792_800_000_000,
+            1_772_841_600_000,
+            1_793_404_800_000,
+            1_775_260_800_000,
+            1_790_985_600_000,
+        ];
+        for zone in [
+            "UTC",
+            "Europe/Stockholm",
+            "America/New_York",
+            "Australia/Lord_Howe",
+            "Asia/Kolkata",
+        ] {
+            for expr in [
+                "30 2 * * *",
+                "*/7 * * * *",
+                "0 * * * *",
+                "15 1-3 * * *",
+                "45 */2 * * * *",
+            ] {
+                let spec = CronSpec::parse(expr, zone).unwrap();
+                for day in days {
+                    // Every 7.5 minutes over three days, off the whole minute.
+                    for step in 0..(3 * 24 * 8) {
+                        let t = day + step * 450_000 + 333;
+                        let (latest, next) = (
+                            spec.latest_at_or_before(t).unwrap(),
+                            spec.next_after(t).unwrap(),
+                        );
+                        let at = format!("{expr} in {zone} at {}", rfc3339(t));
+                        assert!(latest <= t && t < next, "{at}: {latest} {next}");
+                        assert_eq!(spec.next_after(latest), Some(next), "{at}");
+                        assert_eq!(spec.latest_at_or_before(next - 1), Some(latest), "{at}");
+                        // From a tick itself, too (where croner's searches differ).
+                        assert_eq!(spec.latest_at_or_before(next), Some(next), "{at}");
+                    }
+                }
+            }
+        }
     }
 
     #[test]
