@@ -501,6 +501,21 @@ async fn bad_schedules_are_refused_with_the_reason_and_change_nothing() {
             },
             "max payload",
         ),
+        (
+            NewSchedule {
+                payload: [&b"{tick}"[..], &[b'x'; 1024 * 1024 - 10]].concat(),
+                ..NewSchedule::new("s", "q", "@daily")
+            },
+            "payload of up to 1048586 bytes ({i} and {tick} filled in)",
+        ),
+        (
+            NewSchedule {
+                payload: vec![b'x'; 10_000],
+                count: 10_000,
+                ..every_minute("s")
+            },
+            "a tick would enqueue up to 100000000 bytes (10000 items of up to 10000), over the 64 MiB",
+        ),
         (every_minute("taken"), "already exists"),
     ];
     for (new, says) in cases {

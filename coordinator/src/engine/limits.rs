@@ -34,6 +34,10 @@ pub const MAX_RETENTION_MS: u64 = 90 * 86_400_000;
 pub const MAX_LIST_LIMIT: u32 = 1_000;
 /// Ids in one requeue call.
 pub const MAX_REQUEUE_IDS: usize = 10_000;
+/// Payload bytes one schedule tick may enqueue (count × payload): what one enqueue
+/// call can carry, so a schedule cannot make the coordinator hold more per tick than
+/// any client could send.
+pub const MAX_TICK_BYTES: u64 = 64 * 1024 * 1024;
 
 /// PRODUCT.md: 1–128 characters of `A-Z a-z 0-9 . _ -`, starting with a letter or digit.
 pub fn check_queue_name(name: &str) -> Result<()> {

@@ -202,12 +202,21 @@ impl Engine {
             )));
         }
         let queue = self.get_queue(&new.queue)?;
-        if new.payload.len() as u64 > queue.options.max_payload_bytes {
+        // The longest payload a tick makes: the last index, a time stamp's 20 bytes.
+        let widest = expand(&new.payload, count - 1, "0000-00-00T00:00:00Z").len() as u64;
+        if widest > queue.options.max_payload_bytes {
             return Err(Error::invalid(format!(
-                "payload of {} bytes is over queue '{}''s max payload of {} bytes",
-                new.payload.len(),
-                new.queue,
-                queue.options.max_payload_bytes
+                "payload of up to {widest} bytes ({{i}} and {{tick}} filled in) is over \
+                 queue '{}''s max payload of {} bytes",
+                new.queue, queue.options.max_payload_bytes
+            )));
+        }
+        if widest * u64::from(count) > limits::MAX_TICK_BYTES {
+            return Err(Error::invalid(format!(
+                "a tick would enqueue up to {} bytes ({count} items of up to {widest}), \
+                 over the {} MiB one tick may hold: lower the count or the payload",
+                widest * u64::from(count),
+                limits::MAX_TICK_BYTES >> 20
             )));
         }
         let now = self.clock.now_ms();
