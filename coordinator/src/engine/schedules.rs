@@ -14,11 +14,12 @@
 //!   tick missed while the coordinator was down runs once, if it is within the
 //!   deadline; ticks while suspended count as missed, and resuming runs the most
 //!   recent one under the same rule.
-//! - **Exactly once per tick.** Each item carries the dedup key
+//! - **A tick's items once.** Each item carries the dedup key
 //!   `schedule/<name>/<tick ms>/<i>`. The items are logged before the schedule's own
 //!   record says the tick ran, so a crash between the two runs the tick again after
 //!   the restart, and the keys turn the second enqueue into the first one's items
-//!   (as Kubernetes names a CronJob's Job after its scheduled time).
+//!   (as Kubernetes names a CronJob's Job after its scheduled time), as long as the
+//!   queue keeps them (DONE items go after its retention).
 //!
 //! The scheduler is one task, like the reaper: it sleeps until the earliest next tick
 //! of any schedule and is woken when schedules change. Ticks run one at a time, each
