@@ -33,6 +33,7 @@ Examples:
   queue-cli create keygen
   queue-cli enqueue keygen --count 100 --payload 'work-item-{i}' --seal
   queue-cli watch keygen --until sealed
+  queue-cli schedule create nightly --queue keygen --cron '0 2 * * *' --count 100
   queue-cli list -o json"
 )]
 struct Cli {
