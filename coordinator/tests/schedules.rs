@@ -625,3 +625,38 @@ async fn schedules_and_their_runs_survive_restarts_and_missed_ticks_follow_the_d
     assert_eq!(ticks(&d), ticks(&s));
     engine.close().await.unwrap();
 }
+
+/// Two hundred schedules ticking every second for ten seconds: each runs each tick
+/// once, and every item is there once.
+#[tokio::test(start_paused = true)]
+async fn many_schedules_each_run_every_tick_once() {
+    let engine = open_memory();
+    create_queue(&engine, "q").await;
+    for n in 0..200 {
+        let every_second = NewSchedule {
+            payload: format!("{n}:{{tick}}").into_bytes(),
+            ..NewSchedule::new(format!("s{n}"), "q", "* * * * * *")
+        };
+        engine.create_schedule(every_second).await.unwrap();
+    }
+    pass(10_000).await;
+    for view in engine.list_schedules(None).await {
+        let runs: Vec<u64> = view.record.runs.iter().map(|r| r.scheduled_ms).collect();
+        let expected: Vec<u64> = (1..=10).rev().map(|s| T0 - 500 + s * 1000).collect();
+        assert_eq!(runs, expected, "{}", view.record.name);
+    }
+    let mut payloads = Vec::new();
+    let mut after = 0;
+    loop {
+        let (page, next) = engine.list_items("q", None, after, 1000, true).unwrap();
+        payloads.extend(page.into_iter().map(|i| String::from_utf8(i.payload).unwrap()));
+        if next == 0 {
+            break;
+        }
+        after = next;
+    }
+    assert_eq!(payloads.len(), 2_000);
+    payloads.sort();
+    payloads.dedup();
+    assert_eq!(payloads.len(), 2_000, "no tick enqueued twice");
+}
