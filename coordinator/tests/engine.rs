@@ -2,9 +2,12 @@
 //! itself, long-polling leases wake on enqueue and on drain, and every change survives
 //! a reopen of the store.
 
+mod support;
+
 use std::sync::Arc;
 use std::time::Duration;
 
+use support::open_store;
 use workq_coordinator::Engine;
 use workq_coordinator::clock::Clock;
 use workq_coordinator::engine::{Granted, LeaseRequest, NewItem, OptionsPatch, State};
@@ -263,18 +266,10 @@ async fn disk_store_restores_queues_items_and_live_leases() {
 /// Opens the engine on `dir` again after a crash (no close). The dropped engine's
 /// flusher may still hold the data dir's lock for a moment.
 async fn reopen(dir: &std::path::Path) -> Arc<Engine> {
-    let mut tries = 0;
-    let store = loop {
-        match Store::open_disk(dir, Durability::Strict) {
-            Ok(store) => break store,
-            Err(e) if e.to_string().contains("in use") && tries < 500 => {
-                tries += 1;
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
-            Err(e) => panic!("reopen: {e}"),
-        }
-    };
-    Engine::open(store, Clock::system()).unwrap()
+    match open_store(dir, Durability::Strict).await {
+        Ok(store) => Engine::open(store, Clock::system()).unwrap(),
+        Err(e) => panic!("reopen: {e}"),
+    }
 }
 
 fn keyed(indexes: impl Iterator<Item = usize>) -> Vec<NewItem> {

@@ -6,10 +6,13 @@
 //! data dir again with the engine's clock set later, so "down for ten minutes" takes
 //! no ten minutes.
 
+mod support;
+
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
+use support::open_store;
 use workq_coordinator::engine::schedules::{NewSchedule, Outcome, Policy, ScheduleView};
 use workq_coordinator::engine::{Item, LeaseRequest, NewItem, OptionsPatch, State};
 use workq_coordinator::store::{Durability, Store};
@@ -534,19 +537,12 @@ async fn bad_schedules_are_refused_with_the_reason_and_change_nothing() {
 
 // ---- restarts --------------------------------------------------------------------
 
-/// Opens the data dir with the engine's clock at `unix_ms`, waiting while an engine
-/// dropped just before still holds the dir.
+/// Opens the data dir with the engine's clock at `unix_ms`.
 async fn open_at(dir: &Path, unix_ms: u64) -> Arc<Engine> {
-    for _ in 0..1000 {
-        match Store::open_disk(dir, Durability::Strict) {
-            Ok(store) => return Engine::open(store, Clock::starting_at(unix_ms)).unwrap(),
-            Err(e) if e.to_string().contains("in use") => {
-                tokio::time::sleep(Duration::from_millis(10)).await
-            }
-            Err(e) => panic!("cannot open {}: {e}", dir.display()),
-        }
+    match open_store(dir, Durability::Strict).await {
+        Ok(store) => Engine::open(store, Clock::starting_at(unix_ms)).unwrap(),
+        Err(e) => panic!("cannot open {}: {e}", dir.display()),
     }
-    panic!("the data dir stayed in use")
 }
 
 /// Waits (really) until `name` has run `runs` times.

@@ -3,10 +3,13 @@
 //! ignored, a damaged one stops the start-up instead of losing data quietly, and one
 //! the disk refuses fails alone.
 
+mod support;
+
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::Arc;
 
+use support::open_store;
 use workq_coordinator::Engine;
 use workq_coordinator::clock::Clock;
 use workq_coordinator::engine::queue::Counters;
@@ -21,21 +24,6 @@ async fn open_with(dir: &Path, durability: Durability) -> Arc<Engine> {
     match open_store(dir, durability).await {
         Ok(store) => Engine::open(store, Clock::system()).unwrap(),
         Err(e) => panic!("cannot open {}: {e}", dir.display()),
-    }
-}
-
-/// Opens the data dir's store, waiting while the engine dropped just before still
-/// holds it: its flusher may be finishing a sync, and the store keeps the data dir
-/// locked until it is gone.
-async fn open_store(dir: &Path, durability: Durability) -> workq_coordinator::Result<Store> {
-    let start = std::time::Instant::now();
-    loop {
-        match Store::open_disk(dir, durability) {
-            Err(e) if e.to_string().contains("in use") && start.elapsed().as_secs() < 10 => {
-                tokio::time::sleep(std::time::Duration::from_millis(10)).await;
-            }
-            opened => return opened,
-        }
     }
 }
 

@@ -135,3 +135,21 @@ pub async fn create(c: &mut Client, queue: &str, lease_ms: u64) {
     .await
     .unwrap();
 }
+
+/// Opens the data dir's store, waiting (up to 10 s) while an engine dropped just before
+/// still holds it: its flusher may be finishing a sync, and the store keeps the data
+/// dir locked until it is gone.
+pub async fn open_store(
+    dir: &std::path::Path,
+    durability: Durability,
+) -> workq_coordinator::Result<Store> {
+    let start = std::time::Instant::now();
+    loop {
+        match Store::open_disk(dir, durability) {
+            Err(e) if e.to_string().contains("in use") && start.elapsed().as_secs() < 10 => {
+                tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+            }
+            opened => return opened,
+        }
+    }
+}
