@@ -319,7 +319,7 @@ async fn resuming_runs_only_the_most_recent_missed_tick_within_the_deadline() {
     assert!(
         strict.record.runs[0]
             .detail
-            .contains("past the starting deadline of 30.0s")
+            .contains("past the starting deadline of 30s")
     );
     assert_eq!(strict.record.missed_runs, 1);
 

@@ -141,10 +141,17 @@ impl Entry {
     fn view(&self, now: u64) -> ScheduleView {
         ScheduleView {
             record: self.record.clone(),
-            next_run_ms: (!self.record.suspended)
-                .then(|| self.spec.next_after(now.max(self.record.last_tick_ms)))
-                .flatten(),
+            next_run_ms: self.next_run(now),
         }
+    }
+
+    /// The next tick after both `now` and the last one handled; `None` while
+    /// suspended.
+    fn next_run(&self, now: u64) -> Option<u64> {
+        if self.record.suspended {
+            return None;
+        }
+        self.spec.next_after(now.max(self.record.last_tick_ms))
     }
 }
 
@@ -332,8 +339,7 @@ impl Engine {
         let now = self.clock.now_ms();
         entries
             .values()
-            .filter(|entry| !entry.record.suspended)
-            .filter_map(|entry| entry.spec.next_after(now.max(entry.record.last_tick_ms)))
+            .filter_map(|entry| entry.next_run(now))
             .min()
             .unwrap_or(u64::MAX)
     }
@@ -533,14 +539,9 @@ fn expand(payload: &[u8], i: u32, tick: &str) -> Vec<u8> {
     out
 }
 
-/// A duration for a run's detail: "1.5s", "3m20s", "2h5m".
+/// A duration for a run's detail: "850ms", "1.5s", "3m20s", "2h05m".
 fn human_ms(ms: u64) -> String {
-    let seconds = ms / 1000;
-    match seconds {
-        0..60 => format!("{:.1}s", ms as f64 / 1000.0),
-        60..3600 => format!("{}m{}s", seconds / 60, seconds % 60),
-        _ => format!("{}h{}m", seconds / 3600, seconds % 3600 / 60),
-    }
+    workq_proto::duration::format(std::time::Duration::from_millis(ms))
 }
 
 /// Runs due ticks until shutdown, sleeping until the next one in between.
@@ -578,12 +579,5 @@ mod tests {
         assert_eq!(expand(b"", 1, "t"), b"");
         assert_eq!(expand(b"{i", 1, "t"), b"{i");
         assert_eq!(expand(&[0xff, b'{', b'i', b'}'], 3, "t"), [0xff, b'3']);
-    }
-
-    #[test]
-    fn durations_read_as_a_person_would_write_them() {
-        assert_eq!(human_ms(1_500), "1.5s");
-        assert_eq!(human_ms(200_000), "3m20s");
-        assert_eq!(human_ms(7_500_000), "2h5m");
     }
 }
