@@ -67,7 +67,7 @@ async fn pass(ms: u64) {
 }
 
 fn outcome(view: &ScheduleView, run: usize) -> Option<Outcome> {
-    workq_coordinator::engine::schedules::outcome_of(view.record.runs[run].outcome)
+    Outcome::from_code(view.record.runs[run].outcome)
 }
 
 fn lease(worker: &str, max_items: u32) -> LeaseRequest {

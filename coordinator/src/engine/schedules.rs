@@ -377,7 +377,7 @@ impl Engine {
                 schedule = %record.name,
                 queue = %record.queue,
                 tick = %cron::rfc3339(last.scheduled_ms),
-                outcome = outcome_of(last.outcome).map_or("unknown", Outcome::name),
+                outcome = Outcome::from_code(last.outcome).map_or("unknown", Outcome::name),
                 items = last.items,
                 detail = %last.detail,
                 "schedule tick"
@@ -500,6 +500,17 @@ enum Tick {
 }
 
 impl Outcome {
+    /// The code in records and in workq.proto.
+    pub fn from_code(code: u32) -> Option<Outcome> {
+        match code {
+            1 => Some(Outcome::Enqueued),
+            2 => Some(Outcome::Skipped),
+            3 => Some(Outcome::Missed),
+            4 => Some(Outcome::Failed),
+            _ => None,
+        }
+    }
+
     pub fn name(self) -> &'static str {
         match self {
             Outcome::Enqueued => "enqueued",
@@ -507,16 +518,6 @@ impl Outcome {
             Outcome::Missed => "missed",
             Outcome::Failed => "failed",
         }
-    }
-}
-
-pub fn outcome_of(code: u32) -> Option<Outcome> {
-    match code {
-        1 => Some(Outcome::Enqueued),
-        2 => Some(Outcome::Skipped),
-        3 => Some(Outcome::Missed),
-        4 => Some(Outcome::Failed),
-        _ => None,
     }
 }
 

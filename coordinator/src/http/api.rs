@@ -223,7 +223,7 @@ async fn list_schedules(
     State(state): State<AppState>,
     query: Result<Query<SchedulesQuery>, QueryRejection>,
 ) -> ApiResult<ScheduleList> {
-    use crate::engine::schedules::{Outcome, Policy, outcome_of};
+    use crate::engine::schedules::{Outcome, Policy};
     let Query(query) = query.map_err(|e| ApiError(StatusCode::BAD_REQUEST, e.body_text()))?;
     let views = state.engine.list_schedules(query.queue.as_deref()).await;
     let schedules = views
@@ -238,7 +238,7 @@ async fn list_schedules(
                     .map(|run| RunJson {
                         scheduled_ms: run.scheduled_ms,
                         ran_ms: run.ran_ms,
-                        outcome: outcome_of(run.outcome).map_or("unknown", Outcome::name),
+                        outcome: Outcome::from_code(run.outcome).map_or("unknown", Outcome::name),
                         items: run.items,
                         replaced: run.replaced,
                         detail: run.detail,
