@@ -86,6 +86,11 @@ impl Global {
                 "the coordinator at {} wants a token: pass --token or set WORKQ_TOKEN",
                 self.server
             ),
+            // The coordinator answered, on its way out: its own message says whether
+            // the change is on disk.
+            tonic::Code::Unavailable if message.starts_with("storage failure") => {
+                format!("the coordinator at {}: {message}", self.server)
+            }
             // A connection that broke mid-call (coordinator stopped or restarted).
             tonic::Code::Unavailable | tonic::Code::Unknown | tonic::Code::Cancelled
                 if workq_proto::client::is_transient_status(status) =>

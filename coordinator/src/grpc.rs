@@ -28,8 +28,11 @@ pub fn status(error: Error) -> Status {
             Status::failed_precondition(message)
         }
         Error::ResourceExhausted(_) => Status::resource_exhausted(message),
-        Error::ShuttingDown => Status::unavailable(message),
-        Error::Storage(_) => Status::internal(message),
+        // A storage failure stops the coordinator (its log refuses every write from
+        // then on) and its supervisor starts it again: to a client it is a coordinator
+        // that is going away, to be retried with backoff, and the message says whether
+        // the change is on disk.
+        Error::ShuttingDown | Error::Storage(_) => Status::unavailable(message),
     }
 }
 

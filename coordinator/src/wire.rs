@@ -865,7 +865,7 @@ mod tests {
         let status = next_frame::<pb::WorkResponse>(&mut frames)
             .await
             .expect_err("an ack was confirmed after the log failed");
-        assert_eq!(status.code(), tonic::Code::Internal, "{status:?}");
+        assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
     }
 
     /// Answers handed to the flusher say only what is on disk: when the log fails, the
@@ -895,6 +895,6 @@ mod tests {
         let status = next_answer(&mut frames)
             .await
             .expect_err("a request was answered after the log failed");
-        assert_eq!(status.code(), tonic::Code::Internal, "{status:?}");
+        assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
     }
 }

@@ -96,8 +96,7 @@ pub fn status_of(error: &Error) -> StatusCode {
         | Error::Sealed(_)
         | Error::FailedPrecondition(_) => StatusCode::CONFLICT,
         Error::ResourceExhausted(_) => StatusCode::TOO_MANY_REQUESTS,
-        Error::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
-        Error::Storage(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        Error::ShuttingDown | Error::Storage(_) => StatusCode::SERVICE_UNAVAILABLE,
     }
 }
 

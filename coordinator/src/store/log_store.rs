@@ -279,6 +279,10 @@ struct Inner {
     failure: Notify,
     /// …with the error that failed it.
     failed_with: Mutex<Option<String>>,
+    /// The last ticket of the batch whose write or sync failed, when part of it may
+    /// have reached the disk anyway (relaxed mode, or cutting it off failed too; see
+    /// [`Segment::cut_back`]); 0 when none may have. Its callers are told so.
+    in_doubt_to: AtomicU64,
     started: AtomicBool,
     stats: FlushStats,
     /// The next item id / lease token. Each batch carries the counter's value (see
@@ -649,6 +653,7 @@ impl LogStore {
                 healthy: AtomicBool::new(true),
                 failure: Notify::new(),
                 failed_with: Mutex::new(None),
+                in_doubt_to: AtomicU64::new(0),
                 started: AtomicBool::new(false),
                 stats: FlushStats {
                     log_bytes: AtomicU64::new(log_bytes),
@@ -776,9 +781,7 @@ impl LogStore {
             commit.wait().await;
         }
         if !self.healthy() || self.inner.durable.load(Ordering::SeqCst) < ticket.0 {
-            return Err(Error::Storage(
-                "flush failed; see the coordinator log".into(),
-            ));
+            return Err(not_written(&self.inner, ticket.0));
         }
         Ok(())
     }
@@ -827,10 +830,10 @@ impl LogStore {
 
     /// Returns once a log write or sync has failed. From then on the store writes
     /// nothing more: no later batch, and no snapshot of a state in memory that holds
-    /// changes the log refused. The log ends with what was synced before the failure
-    /// (and at most the batch whose write or sync failed, whose callers were told it
-    /// failed), so a restart recovers every acknowledged change and nothing changed
-    /// after the failure. The coordinator stops when this returns (see `server::run`).
+    /// changes the log refused. The log ends with what was synced before the failure:
+    /// in strict mode what reached the file of the batch whose write or sync failed is
+    /// cut off before its callers are told it failed ([`Segment::cut_back`]), so a
+    /// restart recovers every acknowledged change and none that was refused. The coordinator stops when this returns (see `server::run`).
     pub async fn failed(&self) {
         loop {
             let failure = self.inner.failure.notified();
@@ -1404,9 +1407,13 @@ fn flush_now(inner: &Inner) -> Result<Flushed> {
         commit.finish();
         return Err(failed_earlier(inner));
     }
-    let written = lock(&inner.segment)
-        .append_durably(&bytes)
-        .map_err(|e| storage_error("log write failed", e));
+    let written = {
+        let mut segment = lock(&inner.segment);
+        segment.append_durably(&bytes).map_err(|e| {
+            cut_back_failed(inner, &mut segment, target);
+            storage_error("log write failed", e)
+        })
+    };
     if let Err(e) = written {
         let error = fail(inner, e);
         commit.finish();
@@ -1507,6 +1514,39 @@ fn failed_earlier(inner: &Inner) -> Error {
     Error::Storage(format!(
         "the write-ahead log failed ({cause}); nothing more is written to it"
     ))
+}
+
+/// After a failed write or sync of the batch up to `target`: strict callers are about
+/// to be told their changes failed, so whatever part of the batch reached the file is
+/// cut off first, and a restart cannot replay it. Relaxed mode keeps it: those changes
+/// were acknowledged already, and may yet be on disk. Where the batch stays (relaxed,
+/// or a disk that refuses the cut too), its callers are told their change is in doubt.
+fn cut_back_failed(inner: &Inner, segment: &mut Segment, target: u64) {
+    if inner.durability == Durability::Strict {
+        match segment.cut_back() {
+            Ok(()) => return,
+            Err(e) => {
+                tracing::error!(error = %e, "could not cut the failed batch off the write-ahead log")
+            }
+        }
+    }
+    inner.in_doubt_to.fetch_max(target, Ordering::SeqCst);
+}
+
+/// What a writer whose `ticket` did not become durable is told. The coordinator stops
+/// once its log has failed, so the change is to be retried once it is back (the error
+/// is `UNAVAILABLE`): as it is, when the log surely does not have it; after a look,
+/// when part of its batch may have reached the disk.
+fn not_written(inner: &Inner, ticket: u64) -> Error {
+    let cause = lock(&inner.failed_with)
+        .clone()
+        .unwrap_or_else(|| "see the coordinator log".into());
+    let outcome = if ticket <= inner.in_doubt_to.load(Ordering::SeqCst) {
+        "this change may or may not be on disk, and the coordinator is stopping: once it is back, look before retrying it (a retried ack is safe)"
+    } else {
+        "this change is not on disk, and the coordinator is stopping: retry it once the coordinator is back"
+    };
+    Error::Storage(format!("the write-ahead log failed ({cause}); {outcome}"))
 }
 
 /// Takes `<data-dir>/LOCK` (an advisory lock the kernel drops when the process dies),

@@ -494,6 +494,18 @@ impl Segment {
         Ok(())
     }
 
+    /// Cuts the file back to the end of the frames synced so far and syncs that, after
+    /// a failed [`Segment::append_durably`]: whatever part of the failed batch reached
+    /// the file (a full disk takes whole records before it refuses the rest) is gone,
+    /// so a restart cannot replay a change whose callers were told it failed. The zeros
+    /// kept ahead go too; the next append writes them again.
+    pub fn cut_back(&mut self) -> std::io::Result<()> {
+        self.file.set_len(self.end)?;
+        self.file.sync_data()?;
+        self.zeroed_to = self.end;
+        Ok(())
+    }
+
     /// Grows the file with zeros to `to` bytes (the next sync makes them durable, with
     /// the file's new length).
     fn zero_fill(&mut self, to: u64) -> std::io::Result<()> {
@@ -944,6 +956,46 @@ mod tests {
                     );
                 }
             }
+        }
+    }
+
+    /// A batch whose write or sync failed after the disk took some of it: cutting the
+    /// file back leaves exactly the frames synced before it, and the next append goes
+    /// on from there (written directly or not).
+    #[test]
+    fn a_cut_back_drops_what_a_failed_append_left() {
+        let dir = tempfile::tempdir().unwrap();
+        for mut segment in both_kinds(dir.path()) {
+            let path = path_of(dir.path(), segment.number);
+            let mut synced = Vec::new();
+            put(&[("a", Some("1"))], &mut synced);
+            segment.append_durably(&synced).unwrap();
+            // The failed batch: whole records on disk, and its zeros ahead.
+            let mut failed = Vec::new();
+            put(&[("b", Some("lost"))], &mut failed);
+            put(&[("c", Some("lost too"))], &mut failed);
+            let other = OpenOptions::new().write(true).open(&path).unwrap();
+            other.write_all_at(&failed, segment.end).unwrap();
+            assert_eq!(read(&path).0.len(), 3, "the failed batch is readable");
+
+            segment.cut_back().unwrap();
+            assert_eq!(std::fs::metadata(&path).unwrap().len(), synced.len() as u64);
+            assert_eq!(read(&path).0, vec![owned(&[("a", Some("1"))])]);
+
+            let mut next = Vec::new();
+            put(&[("d", Some("2"))], &mut next);
+            segment.append_durably(&next).unwrap();
+            let (batches, ending) = read(&path);
+            assert_eq!(
+                batches,
+                vec![owned(&[("a", Some("1"))]), owned(&[("d", Some("2"))])]
+            );
+            assert_eq!(
+                ending,
+                Ending::Zeroed {
+                    offset: synced.len() + next.len()
+                }
+            );
         }
     }
 
