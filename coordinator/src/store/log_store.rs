@@ -833,7 +833,8 @@ impl LogStore {
     /// changes the log refused. The log ends with what was synced before the failure:
     /// in strict mode what reached the file of the batch whose write or sync failed is
     /// cut off before its callers are told it failed ([`Segment::cut_back`]), so a
-    /// restart recovers every acknowledged change and none that was refused. The coordinator stops when this returns (see `server::run`).
+    /// restart recovers every acknowledged change and none that was refused. The
+    /// coordinator stops when this returns (see `server::run`).
     pub async fn failed(&self) {
         loop {
             let failure = self.inner.failure.notified();
