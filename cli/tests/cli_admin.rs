@@ -428,3 +428,41 @@ fn update_changes_only_the_options_given() {
     let err = env.fails(&["update", "nope", "--max-attempts", "2"], 1);
     assert!(err.contains("queue 'nope' not found"), "{err}");
 }
+
+#[test]
+fn items_and_results_list_payloads_larger_than_one_message() {
+    // Three 24 MB items: 72 MB together, more than the 64 MiB one answer can carry,
+    // so the coordinator ends a page early and the CLI pages on.
+    const SIZE: usize = 24_000_000;
+    let env = Env::start();
+    env.ok(&["create", "big", "--max-payload", &(32 << 20).to_string()]);
+    let dir = tempfile::tempdir().expect("temp dir");
+    let file = dir.path().join("items.txt");
+    let input: String = ["a", "b", "c"]
+        .iter()
+        .map(|c| format!("{}\n", c.repeat(SIZE)))
+        .collect();
+    std::fs::write(&file, input).expect("write input");
+    env.ok(&[
+        "enqueue",
+        "big",
+        "--file",
+        file.to_str().expect("utf-8 path"),
+    ]);
+
+    let rows = parse_table(&env.ok(&["items", "big"]));
+    assert_eq!(rows.len(), 4, "a header and three items");
+    for (row, letter) in rows[1..].iter().zip(["a", "b", "c"]) {
+        assert!(row[7].starts_with(&letter.repeat(10)), "{row:?}");
+    }
+
+    for _ in 0..3 {
+        let lease = env.lease_one("big");
+        let id = lease["id"].to_string();
+        let token = lease["token"].as_str().expect("token").to_string();
+        env.ok(&["ack", "big", &id, &token, "--result", "ok"]);
+    }
+    let rows = parse_table(&env.ok(&["results", "big"]));
+    assert_eq!(rows.len(), 4, "a header and three results");
+    assert!(rows[1..].iter().all(|row| row[3] == "ok"), "{rows:?}");
+}

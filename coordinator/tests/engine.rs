@@ -327,3 +327,63 @@ async fn keys_of_a_large_queue_deduplicate_after_a_restart() {
     assert!(!fresh[0].deduplicated, "a new key");
     assert_eq!(engine.stats("q").unwrap().ready, ITEMS as u64 + 1);
 }
+
+#[tokio::test]
+async fn a_page_of_large_items_ends_at_the_byte_cap_and_paging_finds_them_all() {
+    use workq_coordinator::engine::limits::MAX_LIST_BYTES;
+    let engine = open_memory();
+    create(&engine, "q", 1_000).await;
+    const MIB: usize = 1024 * 1024;
+    let big = |fill: u8| NewItem {
+        payload: bytes::Bytes::from(vec![fill; MIB]),
+        ..NewItem::default()
+    };
+    let items = MAX_LIST_BYTES / MIB * 5 / 2;
+    for i in 0..items {
+        engine
+            .enqueue("q", vec![big(i as u8)], false)
+            .await
+            .unwrap();
+    }
+
+    let (first, next) = engine.list_items("q", None, 0, 1_000, true).unwrap();
+    assert_eq!(
+        first.len(),
+        MAX_LIST_BYTES / MIB,
+        "the page ends at the cap"
+    );
+    assert_eq!(next, first.last().unwrap().id, "and says where to go on");
+    let (mut seen, mut after) = (first.len(), next);
+    while after != 0 {
+        let (page, next) = engine.list_items("q", None, after, 1_000, true).unwrap();
+        assert!(!page.is_empty());
+        assert!(page.iter().all(|item| item.payload.len() == MIB));
+        assert!(page.first().unwrap().id > after);
+        seen += page.len();
+        after = next;
+    }
+    assert_eq!(seen, items, "every item is on some page");
+
+    // Without payloads there is nothing to cap.
+    let (all, next) = engine.list_items("q", None, 0, 1_000, false).unwrap();
+    assert_eq!((all.len(), next), (items, 0));
+
+    // An item larger than the cap still comes, alone.
+    let patch = OptionsPatch {
+        max_payload_bytes: Some((MAX_LIST_BYTES + MIB) as u64),
+        ..OptionsPatch::default()
+    };
+    engine.create_queue("huge", &patch, false).await.unwrap();
+    let huge = NewItem {
+        payload: bytes::Bytes::from(vec![7; MAX_LIST_BYTES + MIB]),
+        ..NewItem::default()
+    };
+    engine
+        .enqueue("huge", vec![huge.clone(), huge], false)
+        .await
+        .unwrap();
+    let (page, next) = engine.list_items("huge", None, 0, 1_000, true).unwrap();
+    assert_eq!(page.len(), 1);
+    let (rest, last) = engine.list_items("huge", None, next, 1_000, true).unwrap();
+    assert_eq!((rest.len(), last), (1, 0));
+}

@@ -137,11 +137,12 @@ pub fn fails_with(command: &mut Command, code: i32, args: &[&str]) -> String {
     stderr.trim_end().to_string()
 }
 
-/// Byte offsets where each header of a `kubectl get`-style table starts.
+/// Where each header of a `kubectl get`-style table starts, in characters (a cell
+/// cut short ends in a 3-byte `…`, so bytes would not line up).
 pub fn column_starts(header: &str) -> Vec<usize> {
     let mut starts = Vec::new();
     let mut previous = ' ';
-    for (i, c) in header.char_indices() {
+    for (i, c) in header.chars().enumerate() {
         if c != ' ' && previous == ' ' {
             starts.push(i);
         }
@@ -163,21 +164,28 @@ pub fn parse_table(table: &str) -> Vec<Vec<String>> {
             .collect::<Vec<_>>(),
     ];
     for line in lines {
+        let chars: Vec<char> = line.chars().collect();
         let mut cells = Vec::new();
         for (n, &start) in starts.iter().enumerate() {
             let end = starts
                 .get(n + 1)
                 .copied()
-                .unwrap_or(line.len())
-                .min(line.len());
+                .unwrap_or(chars.len())
+                .min(chars.len());
             assert!(
-                start < line.len() && line.as_bytes()[start] != b' ',
+                start < chars.len() && chars[start] != ' ',
                 "row {line:?} has no cell under column {n} of {header:?}"
             );
             if start > 0 {
-                assert_eq!(line.as_bytes()[start - 1], b' ', "misaligned row {line:?}");
+                assert_eq!(chars[start - 1], ' ', "misaligned row {line:?}");
             }
-            cells.push(line[start..end].trim().to_string());
+            cells.push(
+                chars[start..end]
+                    .iter()
+                    .collect::<String>()
+                    .trim()
+                    .to_string(),
+            );
         }
         rows.push(cells);
     }

@@ -32,6 +32,10 @@ pub const MAX_ATTEMPTS_LIMIT: u32 = 1_000;
 pub const MAX_RETENTION_MS: u64 = 90 * 86_400_000;
 /// Page size for listing items.
 pub const MAX_LIST_LIMIT: u32 = 1_000;
+/// Payload, result and error bytes in one page of items: a page ends early past this
+/// (its next cursor says where to go on), so a page of large items stays well inside
+/// the 64 MiB message limit. The first item always goes, whatever its size.
+pub const MAX_LIST_BYTES: usize = 16 * 1024 * 1024;
 /// Ids in one requeue call.
 pub const MAX_REQUEUE_IDS: usize = 10_000;
 /// Payload bytes one schedule tick may enqueue (count × payload): what one enqueue

@@ -838,21 +838,27 @@ impl Engine {
         let queue = slot.lock();
         // One extra tells whether another page exists.
         let page = queue.list(state, after_id, limit + 1);
-        let more = page.len() > limit;
-        let items: Vec<Item> = page
-            .into_iter()
-            .take(limit)
-            .map(|item| {
-                let mut item = item.to_item();
-                if !with_payloads {
-                    item.payload = Vec::new();
-                    if let Some(outcome) = &mut item.outcome {
-                        outcome.result = Vec::new();
-                    }
+        let mut more = page.len() > limit;
+        let mut items: Vec<Item> = Vec::with_capacity(page.len().min(limit));
+        let mut bytes = 0;
+        for view in page.into_iter().take(limit) {
+            if with_payloads {
+                bytes += view.payload.len() + view.result().len() + view.last_error().len();
+                if bytes > limits::MAX_LIST_BYTES && !items.is_empty() {
+                    // The answer is full: the rest is on the next page.
+                    more = true;
+                    break;
                 }
-                item
-            })
-            .collect();
+            }
+            let mut item = view.to_item();
+            if !with_payloads {
+                item.payload = Vec::new();
+                if let Some(outcome) = &mut item.outcome {
+                    outcome.result = Vec::new();
+                }
+            }
+            items.push(item);
+        }
         let next = if more {
             items.last().map_or(0, |i| i.id)
         } else {
