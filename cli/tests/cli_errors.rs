@@ -46,6 +46,8 @@ fn unreachable_server_says_where_it_looked() {
         error.starts_with(&format!("error: cannot reach coordinator at {url}")),
         "{error}"
     );
+    // Nothing listens there: TLS cannot be the reason, so no hint says it may be.
+    assert!(!error.contains("https://"), "{error}");
 
     // The environment variable works the same way.
     Command::new(bin_path("queue-cli"))
@@ -61,6 +63,60 @@ fn unreachable_server_says_where_it_looked() {
         .timeout(RUN_TIMEOUT);
     let error = fails_with(&mut bad, 1, &["list"]);
     assert!(error.contains("must start with http://"), "{error}");
+
+    // A port past 65535 is refused, not wrapped around to another port.
+    let mut wrapped = Command::new(bin_path("queue-cli"));
+    wrapped
+        .args(["--server", "http://127.0.0.1:99999", "list"])
+        .timeout(RUN_TIMEOUT);
+    let error = fails_with(&mut wrapped, 1, &["list"]);
+    assert!(
+        error.contains("port must be a number from 1 to 65535"),
+        "{error}"
+    );
+}
+
+#[test]
+fn an_empty_input_still_names_an_unknown_queue() {
+    let env = Env::start();
+    for args in [
+        &["enqueue", "nope", "--stdin"][..],
+        &["enqueue", "nope", "--stdin", "--seal"],
+    ] {
+        let error = fails_with(env.cli().args(args).write_stdin(""), 1, args);
+        assert!(
+            error.starts_with("error: queue 'nope' not found"),
+            "{args:?}: {error}"
+        );
+    }
+    env.ok(&["create", "q"]);
+    let output = env
+        .cli()
+        .args(["enqueue", "q", "--stdin"])
+        .write_stdin("\n\n")
+        .output()
+        .expect("run");
+    assert!(output.status.success(), "{output:?}");
+    assert!(String::from_utf8_lossy(&output.stdout).starts_with("enqueued 0 items"));
+}
+
+#[test]
+fn an_item_larger_than_a_request_is_refused_before_sending() {
+    let env = Env::start();
+    env.ok(&["create", "q"]);
+    env.ok(&["enqueue", "q", "first"]);
+    // 65 MiB on the second line: past the 64 MiB message limit.
+    let mut input = b"small\n".to_vec();
+    input.resize(input.len() + (65 << 20), b'x');
+    input.push(b'\n');
+    let args = ["enqueue", "q", "--stdin"];
+    let error = fails_with(env.cli().args(args).write_stdin(input), 1, &args);
+    assert!(
+        error.starts_with("error: line 2 is more than") && error.contains("one request"),
+        "{error}"
+    );
+    // Nothing of that input was sent: the held batch goes only once the input ends.
+    assert_eq!(env.stats("q")["ready"], 1);
 }
 
 #[test]
@@ -88,6 +144,7 @@ fn usage_errors_exit_2_with_help() {
         &["enqueue", "q", "a", "--stdin"],
         &["enqueue", "q", "a", "--count", "5"],
         &["enqueue", "q", "--stdin", "--count", "5"],
+        &["enqueue", "q", "--payload", "x", "--count", "0"],
         &["requeue", "q"],
         &["requeue", "q", "1", "--dead"],
         &["ack", "q", "1", "not-a-token"],

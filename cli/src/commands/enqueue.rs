@@ -14,7 +14,8 @@ use anyhow::{Context, Result};
 use clap::{ArgGroup, Args};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::json;
-use tokio::io::{AsyncBufRead, AsyncBufReadExt, BufReader};
+use tokio::io::{AsyncBufRead, AsyncBufReadExt, AsyncReadExt, BufReader};
+use workq_proto::client::MAX_MESSAGE_BYTES;
 use workq_proto::{Client, pb};
 
 use super::{opt_ms, parse_duration};
@@ -24,9 +25,14 @@ use crate::output::{Format, print_json};
 /// Items per request unless `--batch-size` says otherwise.
 const DEFAULT_BATCH: usize = 1000;
 
-/// A batch is also sent once its payloads reach this size, well under the 64 MiB
-/// message limit even when payloads are large.
+/// A batch is also sent before its payloads would pass this size, well under the
+/// 64 MiB message limit even when payloads are large (a larger item goes alone).
 const BATCH_BYTES: usize = 4 * 1024 * 1024;
+
+/// The largest item (payload and key) one request can carry: the message limit less
+/// room for the request's own fields. No queue accepts payloads this large (32 MiB
+/// at most), but past this the coordinator cannot even say so.
+const MAX_ITEM_BYTES: usize = MAX_MESSAGE_BYTES - 64 * 1024;
 
 /// Add items to a queue: one per argument, one per line of a file or of stdin, or
 /// N copies of a template where `{i}` becomes the item's index (0, 1, …).
@@ -71,8 +77,9 @@ pub struct EnqueueArgs {
     #[arg(long, value_name = "TEMPLATE")]
     pub payload: Option<String>,
 
-    /// How many items to make from --payload [default: 1].
+    /// How many items to make from --payload (at least 1) [default: 1].
     #[arg(long, value_name = "N", requires = "payload")]
+    #[arg(value_parser = parse_count)]
     #[arg(conflicts_with_all = ["payloads", "file", "stdin"])]
     pub count: Option<u64>,
 
@@ -100,6 +107,13 @@ pub struct EnqueueArgs {
     /// Never show a progress bar.
     #[arg(long)]
     pub no_progress: bool,
+}
+
+fn parse_count(text: &str) -> Result<u64, String> {
+    match text.parse::<u64>() {
+        Ok(n) if n >= 1 => Ok(n),
+        _ => Err("must be a whole number, at least 1".into()),
+    }
 }
 
 fn parse_batch_size(text: &str) -> Result<usize, String> {
@@ -228,17 +242,26 @@ impl Sender {
         }
     }
 
-    /// Adds one item, first sending the held batch if it is full.
+    /// Adds one item, first sending the held batch if the item would overfill it.
     async fn push(&mut self, client: &mut Client, payload: Vec<u8>) -> Result<()> {
-        if self.batch.len() >= self.batch_size || self.batch_bytes >= BATCH_BYTES {
-            self.send(client, false).await?;
-        }
         let key = self
             .key
             .as_ref()
             .map(|template| template.replace("{i}", &self.read.to_string()))
             .unwrap_or_default();
-        self.batch_bytes += payload.len() + key.len();
+        let bytes = payload.len() + key.len();
+        if bytes > MAX_ITEM_BYTES {
+            anyhow::bail!(
+                "the item with index {} is {bytes} bytes, more than one request can \
+                 carry ({MAX_ITEM_BYTES} bytes)",
+                self.read
+            );
+        }
+        let full = self.batch.len() >= self.batch_size || self.batch_bytes + bytes > BATCH_BYTES;
+        if full && !self.batch.is_empty() {
+            self.send(client, false).await?;
+        }
+        self.batch_bytes += bytes;
         self.batch.push(pb::NewItem {
             payload: payload.into(),
             priority: self.priority,
@@ -257,9 +280,14 @@ impl Sender {
         mut input: impl AsyncBufRead + Unpin,
     ) -> Result<()> {
         let mut line = Vec::new();
+        let mut number = 0u64;
         loop {
             line.clear();
-            let n = input
+            number += 1;
+            // Read no more than the largest item and its line ending, so one huge
+            // line cannot take the memory of the machine.
+            let n = (&mut input)
+                .take(MAX_ITEM_BYTES as u64 + 2)
                 .read_until(b'\n', &mut line)
                 .await
                 .context("cannot read input")?;
@@ -272,6 +300,12 @@ impl Sender {
                     line.pop();
                 }
             }
+            if line.len() > MAX_ITEM_BYTES {
+                anyhow::bail!(
+                    "line {number} is more than {MAX_ITEM_BYTES} bytes, more than one \
+                     request can carry"
+                );
+            }
             if !line.is_empty() {
                 self.push(client, line.clone()).await?;
             }
@@ -279,16 +313,17 @@ impl Sender {
     }
 
     /// Sends what is left (with `seal`), or seals on its own when there were no items.
+    /// An input with no items at all still asks the coordinator for the queue, so a
+    /// wrong name fails as it would with items.
     async fn finish(&mut self, client: &mut Client) -> Result<()> {
         if !self.batch.is_empty() {
             return self.send(client, self.seal).await;
         }
+        let queue = self.queue.clone();
         if self.seal {
-            client
-                .seal_queue(pb::SealQueueRequest {
-                    queue: self.queue.clone(),
-                })
-                .await?;
+            client.seal_queue(pb::SealQueueRequest { queue }).await?;
+        } else if self.read == 0 {
+            client.get_queue(pb::GetQueueRequest { queue }).await?;
         }
         Ok(())
     }
