@@ -86,9 +86,11 @@ impl Global {
                 "the coordinator at {} wants a token: pass --token or set WORKQ_TOKEN",
                 self.server
             ),
-            // The coordinator answered, on its way out: its own message says whether
-            // the change is on disk.
-            tonic::Code::Unavailable if message.starts_with("storage failure") => {
+            // The coordinator answered, on its way out ("shutting down", or a storage
+            // failure whose message says whether the change is on disk).
+            tonic::Code::Unavailable
+                if !message.is_empty() && !workq_proto::client::is_transport_status(status) =>
+            {
                 format!("the coordinator at {}: {message}", self.server)
             }
             // A connection that broke mid-call (coordinator stopped or restarted).

@@ -114,12 +114,22 @@ impl ClientError {
     }
 }
 
-/// True for statuses that mean "the coordinator is (momentarily) not there".
+/// True for statuses that mean "the coordinator is (momentarily) not there": a
+/// connection that failed or broke (the transport's UNAVAILABLE, UNKNOWN and
+/// CANCELLED), or a coordinator that said UNAVAILABLE on its way out (shutting down, or
+/// stopping after a storage failure, to be restarted).
 pub fn is_transient_status(status: &tonic::Status) -> bool {
     matches!(
         status.code(),
         tonic::Code::Unavailable | tonic::Code::Unknown | tonic::Code::Cancelled
-    ) && !status.message().contains("queue")
+    )
+}
+
+/// True when the status came from the transport (the connection failed or broke),
+/// not from an answer the coordinator sent: tonic keeps the transport's error as the
+/// status's source, while a status read from the coordinator's trailers has none.
+pub fn is_transport_status(status: &tonic::Status) -> bool {
+    std::error::Error::source(status).is_some()
 }
 
 /// One line for humans: the coordinator's message, which already says what was wrong.
@@ -148,12 +158,38 @@ pub fn with_tls_hint(url: &str, reason: String) -> String {
         "operation was canceled",
         "h2 protocol error",
     ];
+    // Nothing listening (or no route): TLS cannot be why a TCP connect failed.
+    let tcp_failed = reason.contains("tcp connect error");
     if reason.contains("invalid peer certificate") {
         format!("{reason} (trust the coordinator's CA with --ca-cert or WORKQ_CA_CERT)")
-    } else if url.starts_with("http://") && CLOSED.iter().any(|c| reason.starts_with(c)) {
+    } else if url.starts_with("http://")
+        && !tcp_failed
+        && CLOSED.iter().any(|c| reason.starts_with(c))
+    {
         format!("{reason} (if the coordinator serves TLS, use https://)")
     } else {
         reason
+    }
+}
+
+/// Refuses a port outside 1–65535 in `url`, which the URI parser would pass on (and
+/// the connector would wrap around to another port).
+fn check_port(url: &str) -> Result<(), String> {
+    let rest = url.split_once("://").map_or(url, |(_, rest)| rest);
+    let authority = rest.split(['/', '?', '#']).next().unwrap_or_default();
+    let host_port = authority.rsplit_once('@').map_or(authority, |(_, hp)| hp);
+    let Some((_, port)) = host_port.rsplit_once(':') else {
+        return Ok(());
+    };
+    if port.contains(']') {
+        // The colon is inside an IPv6 address and no port is given.
+        return Ok(());
+    }
+    match port.parse::<u16>() {
+        Ok(1..) => Ok(()),
+        _ => Err(format!(
+            "the port must be a number from 1 to 65535, not '{port}'"
+        )),
     }
 }
 
@@ -222,6 +258,7 @@ impl Client {
                 "--ca-cert is for a coordinator serving TLS: use https://".into(),
             ));
         }
+        check_port(&options.url).map_err(invalid)?;
         let mut endpoint = Endpoint::from_shared(options.url.clone())
             .map_err(|e| invalid(e.to_string()))?
             .connect_timeout(options.connect_timeout)
@@ -339,4 +376,67 @@ fn error_chain(error: &dyn std::error::Error) -> String {
         source = cause.source();
     }
     text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ports_outside_1_to_65535_are_refused() {
+        for url in [
+            "http://127.0.0.1:7070",
+            "http://127.0.0.1",
+            "https://coordinator.workq.svc:443/",
+            "http://[::1]:7070",
+            "http://[::1]",
+            "http://user:secret@host:7070",
+        ] {
+            assert_eq!(check_port(url), Ok(()), "{url}");
+        }
+        for url in [
+            "http://127.0.0.1:99999",
+            "http://127.0.0.1:0",
+            "http://127.0.0.1:",
+            "http://[::1]:70000",
+            "http://host:-1/path",
+        ] {
+            let error = check_port(url).unwrap_err();
+            assert!(error.contains("from 1 to 65535"), "{url}: {error}");
+        }
+    }
+
+    #[test]
+    fn a_status_the_coordinator_sent_is_told_from_a_broken_connection() {
+        let answered = tonic::Status::unavailable("shutting down");
+        assert!(is_transient_status(&answered));
+        assert!(!is_transport_status(&answered));
+        let broken = tonic::Status::from_error(Box::new(std::io::Error::other("reset")));
+        assert!(is_transient_status(&broken));
+        assert!(is_transport_status(&broken));
+        // A queue's name in the message changes nothing.
+        assert!(is_transient_status(&tonic::Status::unavailable(
+            "storage failure: queue 'q': the change is not on disk"
+        )));
+        assert!(!is_transient_status(&tonic::Status::not_found(
+            "queue 'q' not found"
+        )));
+    }
+
+    #[test]
+    fn the_tls_hint_is_left_off_a_refused_connection() {
+        let refused =
+            "transport error: tcp connect error: Connection refused (os error 111)".to_string();
+        assert_eq!(
+            with_tls_hint("http://127.0.0.1:1", refused.clone()),
+            refused
+        );
+        let closed = "transport error: connection closed".to_string();
+        assert!(
+            with_tls_hint("http://127.0.0.1:1", closed).ends_with("use https://)"),
+            "a connection closed without a word may be a TLS port"
+        );
+        let untrusted = "transport error: invalid peer certificate: UnknownIssuer".to_string();
+        assert!(with_tls_hint("https://h:1", untrusted).contains("--ca-cert"));
+    }
 }
