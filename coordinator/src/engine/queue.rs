@@ -1096,9 +1096,16 @@ fn lease_matches(item: ItemView<'_>, token: u64) -> Result<()> {
     let id = item.id;
     match (&item.state, &item.lease) {
         (State::Leased, Some(lease)) if lease.token == token => Ok(()),
+        // Tokens only grow: one past the current lease's was never this item's.
+        (State::Leased, Some(lease)) if token > lease.token => Err(Error::LeaseLost(format!(
+            "token {token} was never issued for item {id}; it is leased under another token"
+        ))),
         (State::Leased, Some(_)) => Err(Error::LeaseLost(format!(
             "item {id} was re-leased (attempt {}); token {token} is no longer valid",
             item.attempts
+        ))),
+        (State::Done, _) if item.done_token() == token => Err(Error::LeaseLost(format!(
+            "item {id} was already completed under this lease"
         ))),
         (State::Done, _) => Err(Error::LeaseLost(format!(
             "item {id} was already completed under another lease"

@@ -246,10 +246,24 @@ fn stale_tokens_are_rejected_and_change_nothing() {
     assert_eq!(f.stats(now), stats_before, "stats unchanged");
     assert!(f.q.take_journal().iter().all(|c| *c != Change::Delete(id)));
 
+    // Each refusal says why: an old lease, or a token this item never had.
+    let err = f.q.ack(now, id, old.token, vec![]).unwrap_err();
+    assert!(err.to_string().contains("was re-leased"), "{err}");
+    let err = f.q.ack(now, id, new.token + 1000, vec![]).unwrap_err();
+    assert!(err.to_string().contains("was never issued"), "{err}");
+
     // The current holder still completes it, exactly once.
     f.q.ack(now, id, new.token, vec![]).unwrap();
     let err = f.q.ack(now, id, old.token, vec![]).unwrap_err();
-    assert!(err.to_string().contains("already completed"), "{err}");
+    assert!(
+        err.to_string().contains("completed under another lease"),
+        "{err}"
+    );
+    let err = f.q.release(now, id, new.token).unwrap_err();
+    assert!(
+        err.to_string().contains("completed under this lease"),
+        "{err}"
+    );
     assert_eq!(f.stats(now).counters.completed, 1);
 }
 
