@@ -193,8 +193,15 @@ pub fn lease_pb(g: engine::Granted) -> pb::Lease {
 }
 
 pub fn settlement_from_pb(s: pb::Settlement) -> engine::Settlement {
-    let action = match pb::SettleAction::try_from(s.action).unwrap_or(pb::SettleAction::Unspecified)
-    {
+    let Ok(action) = pb::SettleAction::try_from(s.action) else {
+        // Refused for this item alone: an unknown action must not ack anything.
+        return engine::Settlement {
+            id: s.id,
+            token: s.token,
+            action: engine::SettleAction::Invalid(s.action),
+        };
+    };
+    let action = match action {
         pb::SettleAction::Ack => engine::SettleAction::Ack { result: s.result },
         pb::SettleAction::Fail => engine::SettleAction::Fail {
             error: s.error,
@@ -210,8 +217,7 @@ pub fn settlement_from_pb(s: pb::Settlement) -> engine::Settlement {
         pb::SettleAction::Extend => engine::SettleAction::Extend {
             lease_timeout_ms: s.lease_timeout_ms,
         },
-        // Refused for this item alone: an unknown action must not ack anything.
-        pb::SettleAction::Unspecified => engine::SettleAction::Invalid,
+        pb::SettleAction::Unspecified => engine::SettleAction::Invalid(s.action),
     };
     engine::Settlement {
         id: s.id,

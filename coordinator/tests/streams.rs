@@ -44,6 +44,10 @@ async fn settle_acks_many_and_fails_only_the_stale_ones() {
         leases[0].token,
         pb::SettleAction::Unspecified,
     ));
+    // An action from a newer client: refused for that item alone, by its number.
+    let mut unknown = settle(leases[4].id, leases[4].token, pb::SettleAction::Ack);
+    unknown.action = 9;
+    batch.push(unknown);
     let results = c
         .settle(pb::SettleRequest {
             queue: "q".into(),
@@ -62,10 +66,19 @@ async fn settle_acks_many_and_fails_only_the_stale_ones() {
             0,
             tonic::Code::FailedPrecondition as i32,
             0,
+            tonic::Code::InvalidArgument as i32,
             tonic::Code::InvalidArgument as i32
         ]
     );
     assert!(results[3].message.starts_with("lease lost"));
+    assert!(
+        results[5].message.contains("action is missing"),
+        "{results:?}"
+    );
+    assert!(
+        results[6].message.contains("action 9 is unknown"),
+        "{results:?}"
+    );
     let s = stats(&mut c).await;
     assert_eq!((s.done, s.leased, s.ready), (3, 1, 1));
     server.stop().await;

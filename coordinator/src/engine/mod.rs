@@ -89,8 +89,9 @@ pub enum SettleAction {
     Extend {
         lease_timeout_ms: u64,
     },
-    /// An action the client left unspecified; refused for that item alone.
-    Invalid,
+    /// An action the client left unspecified (0) or one this coordinator does not
+    /// know (its code); refused for that item alone.
+    Invalid(i32),
 }
 
 #[derive(Clone, Debug)]
@@ -1119,8 +1120,12 @@ fn settle_one(q: &mut Queue, now: u64, id: u64, token: u64, action: SettleAction
             }
         }
         SettleAction::Release => q.release(now, id, token).map(|_| 0),
-        SettleAction::Invalid => Err(Error::invalid(format!(
+        SettleAction::Invalid(0) => Err(Error::invalid(format!(
             "item {id}: settlement action is missing (ack, fail, fail_permanent, release or extend)"
+        ))),
+        SettleAction::Invalid(code) => Err(Error::invalid(format!(
+            "item {id}: settlement action {code} is unknown (ack, fail, fail_permanent, \
+             release or extend)"
         ))),
         SettleAction::Extend { lease_timeout_ms } => {
             if lease_timeout_ms != 0 {
