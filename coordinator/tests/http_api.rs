@@ -263,6 +263,21 @@ async fn api_errors_are_json_with_the_right_status() {
         let error = reply.json()["error"].as_str().unwrap().to_string();
         assert!(error.contains(needle), "{method} {path}: {error}");
     }
+    // A body past the limit is too large, not malformed.
+    let mut huge = b"{\"ids\":[".to_vec();
+    huge.extend(std::iter::repeat_n(b"1,".as_slice(), 2_000_000).flatten());
+    huge.extend(b"1]}");
+    let reply = server
+        .send(
+            "POST",
+            "/api/v1/queues/q/requeue",
+            &[("Content-Type", "application/json")],
+            &huge,
+        )
+        .await;
+    assert_eq!(reply.status, 413, "{reply:?}");
+    let error = reply.json()["error"].as_str().unwrap().to_string();
+    assert!(error.contains("at most 10000 ids"), "{error}");
     let wrong = server.send("DELETE", "/api/v1/queues", &[], b"").await;
     assert_eq!(wrong.status, 405);
     server.stop().await;

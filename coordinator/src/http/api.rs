@@ -489,14 +489,23 @@ async fn requeue(
     Path(name): Path<String>,
     body: Result<Json<RequeueBody>, JsonRejection>,
 ) -> ApiResult<Requeued> {
-    let Json(body) = body.map_err(|e| {
-        ApiError(
+    let Json(body) = body.map_err(|e| match e.status() {
+        // The body limit (axum's 2 MB): far more than 10,000 ids need.
+        StatusCode::PAYLOAD_TOO_LARGE => ApiError(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!(
+                "{}: one requeue takes at most {} ids",
+                e.body_text(),
+                engine::limits::MAX_REQUEUE_IDS
+            ),
+        ),
+        _ => ApiError(
             StatusCode::BAD_REQUEST,
             format!(
                 "{}: send {{\"ids\":[1,2]}} or {{\"all_dead\":true}} as application/json",
                 e.body_text()
             ),
-        )
+        ),
     })?;
     let requeued = state
         .engine
