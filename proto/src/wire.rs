@@ -186,9 +186,12 @@ impl<T: Message + Default> WireReceiver<T> {
         let (kind, body) = match frame {
             Ok(Some(frame)) => frame,
             Ok(None) => {
-                return Err(tonic::Status::unavailable(
+                let closed = io::Error::from(io::ErrorKind::UnexpectedEof);
+                let mut status = tonic::Status::unavailable(
                     "the coordinator closed the connection without ending the call",
-                ));
+                );
+                status.set_source(std::sync::Arc::new(closed));
+                return Err(status);
             }
             Err(e) => return Err(lost(&e)),
         };
@@ -215,8 +218,17 @@ impl<T: Message + Default> WireReceiver<T> {
     }
 }
 
+/// A broken connection: the io error is kept as the status's source, as tonic does
+/// for its transport, so [`crate::client::is_transport_status`] tells it from an
+/// answer the coordinator sent.
 fn lost(error: &io::Error) -> tonic::Status {
-    tonic::Status::unavailable(format!("connection to the coordinator lost: {error}"))
+    let mut status =
+        tonic::Status::unavailable(format!("connection to the coordinator lost: {error}"));
+    status.set_source(std::sync::Arc::new(io::Error::new(
+        error.kind(),
+        error.to_string(),
+    )));
+    status
 }
 
 /// Opens one wire call on `addr` (`host:port`, the coordinator's gRPC address).
@@ -332,6 +344,29 @@ mod tests {
             reader.buf.capacity()
         );
         drop(client);
+    }
+
+    #[tokio::test]
+    async fn a_connection_closed_mid_call_is_a_transport_status() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (client, accepted) = tokio::join!(TcpStream::connect(addr), listener.accept());
+        let (read, _write) = client.unwrap().into_split();
+        drop(accepted.unwrap());
+        let mut receiver = WireReceiver::<pb::WireStatus> {
+            frames: FrameReader::new(read),
+            ended: false,
+            _responses: PhantomData,
+        };
+        let status = receiver.message().await.unwrap_err();
+        assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
+        assert!(crate::client::is_transport_status(&status), "{status:?}");
+        // The coordinator's own status is not.
+        let answered = status_from_wire(pb::WireStatus {
+            code: tonic::Code::Unavailable as i32,
+            message: "shutting down".into(),
+        });
+        assert!(!crate::client::is_transport_status(&answered));
     }
 
     #[test]
