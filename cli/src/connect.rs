@@ -99,6 +99,14 @@ impl Global {
             {
                 let reason = match message {
                     "" => "connection lost".to_string(),
+                    // An answer was being read: the call was cut, not refused.
+                    message if message.contains("error reading a body") => {
+                        return format!(
+                            "lost the connection to the coordinator at {} mid-call (it \
+                             stopped or restarted; run the command again): {message}",
+                            self.server
+                        );
+                    }
                     message => workq_proto::client::with_tls_hint(&self.server, message.into()),
                 };
                 format!("cannot reach coordinator at {}: {reason}", self.server)

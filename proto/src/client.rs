@@ -158,8 +158,10 @@ pub fn with_tls_hint(url: &str, reason: String) -> String {
         "operation was canceled",
         "h2 protocol error",
     ];
-    // Nothing listening (or no route): TLS cannot be why a TCP connect failed.
-    let tcp_failed = reason.contains("tcp connect error");
+    // Nothing listening (or no route), or a call cut while its answer was being read
+    // (the coordinator spoke HTTP/2, so plain http:// was right).
+    let tcp_failed =
+        reason.contains("tcp connect error") || reason.contains("error reading a body");
     if reason.contains("invalid peer certificate") {
         format!("{reason} (trust the coordinator's CA with --ca-cert or WORKQ_CA_CERT)")
     } else if url.starts_with("http://")
@@ -431,6 +433,8 @@ mod tests {
             with_tls_hint("http://127.0.0.1:1", refused.clone()),
             refused
         );
+        let cut = "h2 protocol error: error reading a body from connection".to_string();
+        assert_eq!(with_tls_hint("http://127.0.0.1:1", cut.clone()), cut);
         let closed = "transport error: connection closed".to_string();
         assert!(
             with_tls_hint("http://127.0.0.1:1", closed).ends_with("use https://)"),
