@@ -2,8 +2,10 @@
 //! place where a failure becomes the single line the user reads on stderr.
 
 use std::path::PathBuf;
+use std::sync::OnceLock;
 
 use clap::Args;
+use workq_proto::client::Answered;
 use workq_proto::client::DEFAULT_SERVER;
 use workq_proto::{Client, ClientError, ConnectOptions};
 
@@ -32,12 +34,26 @@ pub struct Global {
     #[arg(short = 'o', long = "output", global = true, value_enum)]
     #[arg(default_value_t = Format::Table)]
     pub output: Format,
+
+    /// Whether the coordinator has answered this run's client: a connection that
+    /// breaks after that was lost, not refused.
+    #[arg(skip)]
+    answered: OnceLock<Answered>,
 }
 
 impl Global {
     /// Connects to the coordinator once; an unreachable server fails here.
     pub async fn connect(&self) -> Result<Client, ClientError> {
-        Client::connect(self.options()?).await
+        let client = Client::connect(self.options()?).await?;
+        // A command connects once; should one connect again, the first client's
+        // answers say as much about the coordinator.
+        let _ = self.answered.set(client.answered());
+        Ok(client)
+    }
+
+    /// True once the coordinator has answered a call of this run.
+    fn was_answered(&self) -> bool {
+        self.answered.get().is_some_and(Answered::get)
     }
 
     /// How to reach the coordinator; fails on an unreadable --ca-cert.
@@ -93,23 +109,30 @@ impl Global {
             {
                 format!("the coordinator at {}: {message}", self.server)
             }
-            // A connection that broke mid-call (coordinator stopped or restarted).
+            // The connection failed or broke.
             tonic::Code::Unavailable | tonic::Code::Unknown | tonic::Code::Cancelled
                 if workq_proto::client::is_transient_status(status) =>
             {
-                let reason = match message {
-                    "" => "connection lost".to_string(),
-                    // An answer was being read: the call was cut, not refused.
-                    message if message.contains("error reading a body") => {
-                        return format!(
-                            "lost the connection to the coordinator at {} mid-call (it \
-                             stopped or restarted; run the command again): {message}",
-                            self.server
-                        );
-                    }
-                    message => workq_proto::client::with_tls_hint(&self.server, message.into()),
+                let reason = if message.is_empty() {
+                    "connection lost"
+                } else {
+                    message
                 };
-                format!("cannot reach coordinator at {}: {reason}", self.server)
+                if self.was_answered() {
+                    // The coordinator had answered on this connection, so it was
+                    // reachable, and spoke plain HTTP/2: it stopped or restarted.
+                    format!(
+                        "lost the connection to the coordinator at {} (it stopped or \
+                         restarted): {reason}",
+                        self.server
+                    )
+                } else {
+                    format!(
+                        "cannot reach coordinator at {}: {}",
+                        self.server,
+                        workq_proto::client::with_tls_hint(&self.server, reason.into())
+                    )
+                }
             }
             _ => workq_proto::client::describe_status(status),
         }

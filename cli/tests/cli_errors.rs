@@ -4,6 +4,8 @@
 
 mod cli_support;
 
+use std::time::Duration;
+
 use assert_cmd::Command;
 use cli_support::{Env, RUN_TIMEOUT, fails_with};
 use predicates::prelude::*;
@@ -285,4 +287,172 @@ fn missing_input_file_is_named() {
         "{error}"
     );
     assert_eq!(env.stats("q")["total_enqueued"], 0);
+}
+
+/// `queue-cli enqueue q --stdin --batch-size 1` against `url`, its stdin kept.
+fn enqueue_from_a_pipe(url: &str) -> (workq_tests::Process, std::process::ChildStdin) {
+    use std::process::Stdio;
+    let mut enqueue = workq_tests::Process::spawn(
+        std::process::Command::new(bin_path("queue-cli"))
+            .env("WORKQ_SERVER", url)
+            .args(["enqueue", "q", "--stdin", "--batch-size", "1"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped()),
+    );
+    let stdin = enqueue.child.stdin.take().expect("stdin");
+    (enqueue, stdin)
+}
+
+/// Writes `lines` to the enqueue's stdin. With batches of one, each line sends the
+/// one before it.
+fn feed(stdin: &mut std::process::ChildStdin, lines: &str) {
+    use std::io::Write;
+    stdin.write_all(lines.as_bytes()).expect("write");
+    stdin.flush().expect("flush");
+}
+
+/// Waits for the enqueue to exit 1 and returns its stderr.
+fn failure(mut enqueue: workq_tests::Process) -> String {
+    use std::io::Read;
+    assert_eq!(enqueue.wait_exit(RUN_TIMEOUT), Some(1));
+    let mut stderr = String::new();
+    enqueue
+        .child
+        .stderr
+        .take()
+        .expect("stderr")
+        .read_to_string(&mut stderr)
+        .expect("read stderr");
+    stderr
+}
+
+/// A TCP proxy for one connection that, once cut, forwards nothing more back to the
+/// client and closes both sides at the next bytes the server sends: a request sent
+/// after the cut reaches the server, and its answer is lost.
+struct CuttingProxy {
+    addr: std::net::SocketAddr,
+    cut: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl CuttingProxy {
+    fn start(server: &str) -> CuttingProxy {
+        use std::io::{Read, Write};
+        use std::net::{Shutdown, TcpListener, TcpStream};
+        use std::sync::atomic::Ordering;
+
+        let server = server.trim_start_matches("http://").to_string();
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let cut = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let cutting = cut.clone();
+        std::thread::spawn(move || {
+            let Ok((client, _)) = listener.accept() else {
+                return;
+            };
+            let upstream = TcpStream::connect(&server).expect("connect to coordinator");
+            let (mut from_client, mut to_server) = (
+                client.try_clone().expect("clone"),
+                upstream.try_clone().expect("clone"),
+            );
+            std::thread::spawn(move || {
+                let _ = std::io::copy(&mut from_client, &mut to_server);
+            });
+            let (mut from_server, mut to_client) = (upstream, client);
+            let mut buffer = [0u8; 16384];
+            while let Ok(n @ 1..) = from_server.read(&mut buffer) {
+                if cutting.load(Ordering::SeqCst) {
+                    let _ = to_client.shutdown(Shutdown::Both);
+                    let _ = from_server.shutdown(Shutdown::Both);
+                    return;
+                }
+                if to_client.write_all(&buffer[..n]).is_err() {
+                    return;
+                }
+            }
+        });
+        CuttingProxy { addr, cut }
+    }
+
+    fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    fn cut(&self) {
+        self.cut.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+#[test]
+fn an_enqueue_whose_answer_was_lost_says_which_items_may_be_in() {
+    let env = Env::start();
+    env.ok(&["create", "q"]);
+    let proxy = CuttingProxy::start(env.url());
+    let (enqueue, mut stdin) = enqueue_from_a_pipe(&proxy.url());
+    feed(&mut stdin, "zero\none\n");
+    workq_tests::wait_for("item 0 to be in", Duration::from_secs(20), || {
+        env.stats("q")["ready"] == 1
+    });
+    proxy.cut();
+    // Item 1 reaches the coordinator; its answer does not reach the CLI.
+    feed(&mut stdin, "two\n");
+    drop(stdin);
+    let stderr = failure(enqueue);
+    assert!(
+        stderr.starts_with("error: stopped after 1 items were accepted"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("the item with index 1 may or may not be in (without a --key"),
+        "{stderr}"
+    );
+    // The coordinator had answered: it was lost, not unreachable, and not a TLS port.
+    assert!(
+        stderr.contains(&format!(
+            "lost the connection to the coordinator at {}",
+            proxy.url()
+        )),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("https://"), "{stderr}");
+    // It was in, as the message warned it might be.
+    assert_eq!(env.stats("q")["ready"], 2);
+}
+
+#[test]
+fn an_enqueue_whose_coordinator_died_says_how_far_it_got() {
+    let mut env = Env::start_on_disk();
+    env.ok(&["create", "q"]);
+    let (enqueue, mut stdin) = enqueue_from_a_pipe(env.url());
+    feed(&mut stdin, "zero\none\n");
+    workq_tests::wait_for("item 0 to be in", Duration::from_secs(20), || {
+        env.stats("q")["ready"] == 1
+    });
+    env.coordinator.kill9();
+    // Item 2 sends item 1. It mostly finds nothing listening and so was never sent,
+    // which the message then leaves out; should the connection break only as the
+    // request goes out, the CLI cannot know that, and says item 1 may be in.
+    feed(&mut stdin, "two\n");
+    drop(stdin);
+    let stderr = failure(enqueue);
+    assert!(
+        stderr.starts_with(
+            "error: stopped after 1 items were accepted (1 enqueued, 0 deduplicated): "
+        ),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains(&format!(
+            "lost the connection to the coordinator at {} (it stopped or restarted)",
+            env.url()
+        )),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("https://"), "{stderr}");
+
+    // What was acknowledged is there after the restart, and nothing else.
+    env.coordinator.restart();
+    let items = env.json(&["items", "q"]);
+    assert_eq!(items["items"].as_array().map(Vec::len), Some(1), "{items}");
+    assert_eq!(items["items"][0]["payload"], "zero", "{items}");
 }

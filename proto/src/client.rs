@@ -10,8 +10,12 @@
 //! ```
 
 use std::ops::{Deref, DerefMut};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
+use tonic::codegen::{BoxFuture, Service, http};
 use tonic::metadata::{Ascii, MetadataValue};
 use tonic::service::Interceptor;
 use tonic::service::interceptor::InterceptedService;
@@ -132,6 +136,26 @@ pub fn is_transport_status(status: &tonic::Status) -> bool {
     std::error::Error::source(status).is_some()
 }
 
+/// True when the call's request was certainly never sent, so it did not take
+/// effect: it found nothing listening, or the connection closed while the request
+/// still waited to be written (hyper cancels it then).
+pub fn was_never_sent(status: &tonic::Status) -> bool {
+    let mut source = std::error::Error::source(status);
+    while let Some(cause) = source {
+        let refused = cause
+            .downcast_ref::<std::io::Error>()
+            .is_some_and(|e| e.kind() == std::io::ErrorKind::ConnectionRefused);
+        let canceled = cause
+            .downcast_ref::<hyper::Error>()
+            .is_some_and(hyper::Error::is_canceled);
+        if refused || canceled {
+            return true;
+        }
+        source = cause.source();
+    }
+    false
+}
+
 /// One line for humans: the coordinator's message, which already says what was wrong.
 pub fn describe_status(status: &tonic::Status) -> String {
     let message = status.message();
@@ -158,10 +182,8 @@ pub fn with_tls_hint(url: &str, reason: String) -> String {
         "operation was canceled",
         "h2 protocol error",
     ];
-    // Nothing listening (or no route), or a call cut while its answer was being read
-    // (the coordinator spoke HTTP/2, so plain http:// was right).
-    let tcp_failed =
-        reason.contains("tcp connect error") || reason.contains("error reading a body");
+    // Nothing listening (or no route): TLS cannot be why.
+    let tcp_failed = reason.contains("tcp connect error");
     if reason.contains("invalid peer certificate") {
         format!("{reason} (trust the coordinator's CA with --ca-cert or WORKQ_CA_CERT)")
     } else if url.starts_with("http://")
@@ -215,12 +237,59 @@ impl Interceptor for Auth {
     }
 }
 
-type Inner = WorkQClient<InterceptedService<Channel, Auth>>;
+/// Whether the coordinator has answered a client: set at the first HTTP/2 response
+/// (headers, or trailers alone) on any of the client's calls, and never cleared.
+///
+/// A connection that breaks after that was not a TLS port read as plain text, nor a
+/// coordinator that could not be reached: it was lost, and a call cut then may or
+/// may not have taken effect.
+#[derive(Clone, Debug, Default)]
+pub struct Answered(Arc<AtomicBool>);
+
+impl Answered {
+    pub fn get(&self) -> bool {
+        self.0.load(Ordering::Relaxed)
+    }
+}
+
+/// The channel, noting in [`Answered`] when a response arrives.
+#[derive(Clone, Debug)]
+pub struct NoteAnswers {
+    channel: Channel,
+    answered: Answered,
+}
+
+impl<B> Service<http::Request<B>> for NoteAnswers
+where
+    Channel: Service<http::Request<B>>,
+    <Channel as Service<http::Request<B>>>::Future: Send + 'static,
+{
+    type Response = <Channel as Service<http::Request<B>>>::Response;
+    type Error = <Channel as Service<http::Request<B>>>::Error;
+    type Future = BoxFuture<Self::Response, Self::Error>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        Service::<http::Request<B>>::poll_ready(&mut self.channel, cx)
+    }
+
+    fn call(&mut self, request: http::Request<B>) -> Self::Future {
+        let response = self.channel.call(request);
+        let answered = self.answered.0.clone();
+        Box::pin(async move {
+            let response = response.await?;
+            answered.store(true, Ordering::Relaxed);
+            Ok(response)
+        })
+    }
+}
+
+type Inner = WorkQClient<InterceptedService<NoteAnswers, Auth>>;
 
 /// A connected client. Cheap to clone; clones share one HTTP/2 connection.
 #[derive(Clone, Debug)]
 pub struct Client {
     inner: Inner,
+    answered: Answered,
     url: String,
     token: Option<String>,
     connect_timeout: Duration,
@@ -296,11 +365,17 @@ impl Client {
             ),
             None => None,
         };
+        let answered = Answered::default();
+        let channel = NoteAnswers {
+            channel,
+            answered: answered.clone(),
+        };
         let inner = WorkQClient::with_interceptor(channel, Auth { header })
             .max_decoding_message_size(MAX_MESSAGE_BYTES)
             .max_encoding_message_size(MAX_MESSAGE_BYTES);
         Ok(Client {
             inner,
+            answered,
             url: options.url.clone(),
             token: options.token.clone(),
             connect_timeout: options.connect_timeout,
@@ -310,6 +385,12 @@ impl Client {
     /// The address this client talks to.
     pub fn url(&self) -> &str {
         &self.url
+    }
+
+    /// Whether the coordinator has answered any of this client's calls (shared by
+    /// its clones).
+    pub fn answered(&self) -> Answered {
+        self.answered.clone()
     }
 
     /// Opens `EnqueueStream` over the wire protocol ([`crate::wire`]) on a connection
@@ -425,6 +506,27 @@ mod tests {
         )));
     }
 
+    #[tokio::test]
+    async fn a_call_that_found_nothing_listening_was_never_sent() {
+        // A port that was just free: nothing listens there.
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("bind")
+            .port();
+        let options = ConnectOptions::new(format!("http://127.0.0.1:{port}"));
+        let mut client = Client::connect_lazy(options).expect("lazy client");
+        let status = client
+            .list_queues(pb::ListQueuesRequest {})
+            .await
+            .expect_err("nothing listens");
+        assert!(was_never_sent(&status), "{status:?}");
+        assert!(is_transport_status(&status));
+        assert!(!client.answered().get());
+        assert!(!was_never_sent(&tonic::Status::unavailable(
+            "connection refused"
+        )));
+    }
+
     #[test]
     fn the_tls_hint_is_left_off_a_refused_connection() {
         let refused =
@@ -433,8 +535,6 @@ mod tests {
             with_tls_hint("http://127.0.0.1:1", refused.clone()),
             refused
         );
-        let cut = "h2 protocol error: error reading a body from connection".to_string();
-        assert_eq!(with_tls_hint("http://127.0.0.1:1", cut.clone()), cut);
         let closed = "transport error: connection closed".to_string();
         assert!(
             with_tls_hint("http://127.0.0.1:1", closed).ends_with("use https://)"),

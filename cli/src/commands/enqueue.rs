@@ -15,7 +15,7 @@ use clap::{ArgGroup, Args};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::json;
 use tokio::io::{AsyncBufRead, AsyncBufReadExt, AsyncReadExt, BufReader};
-use workq_proto::client::MAX_MESSAGE_BYTES;
+use workq_proto::client::{MAX_MESSAGE_BYTES, is_transport_status, was_never_sent};
 use workq_proto::{Client, pb};
 
 use super::{opt_ms, parse_duration};
@@ -332,14 +332,31 @@ impl Sender {
         let items = std::mem::take(&mut self.batch);
         self.batch_bytes = 0;
         let count = items.len() as u64;
-        let response = client
-            .enqueue(pb::EnqueueRequest {
-                queue: self.queue.clone(),
-                items,
-                seal,
-            })
-            .await?
-            .into_inner();
+        let request = pb::EnqueueRequest {
+            queue: self.queue.clone(),
+            items,
+            seal,
+        };
+        let response = match client.enqueue(request).await {
+            Ok(response) => response.into_inner(),
+            // The connection broke after the request may have left: the coordinator
+            // may have taken it, and only a key tells a second copy from a new item.
+            Err(status) if is_transport_status(&status) && !was_never_sent(&status) => {
+                let first = self.read - count;
+                let which = match count {
+                    1 => format!("the item with index {first}"),
+                    _ => format!("the {count} items with index {first} to {}", self.read - 1),
+                };
+                let rerun = if self.key.is_some() {
+                    "a rerun with the same --key adds only what is missing"
+                } else {
+                    "without a --key, a rerun can add them twice"
+                };
+                return Err(anyhow::Error::new(status)
+                    .context(format!("{which} may or may not be in ({rerun})")));
+            }
+            Err(status) => return Err(status.into()),
+        };
         for result in response.results {
             self.ids.push(result.id);
             if result.deduplicated {
