@@ -367,6 +367,7 @@ async fn a_page_of_large_items_ends_at_the_byte_cap_and_paging_finds_them_all() 
     // Without payloads there is nothing to cap.
     let (all, next) = engine.list_items("q", None, 0, 1_000, false).unwrap();
     assert_eq!((all.len(), next), (items, 0));
+    assert!(all.iter().all(|item| item.payload.is_empty()));
 
     // An item larger than the cap still comes, alone.
     let patch = OptionsPatch {

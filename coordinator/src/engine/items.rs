@@ -228,17 +228,35 @@ impl<'a> ItemView<'a> {
 
     /// An owned copy.
     pub fn to_item(&self) -> Item {
+        self.copy(true)
+    }
+
+    /// An owned copy whose payload and result are left empty, not copied.
+    pub fn to_item_without_payloads(&self) -> Item {
+        self.copy(false)
+    }
+
+    fn copy(&self, payloads: bool) -> Item {
+        let bytes = |b: &[u8]| if payloads { b.to_vec() } else { Vec::new() };
         Item {
             id: self.id,
             state: self.state,
-            payload: self.payload.to_vec(),
+            payload: bytes(self.payload),
             priority: self.priority,
             key: self.key.to_string(),
             attempts: self.attempts,
             enqueued_ms: self.enqueued_ms,
             ready_at_ms: self.ready_at_ms,
             lease: self.lease.map(|l| Box::new(l.clone())),
-            outcome: self.outcome.map(|o| Box::new(o.clone())),
+            outcome: self.outcome.map(|o| {
+                Box::new(Outcome {
+                    worker: o.worker.clone(),
+                    done_token: o.done_token,
+                    done_ms: o.done_ms,
+                    result: bytes(&o.result),
+                    last_error: o.last_error.clone(),
+                })
+            }),
         }
     }
 }

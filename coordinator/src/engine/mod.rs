@@ -851,14 +851,11 @@ impl Engine {
                     break;
                 }
             }
-            let mut item = view.to_item();
-            if !with_payloads {
-                item.payload = Vec::new();
-                if let Some(outcome) = &mut item.outcome {
-                    outcome.result = Vec::new();
-                }
-            }
-            items.push(item);
+            items.push(if with_payloads {
+                view.to_item()
+            } else {
+                view.to_item_without_payloads()
+            });
         }
         let next = if more {
             items.last().map_or(0, |i| i.id)
