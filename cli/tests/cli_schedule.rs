@@ -72,7 +72,7 @@ fn create_list_suspend_resume_and_delete() {
     assert_eq!(nightly["next_run_at_ms"], 0);
 
     // Refusals: one line, and nothing created.
-    let refusals: [(&[&str], i32, &str); 6] = [
+    let refusals: [(&[&str], i32, &str); 7] = [
         (&["--cron", "every minute"], 1, "is not valid"),
         (
             &["--cron", "* * * * *", "--time-zone", "Mars/Base"],
@@ -90,6 +90,11 @@ fn create_list_suspend_resume_and_delete() {
             &["--cron", "* * * * *", "--starting-deadline", "soon"],
             2,
             "soon",
+        ),
+        (
+            &["--cron", "* * * * *", "--starting-deadline", "0s"],
+            2,
+            "at least 1ms",
         ),
     ];
     for (flags, code, says) in refusals {

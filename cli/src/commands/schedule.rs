@@ -79,12 +79,24 @@ pub struct CreateArgs {
 
     /// A tick that cannot run within this long of its time is missed (default: no
     /// deadline).
-    #[arg(long, value_parser = parse_duration, value_name = "DURATION")]
+    #[arg(long, value_parser = parse_deadline, value_name = "DURATION")]
     pub starting_deadline: Option<Duration>,
 
     /// Create it suspended (resume it to start).
     #[arg(long)]
     pub suspend: bool,
+}
+
+/// A starting deadline of at least a millisecond: the API's 0 means "none", and a
+/// deadline of nothing would miss every tick, since a tick always runs a little late.
+fn parse_deadline(text: &str) -> Result<Duration, String> {
+    let deadline = parse_duration(text)?;
+    if deadline < Duration::from_millis(1) {
+        return Err(format!(
+            "a starting deadline must be at least 1ms, not '{text}' (leave it out for none)"
+        ));
+    }
+    Ok(deadline)
 }
 
 /// Kubernetes' `concurrencyPolicy` values.

@@ -41,7 +41,7 @@ use tokio::sync::{Notify, watch};
 use crate::clock::Clock;
 use crate::error::{Error, Result};
 use crate::store::record::encode_item;
-use crate::store::{QueueRecord, SnapshotWriter, Store, Ticket};
+use crate::store::{QueueRecord, ScheduleRecord, SnapshotWriter, Store, Ticket};
 pub use limits::OptionsPatch;
 pub use queue::{
     Enqueued, FailOutcome, Granted, Item, NewItem, Options, Queue, State, Stats, WorkerInfo,
@@ -955,6 +955,19 @@ impl Engine {
         name: &str,
         f: impl FnOnce(&mut Queue, u64, &Store) -> Result<T>,
     ) -> Result<(T, crate::store::Ticket)> {
+        self.apply_and_log(slot, name, f, |_| None)
+    }
+
+    /// [`Engine::apply`], with the schedule record `schedule` makes of the change's
+    /// value (when it makes one) written in the same atomic batch as the queue's
+    /// changes: a restart finds both or neither.
+    fn apply_and_log<T>(
+        &self,
+        slot: &Slot,
+        name: &str,
+        f: impl FnOnce(&mut Queue, u64, &Store) -> Result<T>,
+        schedule: impl for<'a> FnOnce(&'a T) -> Option<&'a ScheduleRecord>,
+    ) -> Result<(T, crate::store::Ticket)> {
         let mut queue = slot.lock();
         if queue.deleted {
             return Err(Error::QueueNotFound(name.to_string()));
@@ -963,8 +976,9 @@ impl Engine {
         let waiters_before = Before::of(&queue);
         let now = self.clock.now_ms();
         let result = f(&mut queue, now, &self.store);
+        let record = result.as_ref().ok().and_then(schedule);
         let meta_changed = before != (queue.counters.clone(), queue.sealed, queue.options.clone());
-        let ticket = self.persist(&mut queue, meta_changed)?;
+        let ticket = self.persist(&mut queue, meta_changed, record)?;
         if ticket.is_some() {
             slot.announce(&queue, waiters_before);
             self.schedule(queue.next_deadline());
@@ -974,14 +988,16 @@ impl Engine {
         Ok((value, ticket.unwrap_or_else(|| self.store.last_ticket())))
     }
 
-    /// Writes the queue's journal (and its record, when counters or options changed).
+    /// Writes the queue's journal (and its record, when counters or options changed),
+    /// with `schedule`'s record in the same batch.
     fn persist(
         &self,
         queue: &mut Queue,
         meta_changed: bool,
+        schedule: Option<&ScheduleRecord>,
     ) -> Result<Option<crate::store::Ticket>> {
         let journal = queue.take_journal();
-        if journal.is_empty() && !meta_changed {
+        if journal.is_empty() && !meta_changed && schedule.is_none() {
             queue.return_journal(journal);
             return Ok(None);
         }
@@ -1005,6 +1021,9 @@ impl Engine {
                     }
                 }
                 batch.put_queue(&record);
+                if let Some(schedule) = schedule {
+                    batch.put_schedule(schedule);
+                }
             })
         };
         queue.return_journal(journal);

@@ -50,7 +50,7 @@ fn pass(engine: &Engine) -> u64 {
         let now = engine.clock.now_ms();
         let before = Before::of(&queue);
         if queue.next_deadline().is_some_and(|d| d <= now) && queue.tick(now) {
-            match engine.persist(&mut queue, true) {
+            match engine.persist(&mut queue, true, None) {
                 Ok(_) => wrote = true,
                 Err(e) => {
                     tracing::error!(queue = %queue.name, error = %e, "persisting expiry failed")

@@ -14,12 +14,14 @@
 //!   tick missed while the coordinator was down runs once, if it is within the
 //!   deadline; ticks while suspended count as missed, and resuming runs the most
 //!   recent one under the same rule.
-//! - **A tick's items once.** Each item carries the dedup key
-//!   `schedule/<name>/<tick ms>/<i>`. The items are logged before the schedule's own
-//!   record says the tick ran, so a crash between the two runs the tick again after
-//!   the restart, and the keys turn the second enqueue into the first one's items
-//!   (as Kubernetes names a CronJob's Job after its scheduled time), as long as the
-//!   queue keeps them (DONE items go after its retention).
+//! - **A tick's items once.** A tick that enqueues writes its items and its
+//!   schedule's record saying it ran in one atomic batch, so a crash leaves both or
+//!   neither: the items never come back without the record that Forbid and Replace
+//!   find them through, and a restart never runs their tick again. Each item also
+//!   carries the dedup key `schedule/<name>/<tick ms>/<i>` (as Kubernetes names a
+//!   CronJob's Job after its scheduled time), so should a tick run twice all the
+//!   same, the keys would turn the second enqueue into the first one's items, as long
+//!   as the queue keeps them (DONE items go after its retention).
 //!
 //! The scheduler is one task, like the reaper: it sleeps until the earliest next tick
 //! of any schedule and is woken when schedules change. Ticks run one at a time, each
@@ -309,15 +311,13 @@ impl Engine {
     }
 
     /// Handles every schedule's due tick; returns the earliest next tick (`u64::MAX`:
-    /// none). Ticks due together share their syncs: first every tick's enqueue is
-    /// applied, then one sync puts all their items on disk, then one batch of records
-    /// says the ticks ran, and one more sync. So a tick's items are durable before its
-    /// record is (see "A tick's items once"), and a thousand schedules on the same
-    /// minute cost two syncs, not two thousand.
+    /// none). Ticks due together share their sync: each tick that enqueues writes its
+    /// items and its schedule's new record in one batch, the other ticks' records go
+    /// in one more batch, and one sync covers them all. So a thousand schedules on the
+    /// same minute cost one sync, not a thousand.
     async fn run_due_schedules(&self) -> u64 {
         let mut entries = self.schedules.entries.lock().await;
         let mut ran = Vec::new();
-        let mut items_written = None;
         for entry in entries.values() {
             if entry.record.suspended {
                 continue;
@@ -328,13 +328,11 @@ impl Engine {
                 .latest_at_or_before(now)
                 .filter(|&tick| tick > entry.record.last_tick_ms)
             {
-                let (record, ticket) = self.run_tick(&entry.record, tick, now);
-                items_written = items_written.max(ticket);
-                ran.push(record);
+                ran.push(self.run_tick(&entry.record, tick, now));
             }
         }
         if !ran.is_empty() {
-            self.log_runs(&mut entries, ran, items_written).await;
+            self.log_runs(&mut entries, ran).await;
         }
         let now = self.clock.now_ms();
         entries
@@ -344,34 +342,38 @@ impl Engine {
             .unwrap_or(u64::MAX)
     }
 
-    /// Makes the ticks' items durable, then logs the schedules' new records (`ran`)
-    /// and takes them. A failure leaves the old records: the ticks run again at the
-    /// next look, and their items' dedup keys make that the same items.
-    async fn log_runs(
-        &self,
-        entries: &mut BTreeMap<String, Entry>,
-        ran: Vec<ScheduleRecord>,
-        items_written: Option<Ticket>,
-    ) {
-        let synced = match items_written {
-            Some(ticket) => self.store.sync(ticket).await,
-            None => Ok(()),
-        };
-        let logged = synced.and_then(|()| {
-            self.store.write(|batch| {
-                for record in &ran {
+    /// Logs the new records of the ticks that did not enqueue, waits until every
+    /// record is durable, and only then takes them. A failure leaves the old records:
+    /// the ticks run again at the next look, and their items' dedup keys make that
+    /// the same items.
+    async fn log_runs(&self, entries: &mut BTreeMap<String, Entry>, ran: Vec<Ran>) {
+        let mut last = ran.iter().filter_map(|ran| ran.logged).max();
+        let unlogged: Vec<&ScheduleRecord> = ran
+            .iter()
+            .filter(|ran| ran.logged.is_none())
+            .map(|ran| &ran.record)
+            .collect();
+        if !unlogged.is_empty() {
+            let logged = self.store.write(|batch| {
+                for record in &unlogged {
                     batch.put_schedule(record);
                 }
-            })
-        });
-        let ticket = match logged {
-            Ok(ticket) => ticket,
-            Err(e) => {
-                tracing::error!(error = %e, "logging schedule ticks failed; they run again");
-                return;
+            });
+            match logged {
+                Ok(ticket) => last = last.max(Some(ticket)),
+                Err(e) => {
+                    tracing::error!(error = %e, "logging schedule ticks failed; they run again");
+                    return;
+                }
             }
-        };
-        for record in ran {
+        }
+        if let Some(ticket) = last
+            && let Err(e) = self.store.sync(ticket).await
+        {
+            tracing::error!(error = %e, "logging schedule ticks failed; they run again");
+            return;
+        }
+        for Ran { record, .. } in ran {
             let last = &record.runs[0];
             tracing::info!(
                 schedule = %record.name,
@@ -386,71 +388,60 @@ impl Engine {
                 entry.record = record;
             }
         }
-        if let Err(e) = self.store.sync(ticket).await {
-            tracing::error!(error = %e, "logging schedule ticks failed");
-        }
     }
 
-    /// Runs (or records as missed) the tick at `tick`: the schedule's new record, and
-    /// the write its enqueue waits for, if it enqueued. Waits for nothing.
-    fn run_tick(
-        &self,
-        record: &ScheduleRecord,
-        tick: u64,
-        now: u64,
-    ) -> (ScheduleRecord, Option<Ticket>) {
-        let mut record = record.clone();
+    /// Runs (or records as missed) the tick at `tick`. Waits for nothing.
+    fn run_tick(&self, record: &ScheduleRecord, tick: u64, now: u64) -> Ran {
         let late = now.saturating_sub(tick);
-        let mut run = RunRecord {
+        let run = |outcome: Outcome, detail: String| RunRecord {
             scheduled_ms: tick,
             ran_ms: now,
+            outcome: outcome as u32,
+            detail,
             ..RunRecord::default()
         };
-        let mut written = None;
+        let unlogged = |record: ScheduleRecord| Ran {
+            record,
+            logged: None,
+        };
         if record.starting_deadline_ms > 0 && late > record.starting_deadline_ms {
-            run.outcome = Outcome::Missed as u32;
-            run.detail = format!(
+            let detail = format!(
                 "{} late, past the starting deadline of {}",
                 human_ms(late),
                 human_ms(record.starting_deadline_ms)
             );
-            record.missed_runs += 1;
-        } else {
-            match self.enqueue_tick(&record, tick) {
-                Ok((Tick::Enqueued { ids, replaced }, ticket)) => {
-                    run.outcome = Outcome::Enqueued as u32;
-                    run.items = ids.len() as u32;
-                    run.replaced = replaced as u32;
-                    if late >= 1_000 {
-                        run.detail = format!("{} late", human_ms(late));
-                    }
-                    record.last_items = ids;
-                    record.enqueued_runs += 1;
-                    written = Some(ticket);
-                }
-                Ok((Tick::Skipped { unfinished }, _)) => {
-                    run.outcome = Outcome::Skipped as u32;
-                    run.detail = format!(
-                        "Forbid: {unfinished} item(s) of the previous run are not done or dead"
-                    );
-                    record.skipped_runs += 1;
-                }
-                Err(e) => {
-                    run.outcome = Outcome::Failed as u32;
-                    run.detail = e.to_string();
-                    record.failed_runs += 1;
-                }
-            }
+            return unlogged(after(record, run(Outcome::Missed, detail)));
         }
-        record.last_tick_ms = tick;
-        record.runs.insert(0, run);
-        record.runs.truncate(RUNS_KEPT);
-        (record, written)
+        let detail = if late >= 1_000 {
+            format!("{} late", human_ms(late))
+        } else {
+            String::new()
+        };
+        match self.enqueue_tick(record, tick, run(Outcome::Enqueued, detail)) {
+            Ok((Tick::Enqueued(record), ticket)) => Ran {
+                record: *record,
+                logged: Some(ticket),
+            },
+            Ok((Tick::Skipped { unfinished }, _)) => {
+                let detail = format!(
+                    "Forbid: {unfinished} item(s) of the previous run are not done or dead"
+                );
+                unlogged(after(record, run(Outcome::Skipped, detail)))
+            }
+            Err(e) => unlogged(after(record, run(Outcome::Failed, e.to_string()))),
+        }
     }
 
-    /// The tick's enqueue, under the queue's lock with its policy's check or purge,
-    /// and the write to wait for before the tick counts as run.
-    fn enqueue_tick(&self, record: &ScheduleRecord, tick: u64) -> Result<(Tick, Ticket)> {
+    /// The tick's enqueue, under the queue's lock with its policy's check or purge.
+    /// When it enqueues, the schedule's record after `run` goes in the same batch as
+    /// the items, so a restart finds the tick's items only with the record that says
+    /// the tick ran (and Forbid and Replace find them through it).
+    fn enqueue_tick(
+        &self,
+        record: &ScheduleRecord,
+        tick: u64,
+        run: RunRecord,
+    ) -> Result<(Tick, Ticket)> {
         let policy = Policy::from_code(record.policy).unwrap_or(Policy::Allow);
         let stamp = cron::rfc3339(tick);
         let items: Vec<NewItem<Vec<u8>>> = (0..record.count)
@@ -464,39 +455,78 @@ impl Engine {
         let slot = self.slot(&record.queue)?;
         let room = items.len();
         let last = &record.last_items;
-        let (tick, ticket) = self.apply(&slot, &record.queue, |q, now, store| {
-            let in_state = |states: &[State]| {
-                last.iter()
-                    .filter(|&&id| q.item(id).is_some_and(|item| states.contains(&item.state)))
-                    .count()
-            };
-            let unfinished = in_state(&[State::Ready, State::Delayed, State::Leased]);
-            if policy == Policy::Forbid && unfinished > 0 {
-                return Ok(Tick::Skipped { unfinished });
-            }
-            let replaced = if policy == Policy::Replace {
-                // Checked before the purge, counting the room it makes: a tick the
-                // queue refuses changes nothing.
-                let purgeable = in_state(&[State::Ready, State::Delayed]);
-                q.check_batch(&items, purgeable as u64)?;
-                q.purge_ids(last)
-            } else {
-                0
-            };
-            let mut ids = store.ids(room);
-            let enqueued = q.enqueue(now, items, false, || ids.take())?;
-            Ok(Tick::Enqueued {
-                ids: enqueued.into_iter().map(|e| e.id).collect(),
-                replaced,
-            })
-        })?;
-        Ok((tick, ticket))
+        self.apply_and_log(
+            &slot,
+            &record.queue,
+            |q, now, store| {
+                let in_state = |states: &[State]| {
+                    last.iter()
+                        .filter(|&&id| q.item(id).is_some_and(|item| states.contains(&item.state)))
+                        .count()
+                };
+                let unfinished = in_state(&[State::Ready, State::Delayed, State::Leased]);
+                if policy == Policy::Forbid && unfinished > 0 {
+                    return Ok(Tick::Skipped { unfinished });
+                }
+                let replaced = if policy == Policy::Replace {
+                    // Checked before the purge, counting the room it makes: a tick
+                    // the queue refuses changes nothing.
+                    let purgeable = in_state(&[State::Ready, State::Delayed]);
+                    q.check_batch(&items, purgeable as u64)?;
+                    q.purge_ids(last)
+                } else {
+                    0
+                };
+                let mut ids = store.ids(room);
+                let enqueued = q.enqueue(now, items, false, || ids.take())?;
+                let ids: Vec<u64> = enqueued.into_iter().map(|e| e.id).collect();
+                let mut record = after(
+                    record,
+                    RunRecord {
+                        items: ids.len() as u32,
+                        replaced: replaced as u32,
+                        ..run
+                    },
+                );
+                record.last_items = ids;
+                Ok(Tick::Enqueued(Box::new(record)))
+            },
+            |tick| match tick {
+                Tick::Enqueued(record) => Some(record),
+                Tick::Skipped { .. } => None,
+            },
+        )
     }
 }
 
+/// A tick handled: the schedule's new record, and the write that logged it with
+/// the tick's items (`None`: not logged yet).
+struct Ran {
+    record: ScheduleRecord,
+    logged: Option<Ticket>,
+}
+
+/// `record` once the tick of `run` is handled: its outcome counted, its run first.
+fn after(record: &ScheduleRecord, run: RunRecord) -> ScheduleRecord {
+    let mut record = record.clone();
+    match Outcome::from_code(run.outcome) {
+        Some(Outcome::Enqueued) => record.enqueued_runs += 1,
+        Some(Outcome::Skipped) => record.skipped_runs += 1,
+        Some(Outcome::Missed) => record.missed_runs += 1,
+        Some(Outcome::Failed) | None => record.failed_runs += 1,
+    }
+    record.last_tick_ms = run.scheduled_ms;
+    record.runs.insert(0, run);
+    record.runs.truncate(RUNS_KEPT);
+    record
+}
+
 enum Tick {
-    Enqueued { ids: Vec<u64>, replaced: u64 },
-    Skipped { unfinished: usize },
+    /// The schedule's record after the tick, with the new items as its last ones.
+    Enqueued(Box<ScheduleRecord>),
+    Skipped {
+        unfinished: usize,
+    },
 }
 
 impl Outcome {
