@@ -440,3 +440,59 @@ fn watch_without_a_terminal_prints_a_summary() {
     assert!(error.contains("timed out"), "{error}");
     assert!(error.contains("drained and sealed"), "{error}");
 }
+
+/// A `lease --wait` outlasts coordinator restarts within its wait: a SIGTERM, whose
+/// shutdown ends the long poll early with nothing, and a kill -9, which cuts it.
+/// It polls again once the coordinator is back and gets the item when it is due.
+#[test]
+fn lease_wait_waits_out_a_coordinator_restart() {
+    use std::io::Read;
+
+    let mut env = Env::start_on_disk();
+    env.ok(&["create", "q"]);
+    env.ok(&["enqueue", "q", "later", "--delay", "6s", "--seal"]);
+    let mut lease = Process::spawn(
+        Command::new(bin_path("queue-cli"))
+            .args(["lease", "q", "-o", "json", "--wait", "40s"])
+            .args(["--worker-id", "waiter"])
+            .env("WORKQ_SERVER", env.url())
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped()),
+    );
+    let waiting = |env: &Env| {
+        workq_tests::wait_for("the lease call to wait", Duration::from_secs(20), || {
+            env.json(&["workers", "q"])["workers"]
+                .as_array()
+                .is_some_and(|workers| workers.iter().any(|w| w["id"] == "waiter"))
+        });
+    };
+    waiting(&env);
+    assert_eq!(env.coordinator.stop(), Some(0));
+    env.coordinator.restart_on_same_ports();
+    waiting(&env);
+    env.coordinator.kill9();
+    env.coordinator.restart_on_same_ports();
+
+    assert_eq!(lease.wait_exit(Duration::from_secs(60)), Some(0));
+    let mut stdout = String::new();
+    let mut stderr = String::new();
+    lease
+        .child
+        .stdout
+        .take()
+        .expect("stdout")
+        .read_to_string(&mut stdout)
+        .expect("read stdout");
+    lease
+        .child
+        .stderr
+        .take()
+        .expect("stderr")
+        .read_to_string(&mut stderr)
+        .expect("read stderr");
+    let response: Value = serde_json::from_str(&stdout).expect("JSON");
+    assert_eq!(response["leases"][0]["payload"], "later", "{response}");
+    assert!(stderr.contains("went away during the wait"), "{stderr}");
+    assert!(!stderr.contains("https://"), "{stderr}");
+}

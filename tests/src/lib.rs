@@ -129,6 +129,10 @@ impl Coordinator {
     }
 
     fn spawn(&mut self) {
+        self.spawn_at("127.0.0.1:0", "127.0.0.1:0");
+    }
+
+    fn spawn_at(&mut self, grpc_addr: &str, http_addr: &str) {
         let addr_file = self.dir.path().join("addr.json");
         let _ = std::fs::remove_file(&addr_file);
         let log = std::fs::OpenOptions::new()
@@ -139,9 +143,9 @@ impl Coordinator {
         let mut command = Command::new(bin_path("workq-coordinator"));
         command
             .arg("--grpc-addr")
-            .arg("127.0.0.1:0")
+            .arg(grpc_addr)
             .arg("--http-addr")
-            .arg("127.0.0.1:0")
+            .arg(http_addr)
             .arg("--addr-file")
             .arg(&addr_file);
         if !self.extra_args.iter().any(|a| a == "--in-memory") {
@@ -230,6 +234,19 @@ impl Coordinator {
             "stop or kill the coordinator before restarting"
         );
         self.spawn();
+    }
+
+    /// Starts the coordinator again on the same data dir and the same ports, for
+    /// clients that keep the old address. The ports were the coordinator's a moment
+    /// ago; should another process have taken one meanwhile, the start fails.
+    pub fn restart_on_same_ports(&mut self) {
+        assert!(
+            self.child.is_none(),
+            "stop or kill the coordinator before restarting"
+        );
+        let grpc = self.grpc_url.trim_start_matches("http://").to_string();
+        let http = self.http_url.trim_start_matches("http://").to_string();
+        self.spawn_at(&grpc, &http);
     }
 
     /// A connected gRPC client.

@@ -2,12 +2,13 @@
 //! shell-script workers and debugging. Every call after `lease` must show the lease
 //! token; a stale one is refused with "lease lost: …" and changes nothing.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::Result;
 use clap::Args;
 use serde_json::json;
-use workq_proto::pb;
+use workq_proto::client::{is_transport_status, was_never_sent};
+use workq_proto::{Client, pb};
 
 use super::{ms, opt_ms, parse_duration};
 use crate::connect::Global;
@@ -18,7 +19,9 @@ use crate::output::{Format, Table, cell_text, lease_json, print_json, state_name
 ///
 /// Long-polls up to --wait for an item; returns at once when the queue is drained.
 /// Prints nothing on stdout when no item came (a note goes to stderr); the exit code
-/// is 0 either way, so check `drained` in the JSON to know when to stop.
+/// is 0 either way, so check `drained` in the JSON to know when to stop. A
+/// coordinator that stops or restarts during the wait is waited for, within --wait
+/// (a note goes to stderr); one still down when the wait ends is an error.
 #[derive(Args, Debug)]
 #[command(after_help = "\
 Examples:
@@ -177,16 +180,14 @@ fn default_worker_id() -> String {
 
 pub async fn lease(global: &Global, args: LeaseArgs) -> Result<()> {
     let mut client = global.connect().await?;
-    let response = client
-        .lease(pb::LeaseRequest {
-            queue: args.queue.clone(),
-            worker_id: args.worker_id.unwrap_or_else(default_worker_id),
-            max_items: args.max,
-            lease_timeout_ms: opt_ms(args.lease_timeout),
-            wait_ms: ms(args.wait),
-        })
-        .await?
-        .into_inner();
+    let request = pb::LeaseRequest {
+        queue: args.queue.clone(),
+        worker_id: args.worker_id.clone().unwrap_or_else(default_worker_id),
+        max_items: args.max,
+        lease_timeout_ms: opt_ms(args.lease_timeout),
+        wait_ms: ms(args.wait),
+    };
+    let response = long_poll(&mut client, request, args.wait).await?;
     match global.output {
         Format::Json => print_json(&json!({
             "queue": args.queue,
@@ -220,6 +221,85 @@ pub async fn lease(global: &Global, args: LeaseArgs) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// Shortest rest of a wait worth polling again for.
+const POLL_AGAIN_MIN: Duration = Duration::from_millis(100);
+
+/// The lease call, waiting out a coordinator restart within `wait`: a long poll
+/// the coordinator ended early with nothing (it was stopping), a connection that
+/// broke or was refused, and the coordinator's own UNAVAILABLE are polled again
+/// after a backoff while the wait lasts. What is left is the last failure.
+///
+/// A connection closed without a word before the coordinator ever answered may be
+/// a port serving TLS, which no retry mends: after two such failures in a row the
+/// error goes to the user, with the hint.
+async fn long_poll(
+    client: &mut Client,
+    mut request: pb::LeaseRequest,
+    wait: Duration,
+) -> Result<pb::LeaseResponse> {
+    let deadline = Instant::now() + wait;
+    let left = || deadline.saturating_duration_since(Instant::now());
+    let answered = client.answered();
+    let mut last_answer = None;
+    let mut failures = 0u32;
+    let mut unexplained = 0;
+    loop {
+        request.wait_ms = ms(left());
+        let failure = match client.lease(request.clone()).await {
+            Ok(response) => {
+                let response = response.into_inner();
+                if !response.leases.is_empty() || response.drained || left() < POLL_AGAIN_MIN {
+                    return Ok(response);
+                }
+                // Ended early with nothing: the coordinator is stopping.
+                unexplained = 0;
+                last_answer = Some(response);
+                None
+            }
+            Err(status) => {
+                let retry = if !is_transport_status(&status) {
+                    // Its own UNAVAILABLE: shutting down, or stopping after a
+                    // storage failure, to be restarted.
+                    unexplained = 0;
+                    status.code() == tonic::Code::Unavailable
+                } else if was_never_sent(&status) || answered.get() {
+                    unexplained = 0;
+                    true
+                } else {
+                    unexplained += 1;
+                    unexplained < 2
+                };
+                if !retry {
+                    return Err(status.into());
+                }
+                Some(status)
+            }
+        };
+        failures += 1;
+        let pause = backoff(failures);
+        if pause >= left() {
+            return match failure {
+                Some(status) => Err(status.into()),
+                // Polled again until the wait ran out: nothing came.
+                None => Ok(last_answer.unwrap_or_default()),
+            };
+        }
+        if failures == 1 {
+            eprintln!(
+                "the coordinator at {} went away during the wait; waiting for it for up to {}",
+                client.url(),
+                workq_proto::duration::format(left())
+            );
+        }
+        tokio::time::sleep(pause).await;
+    }
+}
+
+/// 100 ms doubling to 2 s.
+fn backoff(failures: u32) -> Duration {
+    Duration::from_millis(100 << failures.saturating_sub(1).min(4)).min(Duration::from_secs(2))
 }
 
 pub async fn ack(global: &Global, args: AckArgs) -> Result<()> {
