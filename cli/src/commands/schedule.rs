@@ -303,22 +303,60 @@ async fn set_suspended(global: &Global, args: NameArgs, suspend: bool) -> Result
         client
             .suspend_schedule(pb::SuspendScheduleRequest { name: args.name })
             .await?
+            .into_inner()
     } else {
-        client
+        // The runs so far, to tell the tick the resume handled (if any) from older
+        // ones; a schedule that was not suspended handles none.
+        let before = client
+            .list_schedules(pb::ListSchedulesRequest::default())
+            .await?
+            .into_inner()
+            .schedules
+            .iter()
+            .find(|s| s.name == args.name)
+            .map_or(
+                u64::MAX,
+                |s| if s.suspended { total_runs(s) } else { u64::MAX },
+            );
+        let schedule = client
             .resume_schedule(pb::ResumeScheduleRequest { name: args.name })
             .await?
-    }
-    .into_inner();
+            .into_inner();
+        if global.output == Format::Table {
+            let caught_up = match schedule.runs.first() {
+                Some(run) if total_runs(&schedule) > before => {
+                    let detail = match detail(run).as_str() {
+                        _ if run.outcome == pb::RunOutcome::Failed as i32 => String::new(),
+                        "-" => String::new(),
+                        detail => format!(" ({detail})"),
+                    };
+                    format!(
+                        "; the tick of {} ago, missed while suspended: {}{detail}",
+                        age(run.scheduled_at_ms),
+                        result(run)
+                    )
+                }
+                _ => String::new(),
+            };
+            println!(
+                "schedule '{}' resumed{caught_up}; next run {}",
+                schedule.name,
+                until(schedule.next_run_at_ms)
+            );
+            return Ok(());
+        }
+        schedule
+    };
     match global.output {
         Format::Json => print_json(&schedule_json(&schedule)),
-        Format::Table if suspend => println!("schedule '{}' suspended", schedule.name),
-        Format::Table => println!(
-            "schedule '{}' resumed; next run {}",
-            schedule.name,
-            until(schedule.next_run_at_ms)
-        ),
+        Format::Table => println!("schedule '{}' suspended", schedule.name),
     }
     Ok(())
+}
+
+/// Every tick the schedule has handled.
+fn total_runs(s: &pb::Schedule) -> u64 {
+    s.enqueued_runs + s.skipped_runs + s.missed_runs + s.failed_runs
 }
 
 fn policy_name(code: i32) -> &'static str {

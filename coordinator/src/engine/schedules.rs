@@ -296,6 +296,7 @@ impl Engine {
         let entry = entries
             .get_mut(name)
             .ok_or_else(|| Error::ScheduleNotFound(name.to_string()))?;
+        let mut due = None;
         if entry.record.suspended != suspended {
             let mut record = entry.record.clone();
             record.suspended = suspended;
@@ -303,8 +304,24 @@ impl Engine {
             entry.record = record;
             self.store.sync(ticket).await?;
             tracing::info!(schedule = name, suspended, "schedule suspension changed");
+            if !suspended {
+                let now = self.clock.now_ms();
+                due = entry
+                    .spec
+                    .latest_at_or_before(now)
+                    .filter(|&tick| tick > entry.record.last_tick_ms)
+                    .map(|tick| self.run_tick(&entry.record, tick, now));
+            }
         }
-        let view = entry.view(self.clock.now_ms());
+        // Resumed: the most recent tick missed while suspended is handled before the
+        // answer, so the answer's runs show what it did.
+        if let Some(ran) = due {
+            self.log_runs(&mut entries, vec![ran]).await;
+        }
+        let view = entries
+            .get(name)
+            .ok_or_else(|| Error::ScheduleNotFound(name.to_string()))?
+            .view(self.clock.now_ms());
         drop(entries);
         self.schedules.wake.notify_one();
         Ok(view)
