@@ -63,10 +63,16 @@ impl Link {
 
     /// A call went through: the outage (if any) is over.
     pub fn ok(&self) {
+        self.ok_since(Instant::now());
+    }
+
+    /// A call made at `started` went through, so the coordinator was back by then:
+    /// a long poll answers only when it ends, which can be long after the outage did.
+    pub fn ok_since(&self, started: Instant) {
         if let Some(outage) = self.outage.lock().unwrap().take() {
             tracing::info!(
                 "coordinator reachable again after {}",
-                workq_proto::duration::format(outage.since.elapsed())
+                workq_proto::duration::format(started.saturating_duration_since(outage.since))
             );
         }
     }
@@ -179,6 +185,12 @@ mod tests {
         let link = Link::new(Duration::from_secs(60));
         assert!(link.failed("refused").unwrap() <= BACKOFF_BASE);
         link.ok();
+        assert!(link.outage.lock().unwrap().is_none());
+
+        // A long poll made before the outage began and answered after it ends it too.
+        let started = Instant::now();
+        assert!(link.failed("refused").is_ok());
+        link.ok_since(started);
         assert!(link.outage.lock().unwrap().is_none());
     }
 

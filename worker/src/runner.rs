@@ -162,6 +162,7 @@ pub async fn run(
             }
             continue;
         }
+        let started = Instant::now();
         let response = tokio::select! {
             biased;
             _ = shared.shutdown.draining() => continue,
@@ -169,7 +170,7 @@ pub async fn run(
         };
         let response = match response {
             Ok(response) => {
-                shared.link.ok();
+                shared.link.ok_since(started);
                 response
             }
             Err(e) => {
