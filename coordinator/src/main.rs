@@ -63,6 +63,13 @@ struct Args {
     #[arg(long, default_value = "20s", value_parser = parse_duration)]
     shutdown_grace: std::time::Duration,
 
+    /// Close an HTTP connection once nothing has been read from or written to it for
+    /// this long (idle keep-alive connections, and clients that connect and say
+    /// nothing or stop half-way through a request), so that silent clients cannot use
+    /// up the coordinator's file descriptors.
+    #[arg(long, default_value = "60s", value_parser = parse_idle_timeout)]
+    http_idle_timeout: std::time::Duration,
+
     /// File holding the bearer token every API call must present.
     #[arg(long, env = "WORKQ_TOKEN_FILE")]
     token_file: Option<PathBuf>,
@@ -168,8 +175,16 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let serving = server::Serving {
         grace: args.shutdown_grace,
         tls,
+        http_idle_timeout: args.http_idle_timeout,
     };
     server::run_with(grpc, http, engine, auth, shutdown_signal(), serving).await
+}
+
+fn parse_idle_timeout(text: &str) -> Result<std::time::Duration, String> {
+    match parse_duration(text)? {
+        std::time::Duration::ZERO => Err("the idle timeout must be longer than 0s".into()),
+        timeout => Ok(timeout),
+    }
 }
 
 fn parse_duration(text: &str) -> Result<std::time::Duration, String> {

@@ -18,6 +18,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::net::{TcpListener, TcpStream};
+
+use crate::http::idle::Idle;
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinSet;
 use tonic::service::interceptor::InterceptedService;
@@ -53,6 +55,8 @@ pub struct Serving {
     pub grace: Duration,
     /// TLS on both ports, or none.
     pub tls: Option<Tls>,
+    /// How long an HTTP connection may stay silent both ways before it is closed.
+    pub http_idle_timeout: Duration,
 }
 
 impl Default for Serving {
@@ -60,6 +64,7 @@ impl Default for Serving {
         Serving {
             grace: SHUTDOWN_GRACE,
             tls: None,
+            http_idle_timeout: crate::http::idle::HTTP_IDLE_TIMEOUT,
         }
     }
 }
@@ -73,7 +78,11 @@ pub async fn run_with(
     shutdown: impl Future<Output = ()> + Send + 'static,
     serving: Serving,
 ) -> anyhow::Result<()> {
-    let Serving { grace, tls } = serving;
+    let Serving {
+        grace,
+        tls,
+        http_idle_timeout,
+    } = serving;
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
     health_reporter.set_serving::<WorkQServer<Service>>().await;
     let reflection = tonic_reflection::server::Builder::configure()
@@ -143,12 +152,12 @@ pub async fn run_with(
     let http_stop = wait_stop(stop_rx.clone());
     let http_server: Pin<Box<dyn Future<Output = std::io::Result<()>> + Send>> = match &tls {
         Some(tls) => Box::pin(
-            axum::serve(tls.listen(http)?, http_app)
+            axum::serve(Idle::new(tls.listen(http)?, http_idle_timeout), http_app)
                 .with_graceful_shutdown(http_stop)
                 .into_future(),
         ),
         None => Box::pin(
-            axum::serve(http, http_app)
+            axum::serve(Idle::new(http, http_idle_timeout), http_app)
                 .with_graceful_shutdown(http_stop)
                 .into_future(),
         ),

@@ -20,6 +20,7 @@
 
 pub mod api;
 pub mod dashboard;
+pub mod idle;
 pub mod memq;
 pub mod metrics;
 
@@ -40,20 +41,21 @@ use crate::auth::Auth;
 use crate::engine::Engine;
 use crate::error::Error;
 use crate::tls::TlsListener;
+use idle::Idle;
 
 /// The client's address, whichever way the port is served (plain or TLS): memq names
 /// a worker after it.
 #[derive(Clone, Copy, Debug)]
 pub struct Peer(pub SocketAddr);
 
-impl Connected<IncomingStream<'_, TcpListener>> for Peer {
-    fn connect_info(stream: IncomingStream<'_, TcpListener>) -> Peer {
+impl Connected<IncomingStream<'_, Idle<TcpListener>>> for Peer {
+    fn connect_info(stream: IncomingStream<'_, Idle<TcpListener>>) -> Peer {
         Peer(*stream.remote_addr())
     }
 }
 
-impl Connected<IncomingStream<'_, TlsListener>> for Peer {
-    fn connect_info(stream: IncomingStream<'_, TlsListener>) -> Peer {
+impl Connected<IncomingStream<'_, Idle<TlsListener>>> for Peer {
+    fn connect_info(stream: IncomingStream<'_, Idle<TlsListener>>) -> Peer {
         Peer(*stream.remote_addr())
     }
 }

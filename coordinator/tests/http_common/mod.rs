@@ -35,14 +35,26 @@ impl Server {
     }
 
     pub async fn start_on(store: Store, auth: Auth) -> Server {
+        Self::start_serving(store, auth, server::Serving::default()).await
+    }
+
+    pub async fn start_serving(store: Store, auth: Auth, serving: server::Serving) -> Server {
         let grpc = TcpListener::bind("127.0.0.1:0").await.expect("bind grpc");
         let http = TcpListener::bind("127.0.0.1:0").await.expect("bind http");
         let (grpc_addr, http_addr) = (grpc.local_addr().unwrap(), http.local_addr().unwrap());
         let engine = Engine::open(store, Clock::system()).expect("engine");
         let (stop, stopped) = oneshot::channel::<()>();
-        let task = tokio::spawn(server::run(grpc, http, engine.clone(), auth, async move {
+        let shutdown = async move {
             let _ = stopped.await;
-        }));
+        };
+        let task = tokio::spawn(server::run_with(
+            grpc,
+            http,
+            engine.clone(),
+            auth,
+            shutdown,
+            serving,
+        ));
         Server {
             http: http_addr,
             grpc: grpc_addr,

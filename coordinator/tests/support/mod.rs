@@ -51,7 +51,10 @@ impl Server {
         let shutdown = async {
             let _ = stopped.await;
         };
-        let serving = server::Serving { grace, tls: None };
+        let serving = server::Serving {
+            grace,
+            ..server::Serving::default()
+        };
         let task = tokio::spawn(server::run_with(
             grpc, http, engine, auth, shutdown, serving,
         ));

@@ -1,0 +1,136 @@
+//! Connections of the HTTP face that go quiet are closed.
+//!
+//! The HTTP server (axum on hyper) has no timeout of its own: a client that opens a
+//! connection and sends nothing, or stops half-way through its headers, or keeps a
+//! connection open between requests, would hold a file descriptor for ever, and
+//! enough of them would leave none for the gRPC port either. [`Idle`] wraps each
+//! accepted connection so that once nothing has been read or written on it for the
+//! idle timeout, its next read fails and hyper drops it. Every byte either way
+//! resets the clock, so a response being written, or a request being read, is
+//! never cut; no handler of the HTTP face waits long before it answers.
+
+use std::future::Future;
+use std::io;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::time::{Instant, Sleep};
+
+/// How long an HTTP connection may stay silent both ways (the default of
+/// `--http-idle-timeout`).
+pub const HTTP_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// A listener whose connections close after `timeout` without a byte either way.
+#[derive(Debug)]
+pub struct Idle<L> {
+    inner: L,
+    timeout: Duration,
+}
+
+impl<L> Idle<L> {
+    pub fn new(inner: L, timeout: Duration) -> Idle<L> {
+        Idle { inner, timeout }
+    }
+}
+
+impl<L: axum::serve::Listener> axum::serve::Listener for Idle<L> {
+    type Io = IdleIo<L::Io>;
+    type Addr = L::Addr;
+
+    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
+        let (io, addr) = self.inner.accept().await;
+        (IdleIo::new(io, self.timeout), addr)
+    }
+
+    fn local_addr(&self) -> io::Result<Self::Addr> {
+        self.inner.local_addr()
+    }
+}
+
+/// A connection with an idle deadline, pushed out by every byte read or written.
+#[derive(Debug)]
+pub struct IdleIo<S> {
+    io: S,
+    timeout: Duration,
+    deadline: Pin<Box<Sleep>>,
+}
+
+impl<S> IdleIo<S> {
+    fn new(io: S, timeout: Duration) -> IdleIo<S> {
+        IdleIo {
+            io,
+            timeout,
+            deadline: Box::pin(tokio::time::sleep(timeout)),
+        }
+    }
+
+    fn active(&mut self) {
+        let next = Instant::now() + self.timeout;
+        self.deadline.as_mut().reset(next);
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for IdleIo<S> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let before = buf.filled().len();
+        match Pin::new(&mut self.io).poll_read(cx, buf) {
+            Poll::Ready(result) => {
+                if buf.filled().len() > before {
+                    self.active();
+                }
+                Poll::Ready(result)
+            }
+            Poll::Pending => match self.deadline.as_mut().poll(cx) {
+                Poll::Ready(()) => Poll::Ready(Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    "the connection was idle for too long",
+                ))),
+                Poll::Pending => Poll::Pending,
+            },
+        }
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for IdleIo<S> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        data: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let written = Pin::new(&mut self.io).poll_write(cx, data);
+        if matches!(written, Poll::Ready(Ok(n)) if n > 0) {
+            self.active();
+        }
+        written
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        data: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let written = Pin::new(&mut self.io).poll_write_vectored(cx, data);
+        if matches!(written, Poll::Ready(Ok(n)) if n > 0) {
+            self.active();
+        }
+        written
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+}
