@@ -273,6 +273,8 @@ async fn bad_input_gets_the_right_status_and_the_server_keeps_serving() {
     };
     let r = c.lease(lease_req("", 1, 0, 0)).await.map(drop);
     expect(r, Code::InvalidArgument, "worker id");
+    let r = c.lease(lease_req("evil\x1b[2J\n", 1, 0, 0)).await.map(drop);
+    expect(r, Code::InvalidArgument, "control characters");
     let r = c.lease(lease_req("w", 1001, 0, 0)).await.map(drop);
     expect(r, Code::InvalidArgument, "max items");
     let r = c.lease(lease_req("w", 1, 3_600_000, 0)).await.map(drop);

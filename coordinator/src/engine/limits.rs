@@ -180,6 +180,12 @@ pub fn check_worker_id(worker: &str) -> Result<()> {
             "worker id is longer than {MAX_WORKER_ID_BYTES} bytes"
         )));
     }
+    if worker.chars().any(char::is_control) {
+        // Tables, logs and terminals print it as it is.
+        return Err(Error::invalid(
+            "worker id must not hold control characters (newlines, escapes and the like)",
+        ));
+    }
     Ok(())
 }
 
