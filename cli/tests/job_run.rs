@@ -462,6 +462,23 @@ fn bad_flags_are_usage_errors() {
     let run = s.run_job(&["typo", "--", "no-such-command-here"]);
     assert_eq!(run.code, Some(2));
     assert!(run.stderr.contains("'no-such-command-here' not found"));
+    // A negative number is the flag's bad value, not something to pass after `--`.
+    for (flag, value) in [
+        ("--parallelism", "-1"),
+        ("--completions", "-2"),
+        ("--backoff-limit", "-1"),
+        ("--active-deadline", "-5s"),
+    ] {
+        let run = s.run_job(&["neg", flag, value, "--", "true"]);
+        assert_eq!(run.code, Some(2), "{flag} {value}");
+        assert!(
+            run.stderr
+                .contains(&format!("invalid value '{value}' for '{flag}")),
+            "{flag} {value}: {}",
+            run.stderr
+        );
+        assert!(!run.stderr.contains("use '--"), "{}", run.stderr);
+    }
 }
 
 #[test]

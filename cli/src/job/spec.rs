@@ -25,11 +25,14 @@ pub struct JobArgs {
     /// Successful pods needed to complete the Job (default 1). Leave it unset and set
     /// --parallelism for work-queue mode: the Job completes when one pod has succeeded
     /// and none is still running, and no pod is created after the first success.
-    #[arg(long)]
+    // Negative numbers are taken as values, so that they get the number's error
+    // rather than clap's tip to pass them after `--` (which would make them part of
+    // the pod's command).
+    #[arg(long, allow_negative_numbers = true)]
     pub completions: Option<u32>,
 
     /// Pods running at once (default 1).
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     pub parallelism: Option<u32>,
 
     /// NonIndexed: any success counts. Indexed: pod i gets JOB_COMPLETION_INDEX=i, and
@@ -46,12 +49,12 @@ pub struct JobArgs {
     /// Failures tolerated before the Job fails with BackoffLimitExceeded. Never: the
     /// Job fails on failed pod number limit+1. OnFailure: when the restarts reach the
     /// limit (the controller compares restartCount >= backoffLimit).
-    #[arg(long, default_value_t = 6)]
+    #[arg(long, default_value_t = 6, allow_negative_numbers = true)]
     pub backoff_limit: u32,
 
     /// Fail the Job with DeadlineExceeded once it has been active this long (e.g. 90s,
     /// 10m), however many pods it created; running pods are stopped.
-    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration, allow_hyphen_values = true)]
     pub active_deadline: Option<Duration>,
 
     /// Termination grace period: pods being stopped get SIGTERM, then SIGKILL after
