@@ -887,10 +887,15 @@ mod tests {
         };
         log.fail_writes();
         for i in 0..20 {
-            write
+            // The call may end (and the connection close) at the first failed write,
+            // before the rest are sent.
+            if write
                 .write_all(&request(&format!("lost-{i}")))
                 .await
-                .unwrap();
+                .is_err()
+            {
+                break;
+            }
         }
         let status = next_answer(&mut frames)
             .await
