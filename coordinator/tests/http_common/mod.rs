@@ -153,8 +153,24 @@ pub async fn request(
     }
     head.push_str("\r\n");
     stream.write_all(head.as_bytes()).await.expect("write head");
-    stream.write_all(body).await.expect("write body");
-    read_reply(&mut stream).await
+    // The body goes while the reply is read: a server that refuses a body past its
+    // limit answers and closes before the body is all sent, and the reply must be
+    // read before the rest of the body hits the closed socket.
+    let (mut reader, mut writer) = stream.into_split();
+    let body = body.to_vec();
+    let sending = tokio::spawn(async move {
+        let _ = writer.write_all(&body).await;
+        writer
+    });
+    let mut data = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(30), reader.read_to_end(&mut data))
+        .await
+        .expect("reply within 30s");
+    if let Err(e) = read {
+        assert!(!data.is_empty(), "read reply: {e}");
+    }
+    drop(sending.await);
+    parse_reply(&data)
 }
 
 /// Sends raw bytes (for malformed requests) and reads whatever comes back.
