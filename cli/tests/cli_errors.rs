@@ -314,17 +314,8 @@ fn feed(stdin: &mut std::process::ChildStdin, lines: &str) {
 
 /// Waits for the enqueue to exit 1 and returns its stderr.
 fn failure(mut enqueue: workq_tests::Process) -> String {
-    use std::io::Read;
     assert_eq!(enqueue.wait_exit(RUN_TIMEOUT), Some(1));
-    let mut stderr = String::new();
-    enqueue
-        .child
-        .stderr
-        .take()
-        .expect("stderr")
-        .read_to_string(&mut stderr)
-        .expect("read stderr");
-    stderr
+    enqueue.take_output().1
 }
 
 /// A TCP proxy for one connection that, once cut, forwards nothing more back to the

@@ -446,8 +446,6 @@ fn watch_without_a_terminal_prints_a_summary() {
 /// It polls again once the coordinator is back and gets the item when it is due.
 #[test]
 fn lease_wait_waits_out_a_coordinator_restart() {
-    use std::io::Read;
-
     let mut env = Env::start_on_disk();
     env.ok(&["create", "q"]);
     env.ok(&["enqueue", "q", "later", "--delay", "6s", "--seal"]);
@@ -475,22 +473,7 @@ fn lease_wait_waits_out_a_coordinator_restart() {
     env.coordinator.restart_on_same_ports();
 
     assert_eq!(lease.wait_exit(Duration::from_secs(60)), Some(0));
-    let mut stdout = String::new();
-    let mut stderr = String::new();
-    lease
-        .child
-        .stdout
-        .take()
-        .expect("stdout")
-        .read_to_string(&mut stdout)
-        .expect("read stdout");
-    lease
-        .child
-        .stderr
-        .take()
-        .expect("stderr")
-        .read_to_string(&mut stderr)
-        .expect("read stderr");
+    let (stdout, stderr) = lease.take_output();
     let response: Value = serde_json::from_str(&stdout).expect("JSON");
     assert_eq!(response["leases"][0]["payload"], "later", "{response}");
     assert!(stderr.contains("went away during the wait"), "{stderr}");

@@ -335,6 +335,21 @@ impl Process {
     pub fn is_running(&mut self) -> bool {
         matches!(self.child.try_wait(), Ok(None))
     }
+
+    /// What the exited child left on its piped stdout and stderr (empty when a
+    /// stream was not piped). Call after it exited, or a full pipe could block it.
+    pub fn take_output(&mut self) -> (String, String) {
+        use std::io::Read;
+        fn all(pipe: Option<impl Read>) -> String {
+            let mut text = String::new();
+            if let Some(mut pipe) = pipe {
+                pipe.read_to_string(&mut text)
+                    .expect("read the child's output");
+            }
+            text
+        }
+        (all(self.child.stdout.take()), all(self.child.stderr.take()))
+    }
 }
 
 impl Drop for Process {
