@@ -2002,11 +2002,14 @@ mod tests {
         lock(&calls).clear();
         store.fail_writes();
         let ticket = store.write(put_queue(500)).unwrap();
-        assert!(store.on_durable(ticket, &recorder(500)));
+        // The flusher may fail the write before the hand-over, which then takes no
+        // call; a call it took is made once, told of the failure.
+        let taken = store.on_durable(ticket, &recorder(500));
         assert!(store.wait_durable(ticket).await.is_err());
+        let expected: &[(u64, bool)] = if taken { &[(500, false)] } else { &[] };
         assert_eq!(
             lock(&calls).iter().map(|c| (c.0, c.1)).collect::<Vec<_>>(),
-            [(500, false)]
+            expected
         );
         let later = store.write(put_queue(501)).unwrap();
         assert!(
