@@ -47,15 +47,16 @@ pub trait Replies<T>: Send {
         Err(reply)
     }
 
-    /// Whether fewer than `free` handed-over answers are waiting to go out. When not,
-    /// [`Replies::attend`] wakes once some have gone.
+    /// Whether the client is keeping up: fewer than `free` handed-over answers are
+    /// waiting to go out, and nothing else the session sent is still waiting for the
+    /// client to take it. When not, [`Replies::attend`] wakes once there is room.
     fn has_room(&mut self, _free: usize) -> bool {
         true
     }
 
-    /// Waits until handed-over answers need the session: bytes the socket did not take
-    /// (written before this returns), room under [`Replies::has_room`]'s limit, or a
-    /// failed sync. False when a sync failed or the client is gone.
+    /// Waits until the answers sent or handed over need the session: bytes the socket
+    /// did not take (written before this returns), room under [`Replies::has_room`]'s
+    /// limit, or a failed sync. False when a sync failed or the client is gone.
     fn attend(&mut self) -> impl Future<Output = bool> + Send {
         std::future::pending()
     }
@@ -79,6 +80,18 @@ impl<T: Send + 'static> Replies<T> for mpsc::Sender<Result<T, Status>> {
     fn send(&mut self, reply: Result<T, Status>) -> impl Future<Output = bool> + Send {
         let sender = &*self;
         async move { sender.send(reply).await.is_ok() }
+    }
+
+    /// Room once the response body has taken everything sent: HTTP/2 flow control then
+    /// holds back the rest, so answers to a client that stops reading wait in the
+    /// channel, and a work session leases nothing more to it.
+    fn has_room(&mut self, _free: usize) -> bool {
+        self.capacity() == self.max_capacity()
+    }
+
+    fn attend(&mut self) -> impl Future<Output = bool> + Send {
+        let sender = &*self;
+        async move { sender.reserve_many(sender.max_capacity()).await.is_ok() }
     }
 }
 
@@ -307,11 +320,12 @@ pub async fn work_session(
                     .collect();
                 // Settle and, when the worker has credit and no poll is pending, take
                 // its next items in the same step: one flush, one reply message.
-                let want = if poll.is_none() && !engine.is_shutting_down() {
-                    credit.min(engine::limits::MAX_LEASE_ITEMS as u64) as u32
-                } else {
-                    0
-                };
+                let want =
+                    if poll.is_none() && !engine.is_shutting_down() && out.has_room(WORK_HANDED) {
+                        credit.min(engine::limits::MAX_LEASE_ITEMS as u64) as u32
+                    } else {
+                        0
+                    };
                 let started = std::time::Instant::now();
                 let step = engine.settle_and_lease_unsynced(
                     &queue,
@@ -374,7 +388,16 @@ pub async fn work_session(
                 }
             }
         }
-        if poll.is_none() && credit > 0 && !quiet && input_open && !engine.is_shutting_down() {
+        // A client that is not taking its answers is leased nothing more: the items
+        // would only wait in the coordinator with their leases running.
+        let room = out.has_room(WORK_HANDED);
+        if poll.is_none()
+            && credit > 0
+            && !quiet
+            && input_open
+            && room
+            && !engine.is_shutting_down()
+        {
             let engine = engine.clone();
             let queue = queue.clone();
             let mut closed = closed.clone();
@@ -398,9 +421,9 @@ pub async fn work_session(
             handed_out(&engine, handed, out).await;
             return;
         }
-        let reading = input_open && (handed.is_none() || out.has_room(WORK_HANDED));
+        let reading = input_open && (handed.is_none() || room);
         tokio::select! {
-            attended = out.attend(), if handed.is_some() => {
+            attended = out.attend(), if handed.is_some() || !room => {
                 if !attended {
                     // A failed sync (say so) or a client that is gone (nothing to say).
                     handed_out(&engine, handed, out).await;

@@ -238,6 +238,82 @@ async fn work_session_waits_while_another_worker_holds_a_lease() {
     server.stop().await;
 }
 
+/// A worker that grants credit and then stops reading is leased only what the
+/// transport holds for it, not a channel full of responses more; once it reads
+/// again, the session goes on leasing.
+#[tokio::test]
+async fn work_session_leases_nothing_more_to_a_worker_that_stops_reading() {
+    const ITEMS: usize = 400;
+    const PAYLOAD: usize = 512 * 1024; // 32 items fill one response (16 MiB)
+    let server = Server::start(Auth::disabled()).await;
+    let mut c = server.client().await;
+    c.create_queue(pb::CreateQueueRequest {
+        queue: "q".into(),
+        options: Some(pb::QueueOptions {
+            lease_timeout_ms: 300_000,
+            max_payload_bytes: PAYLOAD as u64,
+            ..Default::default()
+        }),
+        if_not_exists: false,
+    })
+    .await
+    .unwrap();
+    for _ in 0..ITEMS / 40 {
+        c.enqueue(pb::EnqueueRequest {
+            queue: "q".into(),
+            items: (0..40)
+                .map(|_| pb::NewItem {
+                    payload: vec![7u8; PAYLOAD].into(),
+                    ..Default::default()
+                })
+                .collect(),
+            seal: false,
+        })
+        .await
+        .unwrap();
+    }
+    let (tx, rx) = tokio::sync::mpsc::channel::<pb::WorkRequest>(4);
+    tx.send(pb::WorkRequest {
+        queue: "q".into(),
+        worker_id: "stalled".into(),
+        credit: ITEMS as u32,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let mut responses = c
+        .clone()
+        .work(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
+    // Read nothing, and wait until the session stops leasing.
+    let mut leased = 0;
+    loop {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let now = stats(&mut c).await.leased;
+        if now == leased && now > 0 {
+            break;
+        }
+        leased = now;
+    }
+    // One response holds 32 items; before the session waited for the client, 16
+    // responses queued up in the coordinator on top of what HTTP/2 and the sockets
+    // hold, and every item was leased.
+    assert!(
+        leased <= ITEMS as u64 / 2,
+        "{leased} of {ITEMS} items leased to a worker that reads nothing"
+    );
+    // Reading again, the worker gets every item.
+    let mut got = 0;
+    while got < ITEMS {
+        got += next(&mut responses).await.leases.len();
+    }
+    assert_eq!(stats(&mut c).await.leased, ITEMS as u64);
+    drop(tx);
+    server.stop().await;
+}
+
 async fn next(responses: &mut tonic::Streaming<pb::WorkResponse>) -> pb::WorkResponse {
     tokio::time::timeout(Duration::from_secs(10), responses.next())
         .await
