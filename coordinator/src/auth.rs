@@ -43,24 +43,38 @@ impl Auth {
         self.token.is_some()
     }
 
-    /// Checks an `authorization` header value (`Bearer <token>`).
-    pub fn check(&self, header: Option<&[u8]>) -> Result<(), &'static str> {
+    /// Checks a call's `authorization` header values: exactly one, `Bearer <token>`.
+    /// As RFC 7235 has it, the scheme is case-insensitive, one or more spaces follow
+    /// it, and whitespace around the value is not part of it (hyper already trims that
+    /// from HTTP/1.1 header values, so gRPC and HTTP read a header alike).
+    pub fn check<'a>(
+        &self,
+        mut headers: impl Iterator<Item = &'a [u8]>,
+    ) -> Result<(), &'static str> {
         let Some(expected) = &self.token else {
             return Ok(());
         };
-        let Some(header) = header else {
+        let Some(header) = headers.next() else {
             return Err(
                 "missing token: send 'authorization: Bearer <token>' (queue-cli --token or WORKQ_TOKEN)",
             );
         };
-        let presented = header
-            .strip_prefix(b"Bearer ")
-            .or_else(|| header.strip_prefix(b"bearer "))
-            .ok_or("malformed authorization header: expected 'Bearer <token>'")?;
-        Self::compare(expected, presented)
+        if headers.next().is_some() {
+            return Err("more than one authorization header: send exactly one");
+        }
+        let malformed = "malformed authorization header: expected 'Bearer <token>'";
+        let header = header.trim_ascii();
+        let space = header.iter().position(|&b| b == b' ').ok_or(malformed)?;
+        let (scheme, token) = header.split_at(space);
+        let token = token.trim_ascii_start();
+        if !scheme.eq_ignore_ascii_case(b"bearer") || token.is_empty() {
+            return Err(malformed);
+        }
+        Self::compare(expected, token)
     }
 
     /// Checks a bare token (the wire protocol's hello); empty means none was sent.
+    /// Surrounding whitespace is not part of it, as in a header or the token file.
     pub fn check_token(&self, presented: &str) -> Result<(), &'static str> {
         let Some(expected) = &self.token else {
             return Ok(());
@@ -70,7 +84,7 @@ impl Auth {
                 "missing token: the wire hello carries none (queue-cli --token or WORKQ_TOKEN)",
             );
         }
-        Self::compare(expected, presented.as_bytes())
+        Self::compare(expected, presented.trim().as_bytes())
     }
 
     fn compare(expected: &[u8], presented: &[u8]) -> Result<(), &'static str> {
@@ -89,15 +103,48 @@ mod tests {
     #[test]
     fn checks_bearer_tokens() {
         let auth = Auth::with_token("s3cret\n");
-        assert!(auth.check(Some(b"Bearer s3cret")).is_ok());
-        assert!(auth.check(None).unwrap_err().contains("missing token"));
-        assert_eq!(auth.check(Some(b"Bearer nope")), Err("invalid token"));
-        assert_eq!(auth.check(Some(b"Bearer s3cre")), Err("invalid token"));
-        assert!(
-            auth.check(Some(b"s3cret"))
-                .unwrap_err()
-                .contains("malformed")
-        );
-        assert!(Auth::disabled().check(None).is_ok());
+        let check = |values: &[&[u8]]| auth.check(values.iter().copied());
+        assert!(check(&[b"Bearer s3cret"]).is_ok());
+        assert!(check(&[]).unwrap_err().contains("missing token"));
+        assert_eq!(check(&[b"Bearer nope"]), Err("invalid token"));
+        assert_eq!(check(&[b"Bearer s3cre"]), Err("invalid token"));
+        assert_eq!(check(&[b"Bearer s3 cret"]), Err("invalid token"));
+        // The scheme in any case, any number of spaces, whitespace around the value.
+        for header in [
+            &b"bearer s3cret"[..],
+            b"BEARER s3cret",
+            b"Bearer   s3cret",
+            b" Bearer s3cret \t",
+        ] {
+            assert!(check(&[header]).is_ok(), "{header:?}");
+        }
+        for header in [
+            &b"s3cret"[..],
+            b"Basic s3cret",
+            b"Bearer",
+            b"Bearer   ",
+            b"Bearers3cret",
+        ] {
+            assert!(
+                check(&[header]).unwrap_err().contains("malformed"),
+                "{header:?}"
+            );
+        }
+        // Two headers are refused, whichever holds the right token.
+        for pair in [
+            [&b"Bearer s3cret"[..], b"Bearer nope"],
+            [b"Bearer nope", b"Bearer s3cret"],
+        ] {
+            assert!(check(&pair).unwrap_err().contains("more than one"));
+        }
+        assert!(Auth::disabled().check(std::iter::empty()).is_ok());
+    }
+
+    #[test]
+    fn checks_a_bare_token() {
+        let auth = Auth::with_token("s3cret");
+        assert!(auth.check_token(" s3cret ").is_ok());
+        assert_eq!(auth.check_token("s3cre"), Err("invalid token"));
+        assert!(auth.check_token("").unwrap_err().contains("missing token"));
     }
 }

@@ -95,11 +95,8 @@ pub async fn run_with(
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_MESSAGE_BYTES);
     let service = InterceptedService::new(service, move |request: tonic::Request<()>| {
-        let header = request
-            .metadata()
-            .get("authorization")
-            .map(|v| v.as_bytes());
-        match grpc_auth.check(header) {
+        let headers = request.metadata().get_all("authorization");
+        match grpc_auth.check(headers.iter().map(|v| v.as_bytes())) {
             Ok(()) => Ok(request),
             Err(message) => Err(tonic::Status::unauthenticated(message)),
         }

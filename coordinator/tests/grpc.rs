@@ -324,6 +324,9 @@ async fn token_auth_guards_the_api_but_not_health() {
     assert_eq!(err.code(), Code::Unauthenticated);
     let mut right = server.client_with(Some("s3cret")).await;
     right.list_queues(pb::ListQueuesRequest {}).await.unwrap();
+    // Whitespace around a token is not part of it, as in the token file and over HTTP.
+    let mut padded = server.client_with(Some(" s3cret ")).await;
+    padded.list_queues(pb::ListQueuesRequest {}).await.unwrap();
 
     // Kubernetes gRPC probes carry no token.
     let channel = tonic::transport::Endpoint::from_shared(server.url.clone())

@@ -483,7 +483,24 @@ async fn with_a_token_memq_needs_it_and_probes_stay_open() {
         .await;
     assert_eq!(wrong.status, 401);
     assert_eq!(wrong.text(), "invalid token\n");
+    // Two headers are refused whichever comes first, so no proxy can slip one in.
+    for pair in [["Bearer nope", "Bearer s3cret"], ["Bearer s3cret", "Bearer nope"]] {
+        let two = server
+            .send(
+                "PUT",
+                &format!("{Q}/x"),
+                &[("Authorization", pair[0]), ("Authorization", pair[1])],
+                b"",
+            )
+            .await;
+        assert_eq!(two.status, 401);
+        assert!(two.text().contains("more than one"), "{}", two.text());
+    }
     assert!(server.engine.list_queues().is_empty());
+    // The scheme is case-insensitive (RFC 7235).
+    let shouted = [("Authorization", "BEARER  s3cret")];
+    let created = server.send("PUT", &format!("{Q}/y"), &shouted, b"").await;
+    assert_eq!(created.status, 200, "{}", created.text());
 
     let auth = [("Authorization", "Bearer s3cret")];
     assert_eq!(
@@ -498,6 +515,7 @@ async fn with_a_token_memq_needs_it_and_probes_stay_open() {
         .await
         .json();
     assert_eq!(stats["queues"][0]["name"], "x");
+    assert_eq!(stats["queues"][1]["name"], "y");
     for path in ["/metrics", "/api/v1/queues"] {
         assert_eq!(server.get(path).await.status, 401, "{path}");
         assert_eq!(server.send("GET", path, &auth, b"").await.status, 200);

@@ -129,11 +129,8 @@ pub fn text_error(status: StatusCode, message: &str) -> Response {
 
 /// Refuses a data route without the configured bearer token (401 with the reason).
 async fn require_token(State(state): State<AppState>, request: Request, next: Next) -> Response {
-    let presented = request
-        .headers()
-        .get(header::AUTHORIZATION)
-        .map(|v| v.as_bytes());
-    match state.auth.check(presented) {
+    let presented = request.headers().get_all(header::AUTHORIZATION);
+    match state.auth.check(presented.iter().map(|v| v.as_bytes())) {
         Ok(()) => next.run(request).await,
         Err(message) => {
             let mut response = text_error(StatusCode::UNAUTHORIZED, message);
