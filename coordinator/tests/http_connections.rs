@@ -61,3 +61,43 @@ async fn quiet_connections_are_closed() {
     assert_eq!(server.get("/healthz").await.status, 200);
     server.stop().await;
 }
+
+/// The HTTP port answers HTTP/2 with prior knowledge (h2c), as the README says, with
+/// the same routes and the same token check as HTTP/1.1.
+#[tokio::test]
+async fn http2_with_prior_knowledge_is_served() {
+    let server = Server::start_with(Auth::with_token("s3cret")).await;
+    let tcp = TcpStream::connect(server.http).await.unwrap();
+    let (mut h2, connection) = h2::client::handshake(tcp).await.unwrap();
+    let driver = tokio::spawn(connection);
+    let mut get = async |path: &str, token: Option<&str>| {
+        let mut request = axum::http::Request::get(format!("http://{}{path}", server.http));
+        if let Some(token) = token {
+            request = request.header("authorization", format!("Bearer {token}"));
+        }
+        let (answer, _) = h2.send_request(request.body(()).unwrap(), true).unwrap();
+        let answer = answer.await.unwrap();
+        let status = answer.status().as_u16();
+        let mut body = answer.into_body();
+        let mut text = Vec::new();
+        while let Some(chunk) = body.data().await {
+            let chunk = chunk.unwrap();
+            let _ = body.flow_control().release_capacity(chunk.len());
+            text.extend_from_slice(&chunk);
+        }
+        (status, String::from_utf8(text).unwrap())
+    };
+    assert_eq!(get("/healthz", None).await.0, 200);
+    let (status, text) = get("/memq/server/stats", None).await;
+    assert_eq!(
+        (status, text.contains("missing token")),
+        (401, true),
+        "{text}"
+    );
+    let (status, text) = get("/memq/server/stats", Some("s3cret")).await;
+    assert_eq!(status, 200, "{text}");
+    assert!(text.contains("\"kind\":\"stats\""), "{text}");
+    drop(h2);
+    driver.abort();
+    server.stop().await;
+}
