@@ -411,14 +411,37 @@ async fn shutdown_ends_long_polls_promptly() {
             })
             .await
     });
+    // A worker session waiting for work, too.
+    let (session_tx, session_rx) = tokio::sync::mpsc::channel::<pb::WorkRequest>(1);
+    session_tx
+        .send(pb::WorkRequest {
+            queue: "q".into(),
+            worker_id: "w3".into(),
+            credit: 1,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let mut session = server
+        .client()
+        .await
+        .work(tokio_stream::wrappers::ReceiverStream::new(session_rx))
+        .await
+        .unwrap()
+        .into_inner();
     tokio::time::sleep(Duration::from_millis(100)).await;
     tokio::time::timeout(Duration::from_secs(10), server.stop())
         .await
         .expect("shutdown does not wait for the 60 s poll");
-    let answer = poll.await.unwrap();
-    if let Ok(r) = answer {
-        assert!(r.into_inner().leases.is_empty());
-    }
+    // Neither is told that the wait ran out with nothing to lease: the coordinator
+    // says it is going away, which workers retry.
+    let err = poll.await.unwrap().unwrap_err();
+    assert_eq!(err.code(), Code::Unavailable, "{err:?}");
+    assert!(err.message().contains("shutting down"), "{err:?}");
+    let err = session.message().await.unwrap_err();
+    assert_eq!(err.code(), Code::Unavailable, "{err:?}");
+    assert!(err.message().contains("shutting down"), "{err:?}");
+    drop(session_tx);
 }
 
 #[tokio::test]

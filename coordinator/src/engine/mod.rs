@@ -631,20 +631,24 @@ impl Engine {
                     granted,
                 })
             })?;
+            let answered = !outcome.granted.is_empty() || outcome.drained;
+            let due = tokio::time::Instant::now() >= deadline;
+            let stopping = *shutdown.borrow_and_update();
             // Only an answer waits for durability; an empty poll that keeps waiting
             // does not cost a flush.
-            if !outcome.granted.is_empty()
-                || outcome.drained
-                || *shutdown.borrow_and_update()
-                || tokio::time::Instant::now() >= deadline
-            {
+            if answered || due || stopping {
                 self.store.sync(ticket).await?;
+                if !answered && !due {
+                    // An empty answer would say the wait ran out with nothing to
+                    // lease; the truth is that the coordinator is going away.
+                    return Err(Error::ShuttingDown);
+                }
                 return Ok(outcome);
             }
             tokio::select! {
                 () = woken.as_mut() => woken.set(slot.work.notified()),
                 _ = tokio::time::sleep_until(deadline) => return Ok(outcome),
-                _ = shutdown.changed() => return Ok(outcome),
+                _ = shutdown.changed() => {}
                 () = cancel.as_mut() => return Ok(outcome),
             }
         }
