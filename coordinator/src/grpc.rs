@@ -692,3 +692,61 @@ impl pb::work_q_server::WorkQ for Service {
         )))
     }
 }
+
+/// A request refused before it reached a handler, as the client should hear it. tonic
+/// refuses a message over the decoding limit with OUT_OF_RANGE and its own text; the
+/// gRPC status codes give that case RESOURCE_EXHAUSTED, and the client needs to know
+/// what to do about it. No handler answers OUT_OF_RANGE itself.
+pub fn request_refused(refusal: Status) -> Status {
+    if refusal.code() == tonic::Code::OutOfRange && refusal.message().contains("too large") {
+        Status::resource_exhausted(format!(
+            "a request message can be at most {} MiB: send fewer or smaller items per \
+             request ({})",
+            crate::server::MAX_MESSAGE_BYTES >> 20,
+            refusal.message()
+        ))
+    } else {
+        refusal
+    }
+}
+
+/// Serves `S`, with a unary request that tonic refused before its handler told as
+/// [`request_refused`] says. (A streaming call's requests are refused by its handler,
+/// which reads them.)
+#[derive(Clone)]
+pub struct Refusals<S>(pub S);
+
+impl<S: tonic::server::NamedService> tonic::server::NamedService for Refusals<S> {
+    const NAME: &'static str = S::NAME;
+}
+
+impl<S, Req, ResBody> tonic::codegen::Service<Req> for Refusals<S>
+where
+    S: tonic::codegen::Service<Req, Response = tonic::codegen::http::Response<ResBody>>,
+    S::Future: Send + 'static,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = Pin<Box<dyn std::future::Future<Output = Result<S::Response, S::Error>> + Send>>;
+
+    fn poll_ready(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Self::Error>> {
+        self.0.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: Req) -> Self::Future {
+        let answer = self.0.call(request);
+        Box::pin(async move {
+            let mut response = answer.await?;
+            // Only a trailers-only answer carries its status in the headers.
+            if let Some(refusal) = Status::from_header_map(response.headers())
+                && refusal.code() == tonic::Code::OutOfRange
+            {
+                let _ = request_refused(refusal).add_header(response.headers_mut());
+            }
+            Ok(response)
+        })
+    }
+}

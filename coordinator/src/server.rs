@@ -101,6 +101,7 @@ pub async fn run_with(
             Err(message) => Err(tonic::Status::unauthenticated(message)),
         }
     });
+    let service = crate::grpc::Refusals(service);
 
     // One shutdown future fans out to both servers. A failed log stops the
     // coordinator too: it refuses every write from then on, and a restart (the

@@ -199,7 +199,14 @@ pub async fn enqueue_stream<R: EnqueueReply>(
                             }
                         }
                     }
-                    Some(Err(_)) | None => input_open = false,
+                    // A request tonic could not read (too large, malformed) is
+                    // refused like one the engine refused; a transport error ends the
+                    // call anyway, and no one hears the status.
+                    Some(Err(unread)) => {
+                        refused = Some(crate::grpc::request_refused(unread));
+                        input_open = false;
+                    }
+                    None => input_open = false,
                 }
             }
             synced = async { sync.as_mut().expect("guarded").await }, if sync.is_some() => {
@@ -304,6 +311,7 @@ pub async fn work_session(
     // settlement's change wakes the session once more after the notice).
     let mut told_drained: Option<bool> = None;
     let mut input_open = true;
+    let mut refused = None;
     let mut next_request = Some(first);
     // The ticket of the last answer handed over (see `Replies::hand_over`).
     let mut handed: Option<Ticket> = None;
@@ -418,7 +426,11 @@ pub async fn work_session(
         if !input_open && poll.is_none() {
             // The answers handed over go out with their syncs, before the status that
             // ends the call.
-            handed_out(&engine, handed, out).await;
+            if handed_out(&engine, handed, out).await
+                && let Some(refusal) = refused
+            {
+                out.send(Err(refusal)).await;
+            }
             return;
         }
         let reading = input_open && (handed.is_none() || room);
@@ -433,8 +445,12 @@ pub async fn work_session(
             request = requests.next(), if reading => match request {
                 Some(Ok(r)) => next_request = Some(r),
                 // The worker closed its side: a waiting poll gives up; one that was
-                // already granted leases delivers them; then the session ends.
-                Some(Err(_)) | None => {
+                // already granted leases delivers them; then the session ends, with
+                // the refusal of a request that could not be read.
+                ended => {
+                    if let Some(Err(unread)) = ended {
+                        refused = Some(crate::grpc::request_refused(unread));
+                    }
                     input_open = false;
                     closed_tx.send_replace(true);
                 }

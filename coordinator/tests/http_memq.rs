@@ -484,7 +484,10 @@ async fn with_a_token_memq_needs_it_and_probes_stay_open() {
     assert_eq!(wrong.status, 401);
     assert_eq!(wrong.text(), "invalid token\n");
     // Two headers are refused whichever comes first, so no proxy can slip one in.
-    for pair in [["Bearer nope", "Bearer s3cret"], ["Bearer s3cret", "Bearer nope"]] {
+    for pair in [
+        ["Bearer nope", "Bearer s3cret"],
+        ["Bearer s3cret", "Bearer nope"],
+    ] {
         let two = server
             .send(
                 "PUT",

@@ -314,6 +314,75 @@ async fn work_session_leases_nothing_more_to_a_worker_that_stops_reading() {
     server.stop().await;
 }
 
+/// A message over the 64 MiB limit is refused with RESOURCE_EXHAUSTED and what to do,
+/// on a unary call and on both streams (which answer what came before it first), and
+/// nothing of it is applied.
+#[tokio::test]
+async fn a_message_over_the_limit_is_resource_exhausted_and_changes_nothing() {
+    let server = Server::start(Auth::disabled()).await;
+    let mut c = setup(&server, 30_000, 1).await;
+    // Tonic's own client encodes any size; workq's refuses what the server would.
+    let mut raw = pb::work_q_client::WorkQClient::connect(server.url.clone())
+        .await
+        .unwrap();
+    let huge = || pb::EnqueueRequest {
+        queue: "q".into(),
+        items: vec![pb::NewItem {
+            payload: vec![0u8; 65 << 20].into(),
+            ..Default::default()
+        }],
+        seal: false,
+    };
+    let small = || pb::EnqueueRequest {
+        queue: "q".into(),
+        items: vec![support::item("small")],
+        seal: false,
+    };
+    let expect_refusal = |err: tonic::Status| {
+        assert_eq!(err.code(), tonic::Code::ResourceExhausted, "{err:?}");
+        assert!(err.message().contains("at most 64 MiB"), "{err:?}");
+    };
+    expect_refusal(raw.enqueue(huge()).await.unwrap_err());
+
+    let mut answers = raw
+        .enqueue_stream(tokio_stream::iter(vec![small(), huge(), small()]))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(answers.next().await.unwrap().unwrap().results.len(), 1);
+    expect_refusal(answers.next().await.unwrap().unwrap_err());
+    assert!(answers.next().await.is_none());
+
+    let first = pb::WorkRequest {
+        queue: "q".into(),
+        worker_id: "w".into(),
+        credit: 1,
+        ..Default::default()
+    };
+    let (tx, rx) = tokio::sync::mpsc::channel::<pb::WorkRequest>(2);
+    tx.send(first).await.unwrap();
+    let mut session = raw
+        .work(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
+    let lease = next(&mut session).await.leases.remove(0);
+    let mut ack = settle(lease.id, lease.token, pb::SettleAction::Ack);
+    ack.result = vec![0u8; 65 << 20];
+    tx.send(pb::WorkRequest {
+        settlements: vec![ack],
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    expect_refusal(session.message().await.unwrap_err());
+
+    let s = stats(&mut c).await;
+    assert_eq!((s.total_enqueued, s.leased, s.done), (2, 1, 0));
+    drop(tx);
+    server.stop().await;
+}
+
 async fn next(responses: &mut tonic::Streaming<pb::WorkResponse>) -> pb::WorkResponse {
     tokio::time::timeout(Duration::from_secs(10), responses.next())
         .await
