@@ -115,7 +115,7 @@ async fn main() -> ExitCode {
         Command::Release(args) => lease::release(&global, args).await,
         Command::Schedule(command) => schedule::run(&global, command).await,
         Command::Bench(args) => bench::run(&global, args).await,
-        Command::Job(command) => return job::run(command).await,
+        Command::Job(command) => return job::run(command, global.output).await,
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -3,11 +3,13 @@
 //! files of the test's temp dir; the tests read those files and the summary.
 
 use std::collections::{BTreeSet, HashSet};
+use std::os::unix::fs::PermissionsExt;
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use nix::sys::signal::Signal;
+use serde_json::Value;
 use tempfile::TempDir;
 use workq_tests::{Process, bin_path, wait_for};
 
@@ -52,11 +54,16 @@ impl Scratch {
 
     /// Starts `queue-cli job run ARGS` in the background, output to files.
     fn spawn_job(&self, args: &[&str]) -> Process {
+        self.spawn_cli(&["job", "run"], args)
+    }
+
+    /// Starts `queue-cli VERB ARGS` in the background, output to files.
+    fn spawn_cli(&self, verb: &[&str], args: &[&str]) -> Process {
         let stdout = std::fs::File::create(self.path("runner.stdout")).unwrap();
         let stderr = std::fs::File::create(self.path("runner.stderr")).unwrap();
         Process::spawn(
             Command::new(bin_path("queue-cli"))
-                .args(["job", "run"])
+                .args(verb)
                 .args(args)
                 .current_dir(self.dir.path())
                 .stdin(Stdio::null())
@@ -67,9 +74,25 @@ impl Scratch {
 
     /// Runs `queue-cli job run ARGS` to its end.
     fn run_job(&self, args: &[&str]) -> Run {
-        let mut process = self.spawn_job(args);
+        self.run_cli(&["job", "run"], args)
+    }
+
+    /// Runs `queue-cli VERB ARGS` to its end.
+    fn run_cli(&self, verb: &[&str], args: &[&str]) -> Run {
+        let mut process = self.spawn_cli(verb, args);
         let code = process.wait_exit(RUN_TIMEOUT);
         self.finished(code)
+    }
+
+    /// A stand-in `workq-worker` running `script` (a Job knows a worker Job by the
+    /// file name of its command); returns its path.
+    fn fake_worker(&self, script: &str) -> String {
+        let dir = self.path("bin");
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("workq-worker");
+        std::fs::write(&path, format!("#!/bin/sh\n{script}\n")).unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+        path.display().to_string()
     }
 
     fn finished(&self, code: Option<i32>) -> Run {
@@ -81,6 +104,12 @@ impl Scratch {
         eprintln!("--- stdout\n{}--- stderr\n{}", run.stdout, run.stderr);
         run
     }
+}
+
+/// The one JSON document a `-o json` run printed on stdout.
+fn json_document(run: &Run) -> Value {
+    serde_json::from_str(&run.stdout)
+        .unwrap_or_else(|e| panic!("stdout is not one JSON document ({e}):\n{}", run.stdout))
 }
 
 /// The summary row for `name`: its STATUS and COMPLETIONS columns.
@@ -331,6 +360,12 @@ fn active_deadline_stops_a_long_job_and_leaves_no_process_behind() {
     assert_eq!(run.code, Some(1));
     assert_eq!(summary_row(&run, "slow"), ("Failed".into(), "0/2".into()));
     assert!(run.stdout.contains("reason: DeadlineExceeded"));
+    assert!(
+        run.stdout
+            .contains("pods: 2 created, 0 succeeded, 2 failed"),
+        "pods stopped by the Job count as failed"
+    );
+    assert_eq!(run.stderr.matches("failed (exit code 137)").count(), 2);
     let pids = pids(&s, "pids");
     assert_eq!(pids.len(), 4, "both pods ran");
     wait_for(
@@ -435,6 +470,11 @@ fn ctrl_c_stops_every_pod_and_leaves_no_process_behind() {
 
     assert_eq!(run.code, Some(130));
     assert!(run.stdout.contains("Interrupted"), "summary says why");
+    assert!(
+        run.stdout
+            .contains("pods: 3 created, 0 succeeded, 3 failed"),
+        "stopped pods count as failed"
+    );
     wait_for(
         "every pod process to be gone",
         Duration::from_secs(10),
@@ -504,5 +544,287 @@ fn sigterm_stops_every_pod_and_exits_143() {
         "every pod process to be gone",
         Duration::from_secs(10),
         || pids.iter().all(|pid| !alive(*pid)),
+    );
+}
+
+#[test]
+fn a_worker_usage_error_fails_the_job_at_once_by_its_pod_failure_policy() {
+    let s = Scratch::new();
+    let worker = bin_path("workq-worker").display().to_string();
+    let run = s.run_job(&[
+        "pfp",
+        "--backoff-limit",
+        "3",
+        "--backoff-base",
+        "100ms",
+        "--",
+        &worker,
+        "--bogus-flag",
+    ]);
+
+    assert_eq!(run.code, Some(1));
+    assert_eq!(summary_row(&run, "pfp"), ("Failed".into(), "0/1".into()));
+    let reason = run
+        .stdout
+        .lines()
+        .find(|l| l.starts_with("reason: "))
+        .expect("a reason line");
+    assert!(
+        reason.starts_with("reason: PodFailurePolicy: Container worker for pod default/pfp-")
+            && reason.ends_with("failed with exit code 2 matching FailJob rule at index 1"),
+        "{reason}"
+    );
+    assert!(
+        run.stdout
+            .contains("pods: 1 created, 0 succeeded, 1 failed"),
+        "no retry of a usage error"
+    );
+}
+
+#[test]
+fn a_fatal_worker_exit_stops_the_other_pods_and_json_reports_it() {
+    let s = Scratch::new();
+    // The first pod exits 1 (fatal) once the second one runs; the second would run
+    // for 5 minutes unless stopped.
+    let worker = s.fake_worker(&format!(
+        "echo $$ >> {pids}\n\
+         if mkdir {lock} 2>/dev/null; then\n\
+           while [ $(wc -l < {pids}) -lt 2 ]; do sleep 0.05; done\n\
+           echo 'fatal: bad token' >&2; exit 1\n\
+         fi\n\
+         exec sleep 300",
+        pids = s.sh("pids"),
+        lock = s.sh("lock")
+    ));
+    // With --backoff-limit 0 the Job would fail anyway, with BackoffLimitExceeded:
+    // the reason tells the policy's rule from the limit.
+    let run = s.run_cli(
+        &["-o", "json", "job", "run"],
+        &[
+            "fatal",
+            "--parallelism",
+            "2",
+            "--backoff-limit",
+            "0",
+            "--",
+            &worker,
+            "--queue",
+            "q",
+        ],
+    );
+
+    assert_eq!(run.code, Some(1));
+    let job = json_document(&run);
+    assert_eq!(job["name"], "fatal");
+    assert_eq!(job["status"], "Failed");
+    assert_eq!(job["reason"], "PodFailurePolicy");
+    let message = job["message"].as_str().expect("a message");
+    assert!(
+        message.contains("failed with exit code 1 matching FailJob rule at index 1"),
+        "{message}"
+    );
+    assert_eq!(
+        (
+            &job["created"],
+            &job["succeeded"],
+            &job["failed"],
+            &job["active"]
+        ),
+        (&2.into(), &0.into(), &2.into(), &0.into()),
+        "the stopped pod counts as failed too: {job}"
+    );
+    assert!(
+        run.stderr.contains("failed (exit code 143)"),
+        "{}",
+        run.stderr
+    );
+    let pids = pids(&s, "pids");
+    assert_eq!(pids.len(), 2);
+    wait_for(
+        "every pod process to be gone",
+        Duration::from_secs(10),
+        || pids.iter().all(|pid| !alive(*pid)),
+    );
+}
+
+#[test]
+fn a_worker_job_is_refused_with_on_failure_or_a_grace_below_the_workers_in_both_verbs() {
+    let s = Scratch::new();
+    let worker = s.fake_worker(&format!("touch {}", s.sh("started")));
+    for (flags, wanted) in [
+        (
+            vec!["--restart-policy", "OnFailure"],
+            vec!["needs --restart-policy Never"],
+        ),
+        (
+            vec!["--grace", "3s"],
+            vec!["--grace 3s", "worker's --grace 25s", "--grace 30s or more"],
+        ),
+    ] {
+        let job = [
+            &["w"][..],
+            &flags,
+            &["--", worker.as_str(), "exec", "--", "true"],
+        ]
+        .concat();
+        let run = s.run_job(&job);
+        assert_eq!(run.code, Some(2), "{flags:?}");
+        for text in &wanted {
+            assert!(run.stderr.contains(text), "{flags:?}: {}", run.stderr);
+        }
+        assert!(!s.path("started").exists(), "{flags:?}: no pod started");
+
+        let manifest = [&["w", "--image", "workq:1"][..], &job[1..]].concat();
+        let generated = s.run_cli(&["job", "manifest"], &manifest);
+        assert_eq!(generated.code, Some(2), "{flags:?}");
+        assert_eq!(
+            generated.stderr, run.stderr,
+            "the same message in both verbs"
+        );
+    }
+}
+
+#[test]
+fn a_worker_job_gets_a_grace_above_the_workers_by_default() {
+    let s = Scratch::new();
+    let worker = s.fake_worker("exec sleep 300");
+    let run = s.run_job(&[
+        "graceful",
+        "--active-deadline",
+        "500ms",
+        "--",
+        &worker,
+        "--grace",
+        "40s",
+        "keygen",
+    ]);
+
+    assert_eq!(run.code, Some(1));
+    assert!(
+        run.stderr.contains("SIGTERM, SIGKILL after 45s"),
+        "the worker's 40s plus 5s, as in the manifest: {}",
+        run.stderr
+    );
+}
+
+#[test]
+fn a_pod_exiting_0_while_being_stopped_counts_as_succeeded() {
+    let s = Scratch::new();
+    // One pod traps SIGTERM and exits 0, the other is ended by it.
+    let script = format!(
+        "if mkdir {lock} 2>/dev/null; then trap 'exit 0' TERM; fi; \
+         echo $$ >> {pids}; while :; do sleep 0.1; done",
+        lock = s.sh("lock"),
+        pids = s.sh("pids")
+    );
+    let mut job = s.spawn_job(&[
+        "clean",
+        "--completions",
+        "2",
+        "--parallelism",
+        "2",
+        "--",
+        "sh",
+        "-c",
+        &script,
+    ]);
+    wait_for("2 pods to record their pids", RUN_TIMEOUT, || {
+        s.lines("pids").len() == 2
+    });
+
+    job.signal(Signal::SIGINT);
+    let code = job.wait_exit(RUN_TIMEOUT);
+    let run = s.finished(code);
+
+    assert_eq!(run.code, Some(130));
+    assert_eq!(
+        summary_row(&run, "clean"),
+        ("Interrupted".into(), "1/2".into())
+    );
+    assert!(
+        run.stdout
+            .contains("pods: 2 created, 1 succeeded, 1 failed")
+    );
+    assert_eq!(run.stderr.matches(" succeeded\n").count(), 1);
+    assert_eq!(run.stderr.matches("failed (exit code 143)").count(), 1);
+}
+
+#[test]
+fn grace_0s_kills_at_once_without_sigterm() {
+    let s = Scratch::new();
+    let script = format!(
+        "trap 'echo TERM >> {got}; exit 0' TERM; echo $$ >> {pids}; \
+         while :; do sleep 0.1; done",
+        got = s.sh("got"),
+        pids = s.sh("pids")
+    );
+    let mut job = s.spawn_job(&["nograce", "--grace", "0s", "--", "sh", "-c", &script]);
+    wait_for("the pod to record its pid", RUN_TIMEOUT, || {
+        s.lines("pids").len() == 1
+    });
+
+    job.signal(Signal::SIGINT);
+    let code = job.wait_exit(RUN_TIMEOUT);
+    let run = s.finished(code);
+
+    assert_eq!(run.code, Some(130));
+    assert!(run.stderr.contains("failed (exit code 137)"), "SIGKILLed");
+    assert!(!s.path("got").exists(), "the pod never saw a SIGTERM");
+    assert!(
+        run.stdout
+            .contains("pods: 1 created, 0 succeeded, 1 failed")
+    );
+}
+
+#[test]
+fn json_output_is_one_document_on_stdout_with_pod_output_on_stderr() {
+    let s = Scratch::new();
+    let run = s.run_cli(
+        &["-o", "json", "job", "run"],
+        &[
+            "js",
+            "--completions",
+            "2",
+            "--completion-mode",
+            "Indexed",
+            "--",
+            "sh",
+            "-c",
+            "echo out-line; echo err-line >&2",
+        ],
+    );
+
+    assert_eq!(run.code, Some(0));
+    let job = json_document(&run);
+    assert_eq!(job["name"], "js");
+    assert_eq!(job["status"], "Complete");
+    assert!(job["reason"].is_null() && job["message"].is_null(), "{job}");
+    assert_eq!(job["completions"], 2);
+    assert_eq!(job["parallelism"], 1);
+    assert_eq!(
+        (
+            &job["created"],
+            &job["succeeded"],
+            &job["failed"],
+            &job["active"]
+        ),
+        (&2.into(), &2.into(), &0.into(), &0.into()),
+        "{job}"
+    );
+    assert_eq!(job["completed_indexes"], "0-1");
+    assert!(job["duration_ms"].is_u64(), "{job}");
+    assert_eq!(run.stderr.matches("] out-line\n").count(), 2);
+    assert_eq!(run.stderr.matches("] err-line\n").count(), 2);
+
+    let manifest = s.run_cli(
+        &["-o", "json", "job", "manifest"],
+        &["js", "--image", "w", "--", "true"],
+    );
+    assert_eq!(manifest.code, Some(2));
+    assert!(manifest.stdout.is_empty());
+    assert!(
+        manifest
+            .stderr
+            .contains("job manifest prints YAML; -o json is not supported")
     );
 }

@@ -2,9 +2,12 @@
 //! pods to create, restart or stop, and when the Job is finished.
 //!
 //! It follows kubernetes/kubernetes `pkg/controller/job` (see k8s-jobs.md §1–§7): on
-//! every [`Controller::sync`] the failure checks run before the success check, a
+//! every [`Controller::sync`] the failure checks run before the success check (a
+//! `FailJob` rule of the pod failure policy, the backoff limit, the deadline), a
 //! finishing Job first stops its remaining pods (the interim `FailureTarget` /
 //! `SuccessCriteriaMet`) and becomes `Complete` or `Failed` only once every pod is gone.
+//! A pod stopped that way counts by its exit code, as a deleted pod's phase follows
+//! it (§4, §9.6): succeeded on exit 0, failed otherwise.
 //!
 //! The controller is the single writer of Job state. The runner owns the processes: it
 //! carries out the [`Action`]s, and reports each pod's exit with
@@ -83,11 +86,16 @@ pub enum Action {
     },
     /// Stop every running pod: SIGTERM, then SIGKILL after the grace period.
     StopAll,
+    /// A pod with no process (`OnFailure`, waiting for its restart) was deleted by
+    /// the finishing Job; it counts as failed.
+    Deleted { pod: String },
 }
 
 /// Why a Job failed (`status.conditions[type=Failed].reason`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Reason {
+    /// A `FailJob` rule of the pod failure policy matched a failed pod.
+    PodFailurePolicy,
     BackoffLimitExceeded,
     DeadlineExceeded,
 }
@@ -95,16 +103,9 @@ pub enum Reason {
 impl Reason {
     pub fn as_str(self) -> &'static str {
         match self {
+            Reason::PodFailurePolicy => "PodFailurePolicy",
             Reason::BackoffLimitExceeded => "BackoffLimitExceeded",
             Reason::DeadlineExceeded => "DeadlineExceeded",
-        }
-    }
-
-    /// The controller's condition message.
-    pub fn message(self) -> &'static str {
-        match self {
-            Reason::BackoffLimitExceeded => "Job has reached the specified backoff limit",
-            Reason::DeadlineExceeded => "Job was active longer than specified deadline",
         }
     }
 }
@@ -160,6 +161,8 @@ pub struct Controller {
     created: u32,
     failures_since_success: u32,
     last_failure: Option<Instant>,
+    /// The condition message of a matched `FailJob` rule, naming the pod and its exit.
+    fail_job: Option<String>,
     /// The interim condition: the Job will end this way once its pods are gone.
     target: Option<Outcome>,
     stop_sent: bool,
@@ -181,6 +184,7 @@ impl Controller {
             created: 0,
             failures_since_success: 0,
             last_failure: None,
+            fail_job: None,
             target: None,
             stop_sent: false,
             finished: None,
@@ -204,8 +208,11 @@ impl Controller {
         actions
     }
 
-    /// Failure checks first (backoff limit, then deadline), then success.
+    /// Failure checks first (pod failure policy, backoff limit, deadline), then success.
     fn evaluate(&self, now: Instant) -> Option<Outcome> {
+        if self.fail_job.is_some() {
+            return Some(Outcome::Failed(Reason::PodFailurePolicy));
+        }
         if self.backoff_limit_exceeded() {
             return Some(Outcome::Failed(Reason::BackoffLimitExceeded));
         }
@@ -239,21 +246,32 @@ impl Controller {
     }
 
     fn wind_down(&mut self, target: Outcome, now: Instant) -> Vec<Action> {
-        // Pods waiting for a restart have no process: they simply go away.
-        self.pods
-            .retain(|_, pod| !matches!(pod.phase, Phase::BackOff { .. }));
+        // Pods waiting for a restart have no process: they go away at once, failed
+        // (their container's last exit was a failure).
+        let waiting: Vec<String> = self
+            .pods
+            .iter()
+            .filter(|(_, pod)| matches!(pod.phase, Phase::BackOff { .. }))
+            .map(|(name, _)| name.clone())
+            .collect();
+        let mut actions = Vec::new();
+        for pod in waiting {
+            self.pods.remove(&pod);
+            self.failed += 1;
+            actions.push(Action::Deleted { pod });
+        }
         if self.pods.is_empty() {
             self.finished = Some((target, now));
-            return Vec::new();
+            return actions;
         }
-        if self.stop_sent {
-            return Vec::new();
+        if !self.stop_sent {
+            self.stop_sent = true;
+            for pod in self.pods.values_mut() {
+                pod.phase = Phase::Terminating;
+            }
+            actions.push(Action::StopAll);
         }
-        self.stop_sent = true;
-        for pod in self.pods.values_mut() {
-            pod.phase = Phase::Terminating;
-        }
-        vec![Action::StopAll]
+        actions
     }
 
     /// `OnFailure`: containers whose restart back-off has passed start again.
@@ -371,22 +389,22 @@ impl Controller {
             return;
         };
         match pod.phase {
+            // Stopped by the Job, which is finishing anyway: the pod counts by its exit
+            // code and changes nothing else.
             Phase::Terminating => {
+                let index = pod.index;
                 self.pods.remove(name);
+                if code == 0 {
+                    self.count_success(index);
+                } else {
+                    self.failed += 1;
+                }
             }
             Phase::BackOff { .. } => {}
             Phase::Running if code == 0 => {
                 let index = pod.index;
                 self.pods.remove(name);
-                match index {
-                    Some(index) => {
-                        // Only the first success of an index counts.
-                        if self.succeeded_indexes.insert(index) {
-                            self.succeeded += 1;
-                        }
-                    }
-                    None => self.succeeded += 1,
-                }
+                self.count_success(index);
                 self.failures_since_success = 0;
             }
             Phase::Running => match self.spec.restart_policy {
@@ -395,6 +413,21 @@ impl Controller {
                     self.failed += 1;
                     self.failures_since_success += 1;
                     self.last_failure = Some(now);
+                    if self.fail_job.is_none()
+                        && let Some(rule) = self
+                            .spec
+                            .pod_failure_policy
+                            .as_ref()
+                            .and_then(|policy| policy.fail_job(code))
+                    {
+                        // Kubernetes' wording; local pods live in no namespace, so
+                        // `default` stands in for one.
+                        self.fail_job = Some(format!(
+                            "Container {} for pod default/{name} failed with exit code \
+                             {code} matching FailJob rule at index {}",
+                            rule.container, rule.index
+                        ));
+                    }
                 }
                 RestartPolicy::OnFailure => {
                     pod.backoff_step =
@@ -410,6 +443,18 @@ impl Controller {
                     };
                 }
             },
+        }
+    }
+
+    fn count_success(&mut self, index: Option<u32>) {
+        match index {
+            Some(index) => {
+                // Only the first success of an index counts.
+                if self.succeeded_indexes.insert(index) {
+                    self.succeeded += 1;
+                }
+            }
+            None => self.succeeded += 1,
         }
     }
 
@@ -450,6 +495,23 @@ impl Controller {
 
     pub fn finished(&self) -> Option<Outcome> {
         self.finished.map(|(outcome, _)| outcome)
+    }
+
+    /// The message of the Job's `Failed` (or interim) condition, as the controller
+    /// words it.
+    pub fn message(&self) -> Option<String> {
+        let outcome = self.finished().or(self.target)?;
+        match outcome {
+            Outcome::Complete => None,
+            Outcome::Failed(Reason::PodFailurePolicy) => self.fail_job.clone(),
+            Outcome::Failed(Reason::BackoffLimitExceeded) => {
+                Some("Job has reached the specified backoff limit".into())
+            }
+            Outcome::Failed(Reason::DeadlineExceeded) => {
+                Some("Job was active longer than specified deadline".into())
+            }
+            Outcome::Interrupted(signal) => Some(format!("stopped by {signal}")),
+        }
     }
 
     /// `kubectl get jobs` STATUS (§12 order: Complete, Failed, Terminating,
@@ -545,7 +607,7 @@ mod tests {
             restart_policy: RestartPolicy::Never,
             backoff_limit: 6,
             active_deadline: None,
-            grace: Duration::from_secs(30),
+            grace: None,
             command: vec!["true".into()],
         }
     }
@@ -712,6 +774,89 @@ mod tests {
             c.finished(),
             Some(Outcome::Failed(Reason::DeadlineExceeded))
         );
+    }
+
+    fn worker(parallelism: u32) -> JobArgs {
+        let mut args = spec(None, Some(parallelism));
+        args.command = vec!["workq-worker".into(), "--queue".into(), "q".into()];
+        args
+    }
+
+    #[test]
+    fn a_worker_exiting_2_fails_the_job_at_once_by_its_pod_failure_policy() {
+        let t0 = Instant::now();
+        let mut c = controller(worker(2), t0);
+        let pods = created(&c.sync(t0));
+        c.exited(&pods[0], 2, t0);
+        assert_eq!(
+            c.sync(t0),
+            vec![Action::StopAll],
+            "the other pod is stopped"
+        );
+        assert_eq!(c.status(), "FailureTarget");
+        c.exited(&pods[1], 143, t0);
+        assert!(c.sync(t0).is_empty());
+        assert_eq!(
+            c.finished(),
+            Some(Outcome::Failed(Reason::PodFailurePolicy))
+        );
+        assert_eq!(
+            c.message().unwrap(),
+            format!(
+                "Container worker for pod default/{} failed with exit code 2 matching \
+                 FailJob rule at index 1",
+                pods[0]
+            )
+        );
+        assert_eq!((c.created(), c.failed()), (2, 2), "no replacement");
+    }
+
+    #[test]
+    fn other_worker_failures_count_toward_the_backoff_limit() {
+        let t0 = Instant::now();
+        let mut c = controller(worker(1), t0);
+        let pod = created(&c.sync(t0)).remove(0);
+        c.exited(&pod, 137, t0);
+        assert!(c.sync(t0).is_empty(), "back-off, then a new pod");
+        assert_eq!(c.status(), "Running");
+        assert_eq!(created(&c.sync(t0 + BASE)).len(), 1);
+    }
+
+    #[test]
+    fn pods_stopped_by_the_job_count_by_their_exit_code() {
+        let t0 = Instant::now();
+        let mut args = spec(Some(3), Some(3));
+        args.active_deadline = Some(Duration::from_secs(5));
+        let mut c = controller(args, t0);
+        let pods = created(&c.sync(t0));
+        let t1 = t0 + Duration::from_secs(5);
+        assert_eq!(c.sync(t1), vec![Action::StopAll]);
+        c.exited(&pods[0], 0, t1);
+        c.exited(&pods[1], 143, t1);
+        c.exited(&pods[2], 137, t1);
+        c.sync(t1);
+        assert_eq!(
+            c.finished(),
+            Some(Outcome::Failed(Reason::DeadlineExceeded))
+        );
+        assert_eq!((c.succeeded(), c.failed()), (1, 2));
+        assert_eq!(c.completions_column(), "1/3");
+    }
+
+    #[test]
+    fn a_pod_waiting_for_its_restart_is_deleted_as_failed() {
+        let t0 = Instant::now();
+        let mut args = spec(None, None);
+        args.restart_policy = RestartPolicy::OnFailure;
+        let mut c = controller(args, t0);
+        let pod = created(&c.sync(t0)).remove(0);
+        c.exited(&pod, 1, t0);
+        c.sync(t0);
+        c.interrupt("SIGINT");
+        assert_eq!(c.sync(t0), vec![Action::Deleted { pod }]);
+        assert_eq!(c.finished(), Some(Outcome::Interrupted("SIGINT")));
+        assert_eq!(c.failed(), 1);
+        assert_eq!(c.message().as_deref(), Some("stopped by SIGINT"));
     }
 
     #[test]

@@ -15,20 +15,24 @@ use std::process::ExitCode;
 
 use clap::Subcommand;
 
+use crate::output::Format;
+
 #[derive(Subcommand, Debug)]
 pub enum JobCommand {
     /// Run CMD as local pods with the Kubernetes Job controller's semantics: parallelism,
     /// completions, work-queue and Indexed modes, restart policies, backoff limit and
-    /// back-off, active deadline. Exit 0 when the Job is Complete, 1 when it Failed,
-    /// 130 (Ctrl-C) or 143 (SIGTERM) when stopped.
+    /// back-off, active deadline, and a workq-worker's pod failure policy. Exit 0 when
+    /// the Job is Complete, 1 when it Failed, 130 (Ctrl-C) or 143 (SIGTERM) when stopped.
     Run(runner::RunArgs),
     /// Print the equivalent batch/v1 Job manifest (YAML) for the same flags.
     Manifest(manifest::ManifestArgs),
 }
 
-pub async fn run(command: JobCommand) -> ExitCode {
+/// `format` is the global `-o`: `job run` prints its summary as JSON with `-o json`;
+/// `job manifest` prints YAML only.
+pub async fn run(command: JobCommand, format: Format) -> ExitCode {
     match command {
-        JobCommand::Run(args) => runner::run(args).await,
-        JobCommand::Manifest(args) => manifest::run(args),
+        JobCommand::Run(args) => runner::run(args, format).await,
+        JobCommand::Manifest(args) => manifest::run(args, format),
     }
 }

@@ -47,10 +47,13 @@ pub struct Output {
     /// The live status line on stderr; hidden (drawing nothing) when stderr is not a
     /// terminal. Everything else is printed through `suspend`, so it never garbles it.
     bar: ProgressBar,
+    /// Pods' stdout goes to stderr too, so that stdout holds only the report (the one
+    /// JSON document of `-o json`).
+    stdout_is_report_only: bool,
 }
 
 impl Output {
-    pub fn new() -> Output {
+    pub fn new(stdout_is_report_only: bool) -> Output {
         let bar = ProgressBar::new_spinner();
         if let Ok(style) = ProgressStyle::with_template("{spinner} {msg}") {
             bar.set_style(style);
@@ -58,7 +61,10 @@ impl Output {
         if !bar.is_hidden() {
             bar.enable_steady_tick(Duration::from_millis(200));
         }
-        Output { bar }
+        Output {
+            bar,
+            stdout_is_report_only,
+        }
     }
 
     pub fn is_live(&self) -> bool {
@@ -95,6 +101,11 @@ impl Output {
         buf.extend_from_slice(line);
         buf.push(b'\n');
         // A closed stdout (e.g. `| head`) must not stop the Job: write errors are ignored.
+        let stream = if self.stdout_is_report_only {
+            Stream::Stderr
+        } else {
+            stream
+        };
         self.bar.suspend(|| match stream {
             Stream::Stdout => {
                 let mut out = std::io::stdout().lock();

@@ -13,6 +13,7 @@ use std::time::Duration;
 use clap::Args;
 use nix::sys::signal::{Signal, killpg};
 use nix::unistd::Pid;
+use serde_json::{Value, json};
 use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
@@ -20,11 +21,25 @@ use tokio::time::Instant;
 use super::controller::{Action, Controller, Outcome, Timing};
 use super::pod::{self, Exit, Launch, Output};
 use super::spec::{JobArgs, Spec, parse_duration};
+use crate::output::Format;
 
 /// How often the live status line is refreshed (its clock ticks in seconds).
 const STATUS_REFRESH: Duration = Duration::from_millis(500);
 
 #[derive(Args, Debug)]
+#[command(after_help = "\
+Example:
+  queue-cli job run consumers --parallelism 5 -- workq-worker --queue keygen keygen
+
+A workq-worker command gets what `job manifest` gives it on a cluster: restart policy
+Never, a pod failure policy that fails the Job (reason PodFailurePolicy) when a pod
+exits 1 or 2, and a grace period of at least the worker's --grace plus 5s.
+
+JSON (-o json): pods' output all goes to stderr, and stdout gets one document at the
+end: {\"name\", \"status\" (Complete, Failed or Interrupted), \"reason\", \"message\"
+(null when Complete), \"completions\" (null in work-queue mode), \"parallelism\",
+\"created\", \"succeeded\", \"failed\", \"active\", \"restarts\", \"duration_ms\",
+\"completed_indexes\" (Indexed only, e.g. \"0-2,4\")}")]
 pub struct RunArgs {
     #[command(flatten)]
     pub job: JobArgs,
@@ -44,7 +59,7 @@ pub struct RunArgs {
 
 /// Runs the Job to its end. Exit 0 Complete, 1 Failed, 2 bad flags, 129/130/143 when
 /// stopped by SIGHUP/SIGINT/SIGTERM (every pod is stopped first).
-pub async fn run(args: RunArgs) -> ExitCode {
+pub async fn run(args: RunArgs, format: Format) -> ExitCode {
     let spec = match Spec::resolve(&args.job) {
         Ok(spec) => spec,
         Err(message) => return usage_error(&message),
@@ -81,7 +96,7 @@ pub async fn run(args: RunArgs) -> ExitCode {
         Err(error) => return runtime_error(&format!("cannot handle SIGHUP: {error}")),
     };
 
-    let output = Output::new();
+    let output = Output::new(format == Format::Json);
     let timing = Timing {
         base: args.backoff_base,
     };
@@ -121,7 +136,17 @@ pub async fn run(args: RunArgs) -> ExitCode {
         }
     };
     runner.output.clear_status();
-    runner.output.report(&summary(&runner.controller, outcome));
+    let report = match format {
+        Format::Table => summary(&runner.controller, outcome),
+        Format::Json => {
+            let document = summary_json(&runner.controller, outcome);
+            format!(
+                "{}\n",
+                serde_json::to_string_pretty(&document).expect("JSON values always serialize")
+            )
+        }
+    };
+    runner.output.report(&report);
     match outcome {
         Outcome::Complete => ExitCode::SUCCESS,
         Outcome::Failed(_) => ExitCode::from(1),
@@ -171,6 +196,16 @@ impl Runner {
             }
             Action::StopAll => {
                 let grace = self.controller.spec().grace;
+                if grace.is_zero() {
+                    // terminationGracePeriodSeconds 0: no SIGTERM, SIGKILL at once.
+                    self.output.event(&format!(
+                        "job/{}: stopping {} pod(s): SIGKILL (grace 0s)",
+                        self.job(),
+                        self.running.len()
+                    ));
+                    self.kill_all();
+                    return;
+                }
                 self.output.event(&format!(
                     "job/{}: stopping {} pod(s): SIGTERM, SIGKILL after {}",
                     self.job(),
@@ -181,6 +216,12 @@ impl Runner {
                     let _ = killpg(*pgid, Signal::SIGTERM);
                 }
                 self.kill_at = Some(now + grace);
+            }
+            Action::Deleted { pod } => {
+                self.output.event(&format!(
+                    "job/{}: pod {pod} failed (deleted while waiting for its restart)",
+                    self.job()
+                ));
             }
         }
     }
@@ -311,18 +352,8 @@ fn summary(controller: &Controller, outcome: Outcome) -> String {
         ],
     ];
     let mut text = table(&rows);
-    match outcome {
-        Outcome::Complete => {}
-        Outcome::Failed(reason) => {
-            text.push_str(&format!(
-                "reason: {}: {}\n",
-                reason.as_str(),
-                reason.message()
-            ));
-        }
-        Outcome::Interrupted(signal) => {
-            text.push_str(&format!("reason: Interrupted: stopped by {signal}\n"));
-        }
+    if let (Some(reason), Some(message)) = (reason(outcome), controller.message()) {
+        text.push_str(&format!("reason: {reason}: {message}\n"));
     }
     if controller.spec().indexed {
         let indexes = controller.completed_indexes();
@@ -341,6 +372,39 @@ fn summary(controller: &Controller, outcome: Outcome) -> String {
     text.push_str(&pods);
     text.push('\n');
     text
+}
+
+/// The end of the Job for scripts (`-o json`); the shape is in `job run --help`.
+fn summary_json(controller: &Controller, outcome: Outcome) -> Value {
+    let spec = controller.spec();
+    let now = Instant::now().into_std();
+    let mut document = json!({
+        "name": spec.name,
+        "status": controller.status(),
+        "reason": reason(outcome),
+        "message": controller.message(),
+        "completions": spec.completions,
+        "parallelism": spec.parallelism,
+        "created": controller.created(),
+        "succeeded": controller.succeeded(),
+        "failed": controller.failed(),
+        "active": controller.active(),
+        "restarts": controller.restarts(),
+        "duration_ms": controller.duration(now).as_millis() as u64,
+    });
+    if spec.indexed {
+        document["completed_indexes"] = json!(controller.completed_indexes());
+    }
+    document
+}
+
+/// The reason of the Job's end, `None` when it is Complete.
+fn reason(outcome: Outcome) -> Option<&'static str> {
+    match outcome {
+        Outcome::Complete => None,
+        Outcome::Failed(reason) => Some(reason.as_str()),
+        Outcome::Interrupted(_) => Some("Interrupted"),
+    }
 }
 
 /// Left-aligned columns separated by three spaces, as kubectl prints them.
