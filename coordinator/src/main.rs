@@ -63,10 +63,11 @@ struct Args {
     #[arg(long, default_value = "20s", value_parser = parse_duration)]
     shutdown_grace: std::time::Duration,
 
-    /// Close an HTTP connection once nothing has been read from or written to it for
-    /// this long (idle keep-alive connections, and clients that connect and say
-    /// nothing or stop half-way through a request), so that silent clients cannot use
-    /// up the coordinator's file descriptors.
+    /// Close an HTTP connection once this long has passed since the coordinator last
+    /// wrote to it and since the first byte of the request that followed (idle
+    /// keep-alive connections, and clients that connect and say nothing, stop half-way
+    /// through a request or trickle one in), so that such clients cannot use up the
+    /// coordinator's file descriptors. A request must arrive whole within this long.
     #[arg(long, default_value = "60s", value_parser = parse_idle_timeout)]
     http_idle_timeout: std::time::Duration,
 

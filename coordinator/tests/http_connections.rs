@@ -49,6 +49,33 @@ async fn quiet_connections_are_closed() {
         .unwrap();
     assert!(until_closed(&mut partial).await.is_empty());
 
+    // Trickles its headers a byte at a time, each byte well inside the timeout: the
+    // clock runs from the request's first byte, so it is closed all the same.
+    let trickle = TcpStream::connect(server.http).await.unwrap();
+    let (mut reader, mut writer) = trickle.into_split();
+    let trickling = tokio::spawn(async move {
+        writer.write_all(b"GET /healthz HTTP/1.1\r\n").await?;
+        for _ in 0..600 {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            writer.write_all(b"X").await?;
+        }
+        std::io::Result::Ok(())
+    });
+    let mut seen = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(20), async {
+        let mut buf = [0u8; 4096];
+        loop {
+            match reader.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => seen.extend_from_slice(&buf[..n]),
+            }
+        }
+    });
+    read.await
+        .expect("the server closes a connection whose request trickles in");
+    assert!(seen.is_empty(), "{}", String::from_utf8_lossy(&seen));
+    trickling.abort();
+
     // A whole request is answered on a kept-alive connection, which then goes quiet.
     let mut kept = TcpStream::connect(server.http).await.unwrap();
     kept.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")

@@ -1,13 +1,16 @@
-//! Connections of the HTTP face that go quiet are closed.
+//! Connections of the HTTP face that go quiet, or trickle, are closed.
 //!
 //! The HTTP server (axum on hyper) has no timeout of its own: a client that opens a
 //! connection and sends nothing, or stops half-way through its headers, or keeps a
 //! connection open between requests, would hold a file descriptor for ever, and
 //! enough of them would leave none for the gRPC port either. [`Idle`] wraps each
-//! accepted connection so that once nothing has been read or written on it for the
-//! idle timeout, its next read fails and hyper drops it. Every byte either way
-//! resets the clock, so a response being written, or a request being read, is
-//! never cut; no handler of the HTTP face waits long before it answers.
+//! accepted connection so that once the clock runs out, its next read fails and
+//! hyper drops it. The clock starts again at every byte the coordinator writes, and
+//! at the first byte the client sends after that; later bytes of the same request do
+//! not push it out. So a request must arrive within the timeout of its first byte (a
+//! client sending one byte a second cannot keep a connection for ever), and an answer
+//! being written is never cut; no handler of the HTTP face waits long before it
+//! answers.
 
 use std::future::Future;
 use std::io;
@@ -49,12 +52,16 @@ impl<L: axum::serve::Listener> axum::serve::Listener for Idle<L> {
     }
 }
 
-/// A connection with an idle deadline, pushed out by every byte read or written.
+/// A connection with an idle deadline, pushed out by every byte written and by the
+/// first byte read after one.
 #[derive(Debug)]
 pub struct IdleIo<S> {
     io: S,
     timeout: Duration,
     deadline: Pin<Box<Sleep>>,
+    /// The client has sent something since the coordinator last wrote: the clock
+    /// runs from its first byte.
+    heard: bool,
 }
 
 impl<S> IdleIo<S> {
@@ -63,12 +70,25 @@ impl<S> IdleIo<S> {
             io,
             timeout,
             deadline: Box::pin(tokio::time::sleep(timeout)),
+            heard: false,
         }
     }
 
-    fn active(&mut self) {
+    fn restart_clock(&mut self) {
         let next = Instant::now() + self.timeout;
         self.deadline.as_mut().reset(next);
+    }
+
+    fn read_some(&mut self) {
+        if !self.heard {
+            self.heard = true;
+            self.restart_clock();
+        }
+    }
+
+    fn wrote_some(&mut self) {
+        self.heard = false;
+        self.restart_clock();
     }
 }
 
@@ -82,14 +102,14 @@ impl<S: AsyncRead + Unpin> AsyncRead for IdleIo<S> {
         match Pin::new(&mut self.io).poll_read(cx, buf) {
             Poll::Ready(result) => {
                 if buf.filled().len() > before {
-                    self.active();
+                    self.read_some();
                 }
                 Poll::Ready(result)
             }
             Poll::Pending => match self.deadline.as_mut().poll(cx) {
                 Poll::Ready(()) => Poll::Ready(Err(io::Error::new(
                     io::ErrorKind::TimedOut,
-                    "the connection was idle for too long",
+                    "the connection was idle, or its request took, too long",
                 ))),
                 Poll::Pending => Poll::Pending,
             },
@@ -105,7 +125,7 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for IdleIo<S> {
     ) -> Poll<io::Result<usize>> {
         let written = Pin::new(&mut self.io).poll_write(cx, data);
         if matches!(written, Poll::Ready(Ok(n)) if n > 0) {
-            self.active();
+            self.wrote_some();
         }
         written
     }
@@ -117,7 +137,7 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for IdleIo<S> {
     ) -> Poll<io::Result<usize>> {
         let written = Pin::new(&mut self.io).poll_write_vectored(cx, data);
         if matches!(written, Poll::Ready(Ok(n)) if n > 0) {
-            self.active();
+            self.wrote_some();
         }
         written
     }
