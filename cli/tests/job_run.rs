@@ -147,6 +147,15 @@ fn alive(pid: i32) -> bool {
     }
 }
 
+/// Waits (up to 10 s) until none of the pod processes `pids` is alive.
+fn wait_all_gone(pids: &[i32]) {
+    wait_for(
+        "every pod process to be gone",
+        Duration::from_secs(10),
+        || pids.iter().all(|pid| !alive(*pid)),
+    );
+}
+
 fn pids(scratch: &Scratch, name: &str) -> Vec<i32> {
     scratch
         .lines(name)
@@ -368,11 +377,7 @@ fn active_deadline_stops_a_long_job_and_leaves_no_process_behind() {
     assert_eq!(run.stderr.matches("failed (exit code 137)").count(), 2);
     let pids = pids(&s, "pids");
     assert_eq!(pids.len(), 4, "both pods ran");
-    wait_for(
-        "every pod process to be gone",
-        Duration::from_secs(10),
-        || pids.iter().all(|pid| !alive(*pid)),
-    );
+    wait_all_gone(&pids);
 }
 
 #[test]
@@ -475,11 +480,7 @@ fn ctrl_c_stops_every_pod_and_leaves_no_process_behind() {
             .contains("pods: 3 created, 0 succeeded, 3 failed"),
         "stopped pods count as failed"
     );
-    wait_for(
-        "every pod process to be gone",
-        Duration::from_secs(10),
-        || pids.iter().all(|pid| !alive(*pid)),
-    );
+    wait_all_gone(&pids);
 }
 
 #[test]
@@ -540,11 +541,7 @@ fn sigterm_stops_every_pod_and_exits_143() {
         run.stdout
             .contains("reason: Interrupted: stopped by SIGTERM")
     );
-    wait_for(
-        "every pod process to be gone",
-        Duration::from_secs(10),
-        || pids.iter().all(|pid| !alive(*pid)),
-    );
+    wait_all_gone(&pids);
 }
 
 #[test]
@@ -640,11 +637,7 @@ fn a_fatal_worker_exit_stops_the_other_pods_and_json_reports_it() {
     );
     let pids = pids(&s, "pids");
     assert_eq!(pids.len(), 2);
-    wait_for(
-        "every pod process to be gone",
-        Duration::from_secs(10),
-        || pids.iter().all(|pid| !alive(*pid)),
-    );
+    wait_all_gone(&pids);
 }
 
 #[test]
