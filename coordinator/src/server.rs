@@ -29,9 +29,15 @@ use crate::auth::Auth;
 use crate::engine::Engine;
 use crate::grpc::Service;
 use crate::tls::{Conn, Tls};
+use crate::wire::Opening;
+use tokio_rustls::server::TlsStream;
 
 /// Largest gRPC message accepted (a full enqueue batch).
 pub const MAX_MESSAGE_BYTES: usize = workq_proto::client::MAX_MESSAGE_BYTES;
+/// How often the gRPC port pings a client it has heard nothing from, and how long it
+/// waits for the answer before it closes the connection.
+const GRPC_PING_INTERVAL: Duration = Duration::from_secs(30);
+const GRPC_PING_TIMEOUT: Duration = Duration::from_secs(20);
 
 /// How long calls may take to finish once shutdown began (under Kubernetes' default
 /// 30 s termination grace period). Calls still open then, say a client that stopped
@@ -140,6 +146,11 @@ pub async fn run_with(
     ));
     let incoming = tokio_stream::wrappers::ReceiverStream::new(grpc_rx);
     let grpc_server = tonic::transport::Server::builder()
+        // A client that stops answering pings (its node died, the network split, or
+        // it never spoke HTTP/2 past the preface) is closed, and its calls with it,
+        // rather than kept for ever.
+        .http2_keepalive_interval(Some(GRPC_PING_INTERVAL))
+        .http2_keepalive_timeout(Some(GRPC_PING_TIMEOUT))
         .add_service(health_service)
         .add_service(reflection)
         .add_service(service)
@@ -205,6 +216,22 @@ pub(crate) async fn next_connection(listener: &TcpListener) -> (TcpStream, Socke
     }
 }
 
+/// Reads the HTTP/2 preface off a TLS connection (which cannot be peeked at); an
+/// error unless the connection opens with it. [`Conn::tls_after_preface`] gives it back
+/// to the reader.
+async fn read_http2_preface(stream: &mut TlsStream<TcpStream>) -> std::io::Result<()> {
+    use tokio::io::AsyncReadExt;
+    let mut preface = [0u8; crate::wire::HTTP2_PREFACE.len()];
+    stream.read_exact(&mut preface).await?;
+    if &preface != crate::wire::HTTP2_PREFACE {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            "not an HTTP/2 client",
+        ));
+    }
+    Ok(())
+}
+
 /// What the gRPC port serves besides gRPC: the wire protocol, or (instead) TLS.
 struct Port {
     engine: Arc<Engine>,
@@ -237,30 +264,42 @@ async fn accept(
             stop.clone(),
         );
         calls.spawn(async move {
+            // A connection goes to tonic only once it has sent the whole HTTP/2
+            // preface, within the hello timeout: hyper would wait for it for ever,
+            // and hold up shutdown for the grace period. Shutting down first, the
+            // connection is dropped.
             if let Some(tls) = tls {
                 // A wire hello fails the handshake.
-                let handshake = tokio::select! {
-                    handshake = tls.handshake(stream) => handshake,
+                let opened = async {
+                    let mut stream = tls.handshake(stream).await?;
+                    let preface = tokio::time::timeout(
+                        crate::wire::HELLO_TIMEOUT,
+                        read_http2_preface(&mut stream),
+                    );
+                    preface.await.map_err(std::io::Error::from)??;
+                    std::io::Result::Ok(stream)
+                };
+                let opened = tokio::select! {
+                    opened = opened => opened,
                     _ = stop.wait_for(|stop| *stop) => return,
                 };
-                if let Ok(stream) = handshake {
-                    let _ = grpc.send(Ok(Conn::Tls(Box::new(stream)))).await;
+                if let Ok(stream) = opened {
+                    let _ = grpc.send(Ok(Conn::tls_after_preface(stream))).await;
                 }
                 return;
             }
             let sniff =
-                tokio::time::timeout(crate::wire::HELLO_TIMEOUT, crate::wire::is_wire(&stream));
+                tokio::time::timeout(crate::wire::HELLO_TIMEOUT, crate::wire::opening(&stream));
             let sniffed = tokio::select! {
                 sniffed = sniff => sniffed,
-                // Shutting down before the connection said anything.
                 _ = stop.wait_for(|stop| *stop) => return,
             };
             match sniffed {
-                Ok(Ok(true)) => crate::wire::serve(stream, engine, auth, stop).await,
-                Ok(Ok(false)) => {
+                Ok(Ok(Opening::Wire)) => crate::wire::serve(stream, engine, auth, stop).await,
+                Ok(Ok(Opening::Http2 | Opening::Neither)) => {
                     let _ = grpc.send(Ok(Conn::Plain(stream))).await;
                 }
-                // Nothing recognisable within the timeout, or a broken socket.
+                // No whole opening within the timeout, or a broken socket.
                 Ok(Err(_)) | Err(_) => {}
             }
         });

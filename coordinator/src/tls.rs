@@ -217,7 +217,16 @@ impl ResolvesServerCert for Certs {
 #[derive(Debug)]
 pub enum Conn {
     Plain(TcpStream),
-    Tls(Box<TlsStream<TcpStream>>),
+    /// With how many bytes of the HTTP/2 preface, already read off the connection
+    /// to check it, are still to be given to the reader.
+    Tls(Box<TlsStream<TcpStream>>, usize),
+}
+
+impl Conn {
+    /// A TLS connection whose HTTP/2 preface was read (and checked) already.
+    pub fn tls_after_preface(stream: TlsStream<TcpStream>) -> Conn {
+        Conn::Tls(Box::new(stream), crate::wire::HTTP2_PREFACE.len())
+    }
 }
 
 impl Connected for Conn {
@@ -226,7 +235,7 @@ impl Connected for Conn {
     fn connect_info(&self) -> TcpConnectInfo {
         match self {
             Conn::Plain(stream) => stream.connect_info(),
-            Conn::Tls(stream) => stream.get_ref().0.connect_info(),
+            Conn::Tls(stream, _) => stream.get_ref().0.connect_info(),
         }
     }
 }
@@ -239,7 +248,15 @@ impl AsyncRead for Conn {
     ) -> Poll<io::Result<()>> {
         match self.get_mut() {
             Conn::Plain(stream) => Pin::new(stream).poll_read(cx, buf),
-            Conn::Tls(stream) => Pin::new(stream).poll_read(cx, buf),
+            Conn::Tls(_, unread @ 1..) => {
+                let preface = crate::wire::HTTP2_PREFACE;
+                let rest = &preface[preface.len() - *unread..];
+                let n = rest.len().min(buf.remaining());
+                buf.put_slice(&rest[..n]);
+                *unread -= n;
+                Poll::Ready(Ok(()))
+            }
+            Conn::Tls(stream, _) => Pin::new(stream).poll_read(cx, buf),
         }
     }
 }
@@ -252,7 +269,7 @@ impl AsyncWrite for Conn {
     ) -> Poll<io::Result<usize>> {
         match self.get_mut() {
             Conn::Plain(stream) => Pin::new(stream).poll_write(cx, buf),
-            Conn::Tls(stream) => Pin::new(stream).poll_write(cx, buf),
+            Conn::Tls(stream, _) => Pin::new(stream).poll_write(cx, buf),
         }
     }
 
@@ -263,28 +280,28 @@ impl AsyncWrite for Conn {
     ) -> Poll<io::Result<usize>> {
         match self.get_mut() {
             Conn::Plain(stream) => Pin::new(stream).poll_write_vectored(cx, bufs),
-            Conn::Tls(stream) => Pin::new(stream).poll_write_vectored(cx, bufs),
+            Conn::Tls(stream, _) => Pin::new(stream).poll_write_vectored(cx, bufs),
         }
     }
 
     fn is_write_vectored(&self) -> bool {
         match self {
             Conn::Plain(stream) => stream.is_write_vectored(),
-            Conn::Tls(stream) => stream.is_write_vectored(),
+            Conn::Tls(stream, _) => stream.is_write_vectored(),
         }
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<io::Result<()>> {
         match self.get_mut() {
             Conn::Plain(stream) => Pin::new(stream).poll_flush(cx),
-            Conn::Tls(stream) => Pin::new(stream).poll_flush(cx),
+            Conn::Tls(stream, _) => Pin::new(stream).poll_flush(cx),
         }
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<io::Result<()>> {
         match self.get_mut() {
             Conn::Plain(stream) => Pin::new(stream).poll_shutdown(cx),
-            Conn::Tls(stream) => Pin::new(stream).poll_shutdown(cx),
+            Conn::Tls(stream, _) => Pin::new(stream).poll_shutdown(cx),
         }
     }
 }

@@ -2,7 +2,7 @@
 //! TCP connection (format in `workq.proto`, framing in `workq_proto::wire`).
 //!
 //! Connections reach here from the gRPC listener, which hands over every connection
-//! that starts with the wire preamble ([`is_wire`]); everything else goes to tonic.
+//! that starts with the wire preamble ([`opening`]); everything else goes to tonic.
 //! Each connection is one task: it reads the hello, checks the token, then runs the
 //! same session code as the gRPC streams (`crate::stream`), reading requests off the
 //! socket and writing each answer straight back, with no HTTP/2 framing, no extra
@@ -46,23 +46,46 @@ use crate::stream::{EnqueueInput, EnqueueReply, ReadEnqueue, Replies};
 /// hello, before the coordinator drops it.
 pub const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// True when the connection starts with the wire preamble, false for anything else
-/// (a gRPC client's HTTP/2 preface, a probe that connects and closes). Only peeks:
-/// the bytes stay for whoever serves the connection.
-pub async fn is_wire(stream: &TcpStream) -> std::io::Result<bool> {
-    let mut first = [0u8; PREAMBLE.len()];
+/// The HTTP/2 connection preface every gRPC client opens with (RFC 9113, 3.4).
+pub const HTTP2_PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+/// How a connection of the gRPC port opens.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Opening {
+    /// The wire preamble.
+    Wire,
+    /// The whole HTTP/2 preface: a gRPC client.
+    Http2,
+    /// Something else (or the connection closed): tonic refuses it.
+    Neither,
+}
+
+/// Waits until the connection has shown which protocol it speaks: the whole wire
+/// preamble or the whole HTTP/2 preface, or bytes that are neither. Only peeks: the
+/// bytes stay for whoever serves the connection. A client that trickles, or stops
+/// part-way through, either opening waits here, where the caller's timeout ends it,
+/// rather than in a server that would hold it for ever.
+pub async fn opening(stream: &TcpStream) -> std::io::Result<Opening> {
+    let mut first = [0u8; HTTP2_PREFACE.len()];
     let mut wait = Duration::from_millis(1);
     loop {
         let n = stream.peek(&mut first).await?;
-        if n == 0 || first[..n] != PREAMBLE[..n] {
-            return Ok(false);
+        let seen = &first[..n];
+        if n == 0 {
+            return Ok(Opening::Neither);
         }
-        if n == PREAMBLE.len() {
-            return Ok(true);
+        if seen.starts_with(PREAMBLE) {
+            return Ok(Opening::Wire);
         }
-        // Part of the preamble so far: peek again once more has arrived, backing off
-        // (a real client sends its preamble in one write; this is a trickle or a
-        // client that closed mid-preamble, which the caller's timeout ends).
+        if seen == HTTP2_PREFACE {
+            return Ok(Opening::Http2);
+        }
+        if !PREAMBLE.starts_with(seen) && !HTTP2_PREFACE.starts_with(seen) {
+            return Ok(Opening::Neither);
+        }
+        // Part of an opening so far: peek again once more has arrived, backing off (a
+        // real client sends it in one write; this is a trickle, or a client that
+        // closed or stalled part-way, which the caller's timeout ends).
         tokio::time::sleep(wait).await;
         wait = (wait * 2).min(Duration::from_millis(100));
     }

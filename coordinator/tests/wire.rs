@@ -1178,3 +1178,22 @@ async fn a_connection_waiting_for_its_hello_does_not_delay_shutdown() {
         Code::Unavailable as i32
     );
 }
+
+/// A plain connection that stops part-way through the HTTP/2 preface waits for the
+/// rest where the opening timeout applies, not in tonic: shutdown drops it at once
+/// rather than waiting out the grace period, and gRPC clients are served meanwhile.
+#[tokio::test]
+async fn a_connection_stopped_mid_http2_preface_does_not_delay_shutdown() {
+    let server = Server::start_with_grace(Duration::from_secs(60)).await;
+    let mut half = connect(&server).await;
+    half.write_all(b"PRI * HTTP/2.0\r\n").await.unwrap();
+    let mut client = server.client().await;
+    client.list_queues(pb::ListQueuesRequest {}).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    timeout(Duration::from_secs(10), server.stop())
+        .await
+        .expect("shutdown does not wait for a preface that never comes");
+    let mut rest = Vec::new();
+    let _ = timeout(Duration::from_secs(5), half.read_to_end(&mut rest)).await;
+    assert!(rest.is_empty(), "{rest:?}");
+}

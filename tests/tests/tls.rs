@@ -453,3 +453,54 @@ fn unusable_tls_flags_stop_the_start() {
         assert!(err.contains(says), "{args:?}: {err}");
     }
 }
+
+/// On the gRPC port, a client that finishes its TLS handshake and then sends no HTTP/2
+/// preface (nothing, or half of it) has 10 s for it, as a plain client has for its
+/// opening: it is closed then, and it does not hold shutdown up until the grace
+/// period ends.
+#[tokio::test]
+async fn a_grpc_client_that_never_opens_http2_is_closed_and_holds_up_no_shutdown() {
+    let pki = Pki::new();
+    let mut coordinator = Coordinator::start_with(&[
+        "--in-memory",
+        "--tls-cert",
+        &pki.arg("cert.pem"),
+        "--tls-key",
+        &pki.arg("key.pem"),
+        "--shutdown-grace",
+        "60s",
+    ]);
+    let addr = host_port(&coordinator.grpc_url).to_string();
+    let open = async |first: &[u8]| {
+        let tcp = tokio::net::TcpStream::connect(&addr).await.unwrap();
+        let server = ServerName::try_from("127.0.0.1").unwrap();
+        let mut tls = pki.connector().connect(server, tcp).await.unwrap();
+        tls.write_all(first).await.unwrap();
+        tls.flush().await.unwrap();
+        tls
+    };
+    // Until the server closes it: what it sent (nothing, for a client that never
+    // opened HTTP/2).
+    let until_closed = async |mut tls: tokio_rustls::client::TlsStream<_>| {
+        let mut seen = Vec::new();
+        let _ = tls.read_to_end(&mut seen).await;
+        seen
+    };
+    let silent = open(b"").await;
+    let closed = tokio::time::timeout(Duration::from_secs(20), until_closed(silent))
+        .await
+        .expect("a silent TLS client is closed after the opening timeout");
+    assert!(closed.is_empty(), "{closed:?}");
+
+    // Half a preface, then shutdown: the coordinator stops at once, not after 60 s.
+    let _half = open(b"PRI * HTTP/2.0\r\n").await;
+    let _silent = open(b"").await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    workq_tests::signal(coordinator.pid(), nix::sys::signal::Signal::SIGTERM);
+    assert_eq!(coordinator.wait_exit(Duration::from_secs(10)), Some(0));
+    let log = coordinator.log();
+    assert!(
+        !log.contains("still open after the shutdown grace"),
+        "{log}"
+    );
+}
