@@ -196,6 +196,19 @@ pub fn with_tls_hint(url: &str, reason: String) -> String {
     }
 }
 
+/// The TCP connector under a client's channel. Given to tonic as a custom connector
+/// (tonic adds TLS on top), the endpoint's connect timeout covers the TCP connect and
+/// the TLS handshake together, on the first connection and on every reconnect: a port
+/// that accepts a connection and never answers the handshake (a coordinator that ran
+/// out of file descriptors, or a process that is stopped) fails the attempt instead
+/// of holding it for ever. tonic's own connector times the TCP connect alone.
+fn tcp_connector() -> hyper_util::client::legacy::connect::HttpConnector {
+    let mut tcp = hyper_util::client::legacy::connect::HttpConnector::new();
+    tcp.enforce_http(false);
+    tcp.set_nodelay(true);
+    tcp
+}
+
 /// Refuses a port outside 1–65535 in `url`, which the URI parser would pass on (and
 /// the connector would wrap around to another port).
 fn check_port(url: &str) -> Result<(), String> {
@@ -300,7 +313,7 @@ impl Client {
     pub async fn connect(options: ConnectOptions) -> Result<Client, ClientError> {
         let endpoint = Self::endpoint(&options)?;
         let channel = endpoint
-            .connect()
+            .connect_with_connector(tcp_connector())
             .await
             .map_err(|e| ClientError::Unreachable {
                 url: options.url.clone(),
@@ -311,7 +324,7 @@ impl Client {
 
     /// A client that connects on first use and reconnects by itself afterwards.
     pub fn connect_lazy(options: ConnectOptions) -> Result<Client, ClientError> {
-        let channel = Self::endpoint(&options)?.connect_lazy();
+        let channel = Self::endpoint(&options)?.connect_with_connector_lazy(tcp_connector());
         Self::with_channel(channel, &options)
     }
 
@@ -333,7 +346,6 @@ impl Client {
         let mut endpoint = Endpoint::from_shared(options.url.clone())
             .map_err(|e| invalid(e.to_string()))?
             .connect_timeout(options.connect_timeout)
-            .tcp_nodelay(true)
             .http2_keep_alive_interval(Duration::from_secs(20))
             .keep_alive_timeout(Duration::from_secs(10))
             .keep_alive_while_idle(true);

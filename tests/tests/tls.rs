@@ -504,3 +504,32 @@ async fn a_grpc_client_that_never_opens_http2_is_closed_and_holds_up_no_shutdown
         "{log}"
     );
 }
+
+/// A port that accepts connections and never answers the TLS handshake (a stopped
+/// process, or one out of file descriptors with connections in its backlog) fails a
+/// client's connection attempt within its connect timeout instead of holding it.
+#[tokio::test]
+async fn a_handshake_that_never_comes_fails_the_connect_within_its_timeout() {
+    let pki = Pki::new();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("https://{}", listener.local_addr().unwrap());
+    let held = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((stream, _)) = listener.accept().await {
+            held.push(stream);
+        }
+    });
+    let mut options = ConnectOptions::new(url.clone())
+        .ca_cert_file(Some(&pki.path("ca.pem")))
+        .unwrap();
+    options.connect_timeout = Duration::from_millis(500);
+    let attempt = tokio::time::timeout(Duration::from_secs(20), Client::connect(options))
+        .await
+        .expect("the connect attempt gives up by itself");
+    let Err(error) = attempt else {
+        panic!("nothing answered the handshake, yet the client connected");
+    };
+    assert!(error.is_transient(), "{error}");
+    assert!(error.to_string().contains(&url), "{error}");
+    held.abort();
+}
