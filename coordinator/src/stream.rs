@@ -50,6 +50,7 @@ pub trait Replies<T>: Send {
     /// Whether the client is keeping up: fewer than `free` handed-over answers are
     /// waiting to go out, and nothing else the session sent is still waiting for the
     /// client to take it. When not, [`Replies::attend`] wakes once there is room.
+    /// With `free` 0: whether no handed-over answer waits at all.
     fn has_room(&mut self, _free: usize) -> bool {
         true
     }
@@ -159,7 +160,12 @@ pub async fn enqueue_stream<R: EnqueueReply>(
     let mut input_open = true;
     let mut refused = None;
     loop {
+        // While the disk is behind, a stream applies one request at a time, as a
+        // unary caller does: what it takes in stays in memory until it is on disk.
+        let behind = engine.store().behind()
+            && (!unanswered.is_empty() || (handed.is_some() && !out.has_room(0)));
         let reading = input_open
+            && !behind
             && unanswered.len() < ENQUEUE_PIPELINE
             && (handed.is_none() || out.has_room(ENQUEUE_PIPELINE - unanswered.len()));
         tokio::select! {
@@ -398,7 +404,10 @@ pub async fn work_session(
         }
         // A client that is not taking its answers is leased nothing more: the items
         // would only wait in the coordinator with their leases running.
-        let room = out.has_room(WORK_HANDED);
+        // While the disk is behind, a session with answers waiting for it takes in
+        // no more requests and leases nothing more until they are out.
+        let behind = handed.is_some() && engine.store().behind() && !out.has_room(0);
+        let room = !behind && out.has_room(WORK_HANDED);
         if poll.is_none()
             && credit > 0
             && !quiet

@@ -470,7 +470,9 @@ impl Out {
     /// requests, so neither the answers nor the requests pile up in the coordinator.
     fn room_for(&mut self, free: usize) -> bool {
         let mut state = lock(&self.writer.state);
-        let room = state.handed.len() < free && state.queued.is_empty();
+        // `free` 0 asks whether none waits at all.
+        let room =
+            (state.handed.is_empty() || state.handed.len() < free) && state.queued.is_empty();
         state.wants_room = !room;
         room
     }
@@ -669,7 +671,14 @@ mod tests {
 
     /// A strict coordinator's wire side on 127.0.0.1:0 with queue "q"; its address.
     async fn strict_server(dir: &std::path::Path) -> (Arc<Engine>, std::net::SocketAddr) {
-        let store = Store::open_disk(dir, Durability::Strict).unwrap();
+        server_on(dir, Durability::Strict).await
+    }
+
+    async fn server_on(
+        dir: &std::path::Path,
+        durability: Durability,
+    ) -> (Arc<Engine>, std::net::SocketAddr) {
+        let store = Store::open_disk(dir, durability).unwrap();
         let engine = Engine::open(store, Clock::system()).unwrap();
         engine
             .create_queue("q", &OptionsPatch::default(), false)
@@ -924,5 +933,47 @@ mod tests {
             .await
             .expect_err("a request was answered after the log failed");
         assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
+    }
+
+    /// While the disk is behind (a stalled volume), an enqueue stream takes in one
+    /// request at a time, as a unary caller does, instead of applying and holding up to
+    /// its pipeline's worth in memory; once the disk catches up, every request sent
+    /// meanwhile is applied and answered. Relaxed mode, where answers otherwise run
+    /// ahead of the disk, and strict mode, where they are handed to the flusher.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_enqueue_stream_takes_in_one_request_at_a_time_while_the_disk_is_behind() {
+        for durability in [Durability::Relaxed, Durability::Strict] {
+            let dir = tempfile::tempdir().unwrap();
+            let (engine, addr) = server_on(dir.path(), durability).await;
+            let Store::Disk(log) = engine.store() else {
+                unreachable!("a disk server")
+            };
+            // Any write waiting for the disk puts it behind.
+            log.set_max_unsynced(0);
+            let (mut frames, mut write) = open(addr, pb::WireCall::EnqueueStream).await;
+            write.write_all(&request("first")).await.unwrap();
+            next_answer(&mut frames).await.unwrap();
+            let enqueued = || engine.get_queue("q").unwrap().stats.ready;
+            assert_eq!(enqueued(), 1);
+
+            let stall = log.stall();
+            for i in 0..30 {
+                write
+                    .write_all(&request(&format!("during-{i}")))
+                    .await
+                    .unwrap();
+            }
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            assert_eq!(
+                enqueued(),
+                2,
+                "{durability:?}: one request taken in while the disk is stalled"
+            );
+            drop(stall);
+            for _ in 0..30 {
+                next_answer(&mut frames).await.unwrap();
+            }
+            assert_eq!(enqueued(), 31, "{durability:?}");
+        }
     }
 }

@@ -76,6 +76,14 @@ const RELAXED_ID_MARGIN: u64 = 1 << 32;
 /// strict mode, until a sync catches up. A stalled disk then slows the writers
 /// instead of growing the coordinator's memory until it is killed.
 const RELAXED_MAX_UNSYNCED: u64 = 64 << 20;
+/// How far relaxed mode lets its answers run ahead of the disk in time: once the
+/// oldest write not yet on disk is older than this (a sync that has not returned in
+/// time, a stalled disk), every write is answered only once it is on disk, until a
+/// sync catches up. So a crash loses at most this much time's worth of acknowledged
+/// writes (and at most [`RELAXED_MAX_UNSYNCED`] bytes of them), however long the disk
+/// stalled before it. Twice the sync interval: a timed sync that finds writes half a
+/// second old does not hold the writers up while it runs.
+const RELAXED_MAX_LAG: Duration = Duration::from_millis(1_000);
 /// Longest the flusher waits for the writers of the last sync to come back before it
 /// syncs without them (see [`gather_window`]).
 const MAX_GATHER: Duration = Duration::from_micros(250);
@@ -155,6 +163,9 @@ struct Pending {
     /// Item records written since the store opened (with those recovered), for the
     /// size of a record in a snapshot.
     items: ItemRecords,
+    /// When the first batch of `bytes` was written (µs since [`Inner::opened`], plus
+    /// one), or 0 when none is.
+    first_written: u64,
 }
 
 /// A count of item records and their bytes in the log's format.
@@ -274,6 +285,15 @@ struct Inner {
     unsynced: AtomicU64,
     /// [`RELAXED_MAX_UNSYNCED`], lowered by tests.
     max_unsynced: AtomicU64,
+    /// When the oldest write not yet on disk was written (µs since `opened`, plus
+    /// one), or 0 when every write is on disk (see [`RELAXED_MAX_LAG`]).
+    oldest_unsynced: AtomicU64,
+    /// [`RELAXED_MAX_LAG`] in µs, lowered by tests.
+    max_lag_us: AtomicU64,
+    /// [`RELAXED_FLUSH_EVERY`] in ms, raised by tests.
+    relaxed_every_ms: AtomicU64,
+    /// The clock of `oldest_unsynced`.
+    opened: Instant,
     healthy: AtomicBool,
     /// Notified once, when the log fails (see [`LogStore::failed`])…
     failure: Notify,
@@ -650,6 +670,10 @@ impl LogStore {
                 durable: AtomicU64::new(0),
                 unsynced: AtomicU64::new(0),
                 max_unsynced: AtomicU64::new(RELAXED_MAX_UNSYNCED),
+                oldest_unsynced: AtomicU64::new(0),
+                max_lag_us: AtomicU64::new(RELAXED_MAX_LAG.as_micros() as u64),
+                relaxed_every_ms: AtomicU64::new(RELAXED_FLUSH_EVERY.as_millis() as u64),
+                opened: Instant::now(),
                 healthy: AtomicBool::new(true),
                 failure: Notify::new(),
                 failed_with: Mutex::new(None),
@@ -729,6 +753,16 @@ impl LogStore {
                 pending.bytes.extend_from_slice(frame);
                 pending.ticket += 1;
                 pending.items.add(items);
+                if pending.first_written == 0 {
+                    pending.first_written = self.inner.clock_us();
+                    // Nothing older waits (a flush in progress set its own).
+                    let _ = self.inner.oldest_unsynced.compare_exchange(
+                        0,
+                        pending.first_written,
+                        Ordering::Relaxed,
+                        Ordering::Relaxed,
+                    );
+                }
                 // Under the lock, so the flush that takes these bytes counts them off
                 // after they were counted on.
                 self.inner
@@ -757,12 +791,20 @@ impl LogStore {
         self.wait_durable(ticket).await
     }
 
+    /// Whether the disk is not keeping up: more than [`RELAXED_MAX_UNSYNCED`] bytes
+    /// wait for it, or the oldest write not on it is older than [`RELAXED_MAX_LAG`]
+    /// (a stalled volume). Relaxed writes then wait for the disk, and streaming
+    /// sessions take in one request at a time, as unary callers do.
+    pub fn behind(&self) -> bool {
+        self.inner.unsynced.load(Ordering::Relaxed)
+            > self.inner.max_unsynced.load(Ordering::Relaxed)
+            || !self.inner.lag_within_bounds()
+    }
+
     /// Whether [`LogStore::sync`] of `ticket` would return at once.
     pub fn is_synced(&self, ticket: Ticket) -> bool {
-        let relaxed_and_keeping_up = self.inner.durability == Durability::Relaxed
-            && self.inner.unsynced.load(Ordering::Relaxed)
-                <= self.inner.max_unsynced.load(Ordering::Relaxed)
-            && self.healthy();
+        let relaxed_and_keeping_up =
+            self.inner.durability == Durability::Relaxed && !self.behind() && self.healthy();
         relaxed_and_keeping_up || self.inner.durable.load(Ordering::SeqCst) >= ticket.0
     }
 
@@ -814,6 +856,28 @@ impl LogStore {
     pub(crate) fn fail_writes(&self) -> Segment {
         let failing = Segment::failing(&self.inner.dir, u64::MAX >> 1).expect("a failing log file");
         std::mem::replace(&mut *lock(&self.inner.segment), failing)
+    }
+
+    /// Stalls the log, as a disk that stopped answering would: no flush gets past
+    /// its write until the returned sender is dropped (tests).
+    #[cfg(test)]
+    pub(crate) fn stall(&self) -> std::sync::mpsc::Sender<()> {
+        let inner = self.inner.clone();
+        let (release, released) = std::sync::mpsc::channel::<()>();
+        let (held_tx, held) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let _segment = lock(&inner.segment);
+            held_tx.send(()).expect("the test waits for the stall");
+            let _ = released.recv();
+        });
+        held.recv().expect("the stall holds the log");
+        release
+    }
+
+    /// Lowers the bytes that may wait for the disk before it counts as behind (tests).
+    #[cfg(test)]
+    pub(crate) fn set_max_unsynced(&self, bytes: u64) {
+        self.inner.max_unsynced.store(bytes, Ordering::Relaxed);
     }
 
     /// Strict mode: asks for a sync without waiting for it (background changes such as
@@ -1236,6 +1300,27 @@ fn checkpoint_due(inner: &Inner) -> bool {
 }
 
 impl Inner {
+    /// Microseconds since the store opened, plus one (0 means "none").
+    fn clock_us(&self) -> u64 {
+        self.opened.elapsed().as_micros() as u64 + 1
+    }
+
+    /// Whether the oldest write not yet on disk is recent enough for relaxed mode to
+    /// answer before the disk (see [`RELAXED_MAX_LAG`]).
+    fn lag_within_bounds(&self) -> bool {
+        let oldest = self.oldest_unsynced.load(Ordering::Relaxed);
+        oldest == 0
+            || self.clock_us().saturating_sub(oldest) <= self.max_lag_us.load(Ordering::Relaxed)
+    }
+
+    /// A flush is done: the oldest write not on disk is now the first of those
+    /// written since it took its bytes, if any.
+    fn caught_up(&self) {
+        let pending = lock(&self.pending);
+        self.oldest_unsynced
+            .store(pending.first_written, Ordering::Relaxed);
+    }
+
     /// The id counter as a batch or snapshot records it (see [`RELAXED_ID_MARGIN`]).
     fn logged_counter(&self) -> u64 {
         let next = self.next_id.load(Ordering::SeqCst);
@@ -1299,7 +1384,9 @@ fn run_flusher(inner: &Inner) {
             match inner.durability {
                 Durability::Strict => pending = wait(&inner.wake, pending),
                 Durability::Relaxed => {
-                    let (guard, timeout) = wait_timeout(&inner.wake, pending, RELAXED_FLUSH_EVERY);
+                    let every = inner.relaxed_every_ms.load(Ordering::Relaxed);
+                    let (guard, timeout) =
+                        wait_timeout(&inner.wake, pending, Duration::from_millis(every));
                     pending = guard;
                     if timeout {
                         break;
@@ -1383,6 +1470,8 @@ fn flush_now(inner: &Inner) -> Result<Flushed> {
         let mut pending = lock(&inner.pending);
         pending.wanted = false;
         pending.taken = pending.ticket;
+        // `oldest_unsynced` stays this batch's until its sync is done.
+        pending.first_written = 0;
         let commit = std::mem::take(&mut pending.next);
         pending.taken_commit = commit.clone();
         let covered = std::mem::take(&mut pending.waiters);
@@ -1394,6 +1483,7 @@ fn flush_now(inner: &Inner) -> Result<Flushed> {
         )
     };
     if target <= inner.durable.load(Ordering::SeqCst) {
+        inner.caught_up();
         commit.call(true);
         commit.finish();
         recycle(inner, bytes);
@@ -1439,6 +1529,7 @@ fn flush_now(inner: &Inner) -> Result<Flushed> {
     inner.stats.max_micros.fetch_max(micros, Ordering::Relaxed);
     commit.call(true);
     inner.durable.fetch_max(target, Ordering::SeqCst);
+    inner.caught_up();
     commit.finish();
     recycle(inner, bytes);
     Ok(Flushed {
@@ -1816,6 +1907,34 @@ mod tests {
         store.sync(last).await.unwrap();
         assert!(store.inner.durable.load(Ordering::SeqCst) >= last.0);
         assert_eq!(store.inner.unsynced.load(Ordering::Relaxed), 0);
+        let after = store.write(put_queue(3)).unwrap();
+        assert!(store.is_synced(after), "caught up: relaxed again");
+    }
+
+    /// Relaxed mode answers before the disk only while the oldest write not yet on
+    /// disk is recent: once it is older than the lag limit (a sync that has not come
+    /// in time), writes wait for the disk, so a crash cannot lose acknowledged writes
+    /// from long before it. A sync that catches up makes relaxed answers resume.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn relaxed_mode_waits_for_the_disk_once_its_oldest_unsynced_write_is_too_old() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = LogStore::open(dir.path(), Durability::Relaxed).unwrap();
+        store.inner.max_lag_us.store(20_000, Ordering::Relaxed);
+        // No timed sync during the test.
+        store
+            .inner
+            .relaxed_every_ms
+            .store(3_600_000, Ordering::Relaxed);
+        store.start();
+        let first = store.write(put_queue(1)).unwrap();
+        assert!(store.is_synced(first), "fresh: answered at once");
+        std::thread::sleep(Duration::from_millis(60));
+        let late = store.write(put_queue(2)).unwrap();
+        assert!(store.inner.durable.load(Ordering::SeqCst) < first.0);
+        assert!(!store.is_synced(late), "lagging: not before the disk");
+        store.sync(late).await.unwrap();
+        assert!(store.inner.durable.load(Ordering::SeqCst) >= late.0);
+        assert_eq!(store.inner.oldest_unsynced.load(Ordering::Relaxed), 0);
         let after = store.write(put_queue(3)).unwrap();
         assert!(store.is_synced(after), "caught up: relaxed again");
     }

@@ -192,6 +192,15 @@ impl Store {
     }
 
     /// Whether [`Store::sync`] of `ticket` would return at once.
+    /// Whether the disk is not keeping up with the writes (see [`LogStore::behind`]);
+    /// never for the memory store.
+    pub fn behind(&self) -> bool {
+        match self {
+            Store::Memory { .. } => false,
+            Store::Disk(s) => s.behind(),
+        }
+    }
+
     pub fn is_synced(&self, ticket: Ticket) -> bool {
         match self {
             Store::Memory { .. } => true,
