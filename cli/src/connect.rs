@@ -4,7 +4,8 @@
 use std::path::PathBuf;
 use std::sync::OnceLock;
 
-use clap::Args;
+use clap::parser::ValueSource;
+use clap::{ArgMatches, Args};
 use workq_proto::client::Answered;
 use workq_proto::client::DEFAULT_SERVER;
 use workq_proto::{Client, ClientError, ConnectOptions};
@@ -39,9 +40,19 @@ pub struct Global {
     /// breaks after that was lost, not refused.
     #[arg(skip)]
     answered: OnceLock<Answered>,
+
+    /// True when `ca_cert` came from WORKQ_CA_CERT, not from --ca-cert.
+    #[arg(skip)]
+    ca_cert_from_env: bool,
 }
 
 impl Global {
+    /// Notes where the flags' values came from (`matches` is what they were parsed
+    /// from).
+    pub fn note_sources(&mut self, matches: &ArgMatches) {
+        self.ca_cert_from_env = matches.value_source("ca_cert") == Some(ValueSource::EnvVariable);
+    }
+
     /// Connects to the coordinator once; an unreachable server fails here.
     pub async fn connect(&self) -> Result<Client, ClientError> {
         let client = Client::connect(self.options()?).await?;
@@ -57,10 +68,22 @@ impl Global {
     }
 
     /// How to reach the coordinator; fails on an unreadable --ca-cert.
+    ///
+    /// A CA file only WORKQ_CA_CERT names is left out for an http:// coordinator: a
+    /// shell that exports it for a coordinator serving TLS can still use a plain one.
+    /// Given as --ca-cert with http://, it is a mistake, and said to be one.
     pub fn options(&self) -> Result<ConnectOptions, ClientError> {
+        let plain = self.server.starts_with("http://");
+        let ca_cert = self.ca_cert.as_deref();
+        if plain && ca_cert.is_some() && !self.ca_cert_from_env {
+            return Err(ClientError::InvalidUrl {
+                url: self.server.clone(),
+                reason: "--ca-cert is for a coordinator serving TLS: use https://".into(),
+            });
+        }
         ConnectOptions::new(self.server.clone())
             .token(self.token.clone())
-            .ca_cert_file(self.ca_cert.as_deref())
+            .ca_cert_file(ca_cert.filter(|_| !plain))
     }
 
     /// True when a non-empty token will be sent.
@@ -118,7 +141,20 @@ impl Global {
                 } else {
                     message
                 };
-                if self.was_answered() {
+                if workq_proto::client::pings_unanswered(status) {
+                    // A port that took the connection and then said nothing, or a
+                    // coordinator that stopped answering mid-call.
+                    let lost = if self.was_answered() {
+                        "lost the connection to"
+                    } else {
+                        "cannot reach"
+                    };
+                    format!(
+                        "{lost} coordinator at {}: {}",
+                        self.server,
+                        workq_proto::client::PINGS_UNANSWERED
+                    )
+                } else if self.was_answered() {
                     // The coordinator had answered on this connection, so it was
                     // reachable, and spoke plain HTTP/2: it stopped or restarted.
                     format!(
@@ -134,6 +170,11 @@ impl Global {
                     )
                 }
             }
+            // An HTTP error page read as a gRPC answer.
+            _ if workq_proto::client::answered_by_plain_http(status) => format!(
+                "{message} (is this the coordinator's HTTP port? queue-cli talks to its \
+                 gRPC port (default 7070))"
+            ),
             _ => workq_proto::client::describe_status(status),
         }
     }

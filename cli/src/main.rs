@@ -11,7 +11,7 @@ mod output;
 
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 
 use crate::commands::{enqueue, items, lease, queue, schedule, watch, workers};
 use crate::connect::Global;
@@ -90,8 +90,11 @@ enum Command {
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    let cli = Cli::parse();
-    let global = cli.global;
+    let matches = Cli::command().get_matches();
+    let cli =
+        Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.format(&mut Cli::command()).exit());
+    let mut global = cli.global;
+    global.note_sources(&matches);
     let result = match cli.command {
         Command::Create(args) => queue::create(&global, args).await,
         Command::Update(args) => queue::update(&global, args).await,

@@ -78,6 +78,78 @@ fn unreachable_server_says_where_it_looked() {
     );
 }
 
+/// A CA file that only WORKQ_CA_CERT names (exported for a coordinator serving TLS)
+/// is left out for a plain one; --ca-cert itself with http:// is a mistake.
+#[test]
+fn a_ca_cert_from_the_environment_does_not_stop_a_plain_coordinator() {
+    let env = Env::start();
+    let dir = tempfile::tempdir().expect("temp dir");
+    let ca = dir.path().join("ca.pem");
+    std::fs::write(&ca, "not read for http://").expect("write");
+    let listed = env
+        .cli()
+        .env("WORKQ_CA_CERT", &ca)
+        .args(["list"])
+        .output()
+        .expect("run");
+    assert!(listed.status.success(), "{listed:?}");
+
+    let error = fails_with(
+        env.cli().arg("--ca-cert").arg(&ca).arg("list"),
+        1,
+        &["--ca-cert", "list"],
+    );
+    assert!(
+        error.contains("--ca-cert is for a coordinator serving TLS: use https://"),
+        "{error}"
+    );
+}
+
+/// The HTTP port answers a gRPC call with an HTTP error page: the mix-up is named.
+#[test]
+fn the_http_port_is_told_from_the_grpc_port() {
+    let env = Env::start();
+    let mut command = Command::new(bin_path("queue-cli"));
+    command
+        .args(["--server", &env.coordinator.http_url, "list"])
+        .timeout(RUN_TIMEOUT);
+    let error = fails_with(&mut command, 1, &["list"]);
+    assert!(
+        error.ends_with(
+            "(is this the coordinator's HTTP port? queue-cli talks to its gRPC port \
+             (default 7070))"
+        ),
+        "{error}"
+    );
+}
+
+/// A port that accepts the connection and then says nothing (a stopped
+/// coordinator, or one whose accept queue is all it has left): the client's HTTP/2
+/// pings go unanswered, and the error says so instead of a bare "http2 error".
+#[test]
+fn a_port_that_never_answers_is_said_to_have_stopped_answering() {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let url = format!("http://{}", listener.local_addr().expect("addr"));
+    std::thread::spawn(move || {
+        let mut held = Vec::new();
+        while let Ok((stream, _)) = listener.accept() {
+            held.push(stream);
+        }
+    });
+    let mut command = Command::new(bin_path("queue-cli"));
+    command
+        .args(["--server", &url, "list"])
+        .timeout(RUN_TIMEOUT);
+    let error = fails_with(&mut command, 1, &["list"]);
+    assert_eq!(
+        error,
+        format!(
+            "error: cannot reach coordinator at {url}: the coordinator accepted the \
+             connection but stopped answering (HTTP/2 pings went unanswered)"
+        )
+    );
+}
+
 #[test]
 fn an_empty_input_still_names_an_unknown_queue() {
     let env = Env::start();

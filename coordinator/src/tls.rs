@@ -26,7 +26,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
 use tokio_rustls::TlsAcceptor;
-use tokio_rustls::rustls::pki_types::pem::PemObject;
+use tokio_rustls::rustls::pki_types::pem::{self, PemObject};
 use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use tokio_rustls::rustls::server::{ClientHello, ResolvesServerCert};
 use tokio_rustls::rustls::sign::CertifiedKey;
@@ -128,14 +128,59 @@ impl Tls {
 fn certified(cert_pem: &[u8], key_pem: &[u8]) -> anyhow::Result<CertifiedKey> {
     let chain = CertificateDer::pem_slice_iter(cert_pem)
         .collect::<Result<Vec<_>, _>>()
-        .context("the certificate file is not PEM")?;
+        .map_err(|e| anyhow::anyhow!("the certificate file is not PEM: {}", pem_error(&e)))?;
     if chain.is_empty() {
         bail!("the certificate file holds no CERTIFICATE block");
     }
-    let key =
-        PrivateKeyDer::from_pem_slice(key_pem).context("the key file holds no PEM private key")?;
-    CertifiedKey::from_der(chain, key, &ring::default_provider())
-        .context("the key does not fit the certificate")
+    let key = match PrivateKeyDer::from_pem_slice(key_pem) {
+        Ok(key) => key,
+        Err(_) if is_encrypted(key_pem) => bail!(
+            "the key is encrypted: workq needs an unencrypted key (decrypt it with \
+             `openssl pkey -in KEY -out PLAIN`, and keep PLAIN as private as KEY)"
+        ),
+        Err(e) => bail!("the key file holds no PEM private key: {}", pem_error(&e)),
+    };
+    let provider = ring::default_provider();
+    match CertifiedKey::from_der(chain.clone(), key.clone_key(), &provider) {
+        Ok(certified) => Ok(certified),
+        // The key fits a later certificate: the chain is in the wrong order.
+        Err(e) => match (1..chain.len()).find(|&i| {
+            CertifiedKey::from_der(vec![chain[i].clone()], key.clone_key(), &provider).is_ok()
+        }) {
+            Some(i) => bail!(
+                "the key fits certificate {} of the certificate file, not the first: the \
+                 server's own certificate must come first in --tls-cert, then the \
+                 certificates that issued it",
+                i + 1
+            ),
+            None => Err(e).context("the key does not fit the certificate"),
+        },
+    }
+}
+
+/// True when the key file holds an encrypted key, which rustls cannot read: PKCS#8
+/// ("ENCRYPTED PRIVATE KEY") or OpenSSL's legacy encrypted PEM ("Proc-Type:
+/// 4,ENCRYPTED").
+fn is_encrypted(key_pem: &[u8]) -> bool {
+    let text = String::from_utf8_lossy(key_pem);
+    text.contains("-----BEGIN ENCRYPTED PRIVATE KEY-----")
+        || text.contains("Proc-Type: 4,ENCRYPTED")
+}
+
+/// A PEM parse error in words: the section label as text, not as bytes.
+fn pem_error(error: &pem::Error) -> String {
+    match error {
+        pem::Error::MissingSectionEnd { end_marker } => format!(
+            "its {} block has no END line (is the file cut short?)",
+            String::from_utf8_lossy(end_marker)
+        ),
+        pem::Error::IllegalSectionStart { line } => format!(
+            "malformed BEGIN line: {}",
+            String::from_utf8_lossy(line).trim()
+        ),
+        pem::Error::Base64Decode(e) => format!("a PEM block is not valid base64 ({e})"),
+        e => e.to_string(),
+    }
 }
 
 /// The files, and the certificate every handshake gets.
@@ -334,5 +379,33 @@ impl axum::serve::Listener for TlsListener {
 
     fn local_addr(&self) -> io::Result<SocketAddr> {
         Ok(self.local)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_certificate_file_cut_short_is_said_to_be_so() {
+        let cut = b"-----BEGIN CERTIFICATE-----\nMIIBszCCAVmgAwIBAgIU\n";
+        let error = certified(cut, b"").expect_err("refused").to_string();
+        assert_eq!(
+            error,
+            "the certificate file is not PEM: its CERTIFICATE block has no END line (is the \
+             file cut short?)"
+        );
+    }
+
+    #[test]
+    fn encrypted_keys_are_recognised() {
+        let pkcs8 =
+            b"-----BEGIN ENCRYPTED PRIVATE KEY-----\nMIIF\n-----END ENCRYPTED PRIVATE KEY-----\n";
+        assert!(is_encrypted(pkcs8));
+        let legacy = b"-----BEGIN RSA PRIVATE KEY-----\nProc-Type: 4,ENCRYPTED\n\
+            DEK-Info: AES-256-CBC,00\n\nMIIE\n-----END RSA PRIVATE KEY-----\n";
+        assert!(is_encrypted(legacy));
+        let plain = b"-----BEGIN PRIVATE KEY-----\nMIIE\n-----END PRIVATE KEY-----\n";
+        assert!(!is_encrypted(plain));
     }
 }

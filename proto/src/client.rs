@@ -15,6 +15,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use hyper_util::client::legacy::connect::HttpConnector;
+use tokio_rustls::rustls::RootCertStore;
+use tokio_rustls::rustls::pki_types::CertificateDer;
+use tokio_rustls::rustls::pki_types::pem::{self, PemObject};
 use tonic::codegen::{BoxFuture, Service, http};
 use tonic::metadata::{Ascii, MetadataValue};
 use tonic::service::Interceptor;
@@ -67,7 +71,10 @@ impl ConnectOptions {
             let pem = std::fs::read(path).map_err(|e| {
                 ClientError::InvalidCaCert(format!("cannot read {}: {e}", path.display()))
             })?;
-            if !String::from_utf8_lossy(&pem).contains("-----BEGIN CERTIFICATE-----") {
+            let count = check_ca_pem(&pem).map_err(|reason| {
+                ClientError::InvalidCaCert(format!("{}: {reason}", path.display()))
+            })?;
+            if count == 0 {
                 return Err(ClientError::InvalidCaCert(format!(
                     "{} holds no PEM CERTIFICATE block",
                     path.display()
@@ -76,6 +83,42 @@ impl ConnectOptions {
             self.ca_cert = Some(pem);
         }
         Ok(self)
+    }
+}
+
+/// Reads the CERTIFICATE blocks of a CA file as the TLS client will: the number of
+/// them, or what is wrong with one. Checked here, where the file's name is known:
+/// the TLS client refuses a bad block with only "Error parsing TLS certificate".
+fn check_ca_pem(pem: &[u8]) -> Result<usize, String> {
+    let certs = CertificateDer::pem_slice_iter(pem)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| describe_pem_error(&e))?;
+    let mut roots = RootCertStore::empty();
+    for (i, cert) in certs.iter().enumerate() {
+        roots.add(cert.clone()).map_err(|e| {
+            let why = match e {
+                tokio_rustls::rustls::Error::InvalidCertificate(e) => format!("{e:?}"),
+                e => e.to_string(),
+            };
+            format!("CERTIFICATE block {} is not a certificate ({why})", i + 1)
+        })?;
+    }
+    Ok(certs.len())
+}
+
+/// A PEM parse error in words: the section label as text, not as bytes.
+fn describe_pem_error(error: &pem::Error) -> String {
+    match error {
+        pem::Error::MissingSectionEnd { end_marker } => format!(
+            "the {} block has no END line (is the file cut short?)",
+            String::from_utf8_lossy(end_marker)
+        ),
+        pem::Error::IllegalSectionStart { line } => format!(
+            "malformed BEGIN line: {}",
+            String::from_utf8_lossy(line).trim()
+        ),
+        pem::Error::Base64Decode(e) => format!("a PEM block is not valid base64 ({e})"),
+        e => e.to_string(),
     }
 }
 
@@ -95,17 +138,37 @@ pub enum ClientError {
     NoCaCertificates,
     #[error("cannot reach coordinator at {url}: {reason}")]
     Unreachable { url: String, reason: String },
+    #[error(
+        "the wire protocol has no TLS, and an https:// coordinator does not offer it: \
+         use the gRPC streams (--mode stream)"
+    )]
+    WireWithoutTls,
     #[error("{}", describe_status(.0))]
     Status(#[from] tonic::Status),
 }
 
 impl ClientError {
-    /// True when retrying later may help (coordinator down or shutting down).
+    /// True when retrying later may help (coordinator down or shutting down, or its
+    /// certificate expired, which a renewal mends). A TLS mistake that only a change
+    /// of the client's or the coordinator's configuration mends is not: see
+    /// [`TlsFailure::is_transient`].
     pub fn is_transient(&self) -> bool {
+        if self.tls_failure().is_some_and(|f| !f.is_transient()) {
+            return false;
+        }
         match self {
             ClientError::Unreachable { .. } => true,
             ClientError::Status(s) => is_transient_status(s),
             _ => false,
+        }
+    }
+
+    /// What was wrong with the TLS handshake, when that is why the connection failed.
+    pub fn tls_failure(&self) -> Option<TlsFailure> {
+        match self {
+            ClientError::Unreachable { reason, .. } => TlsFailure::of(reason),
+            ClientError::Status(status) => tls_failure(status),
+            _ => None,
         }
     }
 
@@ -127,6 +190,120 @@ pub fn is_transient_status(status: &tonic::Status) -> bool {
         status.code(),
         tonic::Code::Unavailable | tonic::Code::Unknown | tonic::Code::Cancelled
     )
+}
+
+/// Why a TLS handshake with the coordinator failed, as far as a client can fix it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TlsFailure {
+    /// The certificate has expired, or is not valid yet.
+    Expired,
+    /// The certificate does not list the name or address the client dialled.
+    WrongName,
+    /// The certificate does not chain to a CA the client trusts (UnknownIssuer,
+    /// BadSignature and the like).
+    Untrusted,
+    /// An `https://` client read plain text: the port does not serve TLS.
+    NotTls,
+}
+
+impl TlsFailure {
+    /// Reads the failure off an error's text (rustls' words, which reach a client
+    /// only as text once tonic has turned them into a status message).
+    pub fn of(reason: &str) -> Option<TlsFailure> {
+        if reason.contains("invalid peer certificate") {
+            let expired = [
+                "Expired",
+                "certificate expired",
+                "NotValidYet",
+                "not valid yet",
+            ];
+            let wrong_name = ["NotValidForName", "not valid for name"];
+            // The name first: its words quote names, which might hold any text.
+            Some(if wrong_name.iter().any(|e| reason.contains(e)) {
+                TlsFailure::WrongName
+            } else if expired.iter().any(|e| reason.contains(e)) {
+                TlsFailure::Expired
+            } else {
+                TlsFailure::Untrusted
+            })
+        } else if reason.contains("received corrupt message") {
+            // Plain HTTP/2 (or HTTP/1.1) read as TLS records: "corrupt message of
+            // type InvalidContentType".
+            Some(TlsFailure::NotTls)
+        } else {
+            None
+        }
+    }
+
+    /// True when the same client may get through later with nothing changed on its
+    /// side: an expired certificate is renewed on the coordinator. The others are
+    /// configuration mistakes that waiting does not mend (the client reads its CA
+    /// file once, and keeps the address it dials).
+    pub fn is_transient(self) -> bool {
+        self == TlsFailure::Expired
+    }
+
+    /// What to do about it, for a client of `url`.
+    fn hint(self, url: &str) -> String {
+        match self {
+            TlsFailure::Expired => {
+                "renew the coordinator's certificate, or check the clocks of this machine \
+                 and the coordinator's"
+                    .into()
+            }
+            TlsFailure::WrongName => {
+                let host = url
+                    .parse::<http::Uri>()
+                    .ok()
+                    .and_then(|uri| uri.host().map(str::to_string))
+                    .unwrap_or_else(|| "this address".into());
+                format!(
+                    "dial a name or address the certificate lists, or reissue the \
+                     certificate with {host} among its names"
+                )
+            }
+            TlsFailure::Untrusted => {
+                "trust the coordinator's CA with --ca-cert or WORKQ_CA_CERT".into()
+            }
+            TlsFailure::NotTls => "if the coordinator does not serve TLS, use http://".into(),
+        }
+    }
+}
+
+/// What was wrong with the TLS handshake of a connection that failed or broke, when
+/// that is why; `None` for a status the coordinator sent.
+pub fn tls_failure(status: &tonic::Status) -> Option<TlsFailure> {
+    let cause = std::error::Error::source(status)?;
+    TlsFailure::of(&error_chain(cause))
+}
+
+/// True when the connection was closed because nothing answered the client's
+/// HTTP/2 pings (sent every 20 s, 10 s to answer): the port took the connection,
+/// then stayed silent, as a stopped coordinator or a dead node does.
+pub fn pings_unanswered(status: &tonic::Status) -> bool {
+    let mut source = std::error::Error::source(status);
+    while let Some(cause) = source {
+        // hyper's error for it is private; its words are not.
+        if cause.to_string() == "keep-alive timed out" {
+            return true;
+        }
+        source = cause.source();
+    }
+    false
+}
+
+/// What [`pings_unanswered`] means, in a user's words.
+pub const PINGS_UNANSWERED: &str =
+    "the coordinator accepted the connection but stopped answering (HTTP/2 pings went unanswered)";
+
+/// True when an HTTP server that is not gRPC answered the call: tonic read an HTTP
+/// error page as a gRPC message, or found no gRPC status in the answer. Such is the
+/// coordinator's HTTP port, mistaken for its gRPC port.
+pub fn answered_by_plain_http(status: &tonic::Status) -> bool {
+    let message = status.message();
+    let status_not_ok = message.contains("while receiving response with status")
+        && !message.ends_with("status: 200 OK");
+    status_not_ok || message.contains("grpc-status header missing, mapped from HTTP status")
 }
 
 /// True when the status came from the transport (the connection failed or broke),
@@ -163,19 +340,25 @@ pub fn describe_status(status: &tonic::Status) -> String {
         tonic::Code::Unauthenticated if message.is_empty() => {
             "unauthenticated: the coordinator wants a token (--token or WORKQ_TOKEN)".into()
         }
+        _ if pings_unanswered(status) => PINGS_UNANSWERED.into(),
         _ if message.is_empty() => format!("coordinator answered {:?}", status.code()),
         // What a plain http:// client reads from a port that serves TLS.
         _ if message.contains("h2 protocol error") => {
             format!("{message} (if the coordinator serves TLS, use https://)")
         }
+        _ if answered_by_plain_http(status) => format!(
+            "{message} (is this the coordinator's HTTP port? workq's clients talk to its \
+             gRPC port, default 7070)"
+        ),
         _ => message.to_string(),
     }
 }
 
 /// Why a connection to `url` failed, with a hint where TLS may be the cause: a
-/// certificate this client does not trust, or a plain connection closed without a
-/// word, as a port serving TLS closes one (which of these words the client reads
-/// depends on when the close arrives).
+/// certificate that failed the check (what to do depends on why, see
+/// [`TlsFailure`]), an `https://` client reading plain text, or a plain connection
+/// closed without a word, as a port serving TLS closes one (which of these words
+/// the client reads depends on when the close arrives).
 pub fn with_tls_hint(url: &str, reason: String) -> String {
     const CLOSED: [&str; 3] = [
         "transport error",
@@ -184,8 +367,9 @@ pub fn with_tls_hint(url: &str, reason: String) -> String {
     ];
     // Nothing listening (or no route): TLS cannot be why.
     let tcp_failed = reason.contains("tcp connect error");
-    if reason.contains("invalid peer certificate") {
-        format!("{reason} (trust the coordinator's CA with --ca-cert or WORKQ_CA_CERT)")
+    if let Some(failure) = TlsFailure::of(&reason) {
+        let hint = failure.hint(url);
+        format!("{reason} ({hint})")
     } else if url.starts_with("http://")
         && !tcp_failed
         && CLOSED.iter().any(|c| reason.starts_with(c))
@@ -202,11 +386,81 @@ pub fn with_tls_hint(url: &str, reason: String) -> String {
 /// that accepts a connection and never answers the handshake (a coordinator that ran
 /// out of file descriptors, or a process that is stopped) fails the attempt instead
 /// of holding it for ever. tonic's own connector times the TCP connect alone.
-fn tcp_connector() -> hyper_util::client::legacy::connect::HttpConnector {
-    let mut tcp = hyper_util::client::legacy::connect::HttpConnector::new();
-    tcp.enforce_http(false);
-    tcp.set_nodelay(true);
-    tcp
+///
+/// It notes whether a TCP connection was made, so that an attempt that timed out
+/// can say which half of it did.
+#[derive(Clone, Debug)]
+struct TcpConnector {
+    tcp: HttpConnector,
+    connected: Arc<AtomicBool>,
+}
+
+impl TcpConnector {
+    fn new() -> TcpConnector {
+        let mut tcp = HttpConnector::new();
+        tcp.enforce_http(false);
+        tcp.set_nodelay(true);
+        TcpConnector {
+            tcp,
+            connected: Arc::default(),
+        }
+    }
+}
+
+impl Service<http::Uri> for TcpConnector {
+    type Response = <HttpConnector as Service<http::Uri>>::Response;
+    type Error = <HttpConnector as Service<http::Uri>>::Error;
+    type Future = BoxFuture<Self::Response, Self::Error>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.tcp.poll_ready(cx)
+    }
+
+    fn call(&mut self, uri: http::Uri) -> Self::Future {
+        let connecting = self.tcp.call(uri);
+        let connected = self.connected.clone();
+        Box::pin(async move {
+            let stream = connecting.await?;
+            connected.store(true, Ordering::Relaxed);
+            Ok(stream)
+        })
+    }
+}
+
+/// True when the connect timeout ended the attempt (tonic's timer, not the system's
+/// TCP timeout, which is a "tcp connect error").
+fn timed_out(error: &(dyn std::error::Error + 'static)) -> bool {
+    let mut source = Some(error);
+    while let Some(cause) = source {
+        let elapsed = cause
+            .downcast_ref::<std::io::Error>()
+            .and_then(std::io::Error::get_ref)
+            .is_some_and(|inner| inner.is::<tokio::time::error::Elapsed>());
+        if elapsed || cause.is::<tokio::time::error::Elapsed>() {
+            return true;
+        }
+        source = cause.source();
+    }
+    false
+}
+
+/// Why an attempt that the connect timeout ended failed, by how far it got.
+fn no_answer(options: &ConnectOptions, tcp_connected: bool) -> String {
+    let limit = crate::duration::format(options.connect_timeout);
+    match (tcp_connected, options.url.starts_with("https://")) {
+        (true, true) => format!(
+            "the port accepted the connection but gave no TLS handshake within the {limit} \
+             a connection attempt may take"
+        ),
+        (true, false) => format!(
+            "the port accepted the connection but did not answer within the {limit} a \
+             connection attempt may take"
+        ),
+        (false, _) => format!(
+            "no TCP connection within the {limit} a connection attempt may take (a wrong \
+             address, or a firewall dropping packets?)"
+        ),
+    }
 }
 
 /// Refuses a port outside 1–65535 in `url`, which the URI parser would pass on (and
@@ -312,19 +566,25 @@ impl Client {
     /// Connects once; fails fast with [`ClientError::Unreachable`] when nothing listens.
     pub async fn connect(options: ConnectOptions) -> Result<Client, ClientError> {
         let endpoint = Self::endpoint(&options)?;
+        let connector = TcpConnector::new();
+        let tcp_connected = connector.connected.clone();
         let channel = endpoint
-            .connect_with_connector(tcp_connector())
+            .connect_with_connector(connector)
             .await
             .map_err(|e| ClientError::Unreachable {
                 url: options.url.clone(),
-                reason: with_tls_hint(&options.url, error_chain(&e)),
+                reason: if timed_out(&e) {
+                    no_answer(&options, tcp_connected.load(Ordering::Relaxed))
+                } else {
+                    with_tls_hint(&options.url, error_chain(&e))
+                },
             })?;
         Self::with_channel(channel, &options)
     }
 
     /// A client that connects on first use and reconnects by itself afterwards.
     pub fn connect_lazy(options: ConnectOptions) -> Result<Client, ClientError> {
-        let channel = Self::endpoint(&options)?.connect_with_connector_lazy(tcp_connector());
+        let channel = Self::endpoint(&options)?.connect_with_connector_lazy(TcpConnector::new());
         Self::with_channel(channel, &options)
     }
 
@@ -339,7 +599,7 @@ impl Client {
         }
         if !tls && options.ca_cert.is_some() {
             return Err(invalid(
-                "--ca-cert is for a coordinator serving TLS: use https://".into(),
+                "--ca-cert (WORKQ_CA_CERT) is for a coordinator serving TLS: use https://".into(),
             ));
         }
         check_port(&options.url).map_err(invalid)?;
@@ -360,6 +620,9 @@ impl Client {
                 let reason = error_chain(&e);
                 if reason.contains("no native certs") {
                     ClientError::NoCaCertificates
+                } else if reason.contains("certificate") {
+                    // CA bytes given without ca_cert_file, which checks them first.
+                    ClientError::InvalidCaCert(reason)
                 } else {
                     invalid(reason)
                 }
@@ -431,15 +694,13 @@ impl Client {
         &self,
         call: pb::WireCall,
     ) -> Result<(WireSender<Req>, WireReceiver<Resp>), ClientError> {
+        if self.url.starts_with("https://") {
+            return Err(ClientError::WireWithoutTls);
+        }
         let invalid = |reason: &str| ClientError::InvalidUrl {
             url: self.url.clone(),
             reason: reason.into(),
         };
-        if self.url.starts_with("https://") {
-            return Err(invalid(
-                "the wire protocol has no TLS: use the gRPC streams (--mode stream)",
-            ));
-        }
         let addr = crate::wire::host_port(&self.url)
             .ok_or_else(|| invalid("the wire protocol needs an http://host:port address"))?;
         crate::wire::open(addr, call, self.token.as_deref(), self.connect_timeout).await
@@ -554,5 +815,134 @@ mod tests {
         );
         let untrusted = "transport error: invalid peer certificate: UnknownIssuer".to_string();
         assert!(with_tls_hint("https://h:1", untrusted).contains("--ca-cert"));
+    }
+
+    /// rustls' words for each way a certificate fails (as a client reads them), and
+    /// those of an https:// client reading plain text.
+    const EXPIRED: &str = "transport error: invalid peer certificate: certificate expired: \
+        verification time 1796647428 (UNIX), but certificate is not valid after 1580515200 \
+        (216132228 seconds ago)";
+    const NOT_YET_VALID: &str = "transport error: invalid peer certificate: certificate not \
+        valid yet: verification time 1 (UNIX), but certificate is not valid before 2 (1 \
+        seconds in future)";
+    const WRONG_NAME: &str = "transport error: invalid peer certificate: certificate not valid \
+        for name \"127.0.0.1\"; certificate is only valid for DnsName(\"localhost\")";
+    const UNTRUSTED: &str = "transport error: invalid peer certificate: UnknownIssuer";
+    const PLAIN_TEXT: &str = "transport error: received corrupt message of type InvalidContentType";
+
+    #[test]
+    fn each_certificate_failure_gets_the_hint_that_fixes_it() {
+        let url = "https://127.0.0.1:7070";
+        let hinted = |reason: &str| with_tls_hint(url, reason.to_string());
+        for expired in [EXPIRED, NOT_YET_VALID, "invalid peer certificate: Expired"] {
+            let text = hinted(expired);
+            assert!(
+                text.contains("renew the coordinator's certificate"),
+                "{text}"
+            );
+            assert!(text.contains("clocks"), "{text}");
+            assert!(!text.contains("--ca-cert"), "{text}");
+        }
+        for wrong_name in [WRONG_NAME, "invalid peer certificate: NotValidForName"] {
+            let text = hinted(wrong_name);
+            assert!(
+                text.contains("dial a name or address the certificate lists"),
+                "{text}"
+            );
+            assert!(text.contains("127.0.0.1 among its names"), "{text}");
+            assert!(!text.contains("--ca-cert"), "{text}");
+        }
+        for untrusted in [UNTRUSTED, "invalid peer certificate: BadSignature"] {
+            let text = hinted(untrusted);
+            assert!(text.ends_with("(trust the coordinator's CA with --ca-cert or WORKQ_CA_CERT)"));
+        }
+        let text = hinted(PLAIN_TEXT);
+        assert!(
+            text.ends_with("(if the coordinator does not serve TLS, use http://)"),
+            "{text}"
+        );
+        // A connection closed or refused is none of these.
+        assert_eq!(TlsFailure::of("transport error: connection closed"), None);
+    }
+
+    #[test]
+    fn only_an_expired_certificate_is_worth_waiting_for() {
+        let unreachable = |reason: &str| ClientError::Unreachable {
+            url: "https://127.0.0.1:7070".into(),
+            reason: with_tls_hint("https://127.0.0.1:7070", reason.to_string()),
+        };
+        for (reason, failure) in [
+            (EXPIRED, TlsFailure::Expired),
+            (NOT_YET_VALID, TlsFailure::Expired),
+            (WRONG_NAME, TlsFailure::WrongName),
+            (UNTRUSTED, TlsFailure::Untrusted),
+            (PLAIN_TEXT, TlsFailure::NotTls),
+        ] {
+            let error = unreachable(reason);
+            assert_eq!(error.tls_failure(), Some(failure), "{error}");
+            assert_eq!(
+                error.is_transient(),
+                failure == TlsFailure::Expired,
+                "{error}"
+            );
+        }
+        // Nothing listening, or no answer in time: the coordinator may come.
+        assert!(
+            unreachable("transport error: tcp connect error: Connection refused").is_transient()
+        );
+        assert!(unreachable("extend got no answer").is_transient());
+        // The same words in a status the transport made (a reconnect) count too; a
+        // message the coordinator sent does not.
+        let io = std::io::Error::new(std::io::ErrorKind::InvalidData, UNTRUSTED);
+        let broken = tonic::Status::from_error(Box::new(io));
+        assert_eq!(tls_failure(&broken), Some(TlsFailure::Untrusted));
+        assert!(!ClientError::Status(broken).is_transient());
+        let said = tonic::Status::unavailable(UNTRUSTED);
+        assert_eq!(tls_failure(&said), None);
+        assert!(ClientError::Status(said).is_transient());
+    }
+
+    #[test]
+    fn an_http_error_page_read_as_grpc_is_told_apart() {
+        let page = tonic::Status::internal(
+            "protocol error: received message with invalid compression flag: 52 (valid flags \
+             are 0 and 1) while receiving response with status: 404 Not Found",
+        );
+        assert!(answered_by_plain_http(&page));
+        let text = describe_status(&page);
+        assert!(
+            text.contains("is this the coordinator's HTTP port?"),
+            "{text}"
+        );
+        let unmapped = tonic::Status::unimplemented(
+            "grpc-status header missing, mapped from HTTP status code 404",
+        );
+        assert!(answered_by_plain_http(&unmapped));
+        assert!(!answered_by_plain_http(&tonic::Status::not_found(
+            "queue 'q' not found"
+        )));
+    }
+
+    #[test]
+    fn a_ca_file_is_read_block_by_block() {
+        let not_base64 =
+            b"-----BEGIN CERTIFICATE-----\nAAAAnotbase64!!!\n-----END CERTIFICATE-----\n";
+        let error = check_ca_pem(not_base64).unwrap_err();
+        assert!(error.contains("not valid base64"), "{error}");
+        let cut_short = b"-----BEGIN CERTIFICATE-----\nMIIBszCCAVmgAwIBAgIU\n";
+        let error = check_ca_pem(cut_short).unwrap_err();
+        assert_eq!(
+            error,
+            "the CERTIFICATE block has no END line (is the file cut short?)"
+        );
+        // Base64 that is no certificate: the TLS client would skip it in silence.
+        let not_a_certificate =
+            b"-----BEGIN CERTIFICATE-----\naGVsbG8=\n-----END CERTIFICATE-----\n";
+        let error = check_ca_pem(not_a_certificate).unwrap_err();
+        assert!(
+            error.starts_with("CERTIFICATE block 1 is not a certificate"),
+            "{error}"
+        );
+        assert_eq!(check_ca_pem(b"no PEM here"), Ok(0));
     }
 }

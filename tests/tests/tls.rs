@@ -16,6 +16,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_rustls::TlsConnector;
 use tokio_rustls::rustls::pki_types::{CertificateDer, ServerName};
 use tokio_rustls::rustls::{ClientConfig, RootCertStore};
+use workq_proto::client::{TlsFailure, tls_failure};
 use workq_proto::{Client, ConnectOptions};
 use workq_tests::{
     Coordinator, Process, bin_path, create_queue, lease_one, pb, queue_stats, wait_for_async,
@@ -24,6 +25,11 @@ use workq_tests::{
 /// A test CA and a certificate it signed for 127.0.0.1 and localhost, as PEM files,
 /// another CA that signed nothing here, and an empty directory to stand for a system
 /// without CA certificates (as workq's slim image is).
+///
+/// With the same key (`key.pem`), certificates that fail a client's check: one that
+/// expired in 2020 (`expired.pem`), one for another name (`elsewhere.pem`), and
+/// the server's certificate after the intermediate CA that issued it, the wrong
+/// order for a chain (`chain-reversed.pem`).
 struct Pki {
     dir: TempDir,
     ca_der: CertificateDer<'static>,
@@ -32,18 +38,40 @@ struct Pki {
 impl Pki {
     fn new() -> Pki {
         let dir = tempfile::tempdir().unwrap();
-        let new_ca = |name: &str| {
+        let ca_params = |name: &str, constraints| {
             let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
-            params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+            params.is_ca = IsCa::Ca(constraints);
             params.distinguished_name.push(DnType::CommonName, name);
+            params
+        };
+        let new_ca = |name: &str| {
+            let params = ca_params(name, BasicConstraints::Unconstrained);
             CertifiedIssuer::self_signed(params, KeyPair::generate().unwrap()).unwrap()
         };
         let (ca, other_ca) = (new_ca("workq test CA"), new_ca("another CA"));
         let key = KeyPair::generate().unwrap();
         let names = vec!["127.0.0.1".to_string(), "localhost".to_string()];
-        let cert = CertificateParams::new(names)
+        let cert = CertificateParams::new(names.clone())
             .unwrap()
             .signed_by(&key, &ca)
+            .unwrap();
+        let mut expired = CertificateParams::new(names.clone()).unwrap();
+        expired.not_before = rcgen::date_time_ymd(2020, 1, 1);
+        expired.not_after = rcgen::date_time_ymd(2020, 2, 1);
+        let expired = expired.signed_by(&key, &ca).unwrap();
+        let elsewhere = CertificateParams::new(vec!["elsewhere.example".to_string()])
+            .unwrap()
+            .signed_by(&key, &ca)
+            .unwrap();
+        let intermediate = CertifiedIssuer::signed_by(
+            ca_params("workq test intermediate", BasicConstraints::Constrained(0)),
+            KeyPair::generate().unwrap(),
+            &ca,
+        )
+        .unwrap();
+        let leaf = CertificateParams::new(names)
+            .unwrap()
+            .signed_by(&key, &intermediate)
             .unwrap();
         let write = |name: &str, text: String| std::fs::write(dir.path().join(name), text).unwrap();
         write("ca.pem", ca.pem());
@@ -54,6 +82,12 @@ impl Pki {
         write(
             "other-key.pem",
             KeyPair::generate().unwrap().serialize_pem(),
+        );
+        write("expired.pem", expired.pem());
+        write("elsewhere.pem", elsewhere.pem());
+        write(
+            "chain-reversed.pem",
+            format!("{}{}", intermediate.pem(), leaf.pem()),
         );
         Pki {
             ca_der: ca.der().clone(),
@@ -71,13 +105,25 @@ impl Pki {
 
     /// An in-memory coordinator serving TLS with this certificate.
     fn coordinator(&self) -> Coordinator {
+        self.coordinator_with("cert.pem")
+    }
+
+    /// One serving the certificate `cert` of this directory, with `key.pem`.
+    fn coordinator_with(&self, cert: &str) -> Coordinator {
         Coordinator::start_with(&[
             "--in-memory",
             "--tls-cert",
-            &self.arg("cert.pem"),
+            &self.arg(cert),
             "--tls-key",
             &self.arg("key.pem"),
         ])
+    }
+
+    /// Options for `url` that trust this CA.
+    fn trusting(&self, url: &str) -> ConnectOptions {
+        ConnectOptions::new(url)
+            .ca_cert_file(Some(&self.path("ca.pem")))
+            .unwrap()
     }
 
     /// A TLS client that trusts this CA only.
@@ -184,6 +230,180 @@ async fn a_client_that_trusts_the_ca_works_and_the_others_are_told_why() {
     );
     // The port still serves TLS clients after the plain attempts.
     assert_eq!(queue_stats(&mut client, "tls").await.done, 1);
+}
+
+/// A certificate the client does not accept gets the advice that fixes it, not
+/// always "trust the CA"; only an expired one is worth waiting for (a renewal mends
+/// it), the others are configuration mistakes.
+#[tokio::test]
+async fn each_certificate_failure_says_what_to_fix() {
+    let pki = Pki::new();
+    let trusted = pki.coordinator();
+    let expired = pki.coordinator_with("expired.pem");
+    let elsewhere = pki.coordinator_with("elsewhere.pem");
+    let plain = Coordinator::start_with(&["--in-memory"]);
+    let refused = async |options: ConnectOptions| match Client::connect(options).await {
+        Ok(_) => panic!("the client accepted the certificate"),
+        Err(error) => (error.to_string(), error),
+    };
+
+    let (text, error) = refused(pki.trusting(&https_url(&expired.grpc_url))).await;
+    assert!(text.contains("certificate expired"), "{text}");
+    assert!(
+        text.contains("renew the coordinator's certificate"),
+        "{text}"
+    );
+    assert!(!text.contains("--ca-cert"), "{text}");
+    assert_eq!(error.tls_failure(), Some(TlsFailure::Expired));
+    assert!(error.is_transient(), "{text}");
+
+    let (text, error) = refused(pki.trusting(&https_url(&elsewhere.grpc_url))).await;
+    assert!(text.contains("not valid for name"), "{text}");
+    assert!(
+        text.contains("dial a name or address the certificate lists"),
+        "{text}"
+    );
+    assert!(text.contains("127.0.0.1 among its names"), "{text}");
+    assert!(!text.contains("--ca-cert"), "{text}");
+    assert_eq!(error.tls_failure(), Some(TlsFailure::WrongName));
+    assert!(!error.is_transient(), "{text}");
+
+    let other = ConnectOptions::new(https_url(&trusted.grpc_url))
+        .ca_cert_file(Some(&pki.path("other-ca.pem")))
+        .unwrap();
+    let (text, error) = refused(other.clone()).await;
+    assert!(
+        text.contains("UnknownIssuer (trust the coordinator's CA with --ca-cert or WORKQ_CA_CERT)"),
+        "{text}"
+    );
+    assert!(!error.is_transient(), "{text}");
+    // On a (re)connection a channel makes by itself, the call's status says as much.
+    let mut lazy = Client::connect_lazy(other).unwrap();
+    let status = lazy
+        .list_queues(pb::ListQueuesRequest {})
+        .await
+        .unwrap_err();
+    assert_eq!(
+        tls_failure(&status),
+        Some(TlsFailure::Untrusted),
+        "{status:?}"
+    );
+    assert!(!workq_proto::ClientError::from(status).is_transient());
+
+    // https:// to a coordinator that does not serve TLS.
+    let (text, error) = refused(pki.trusting(&https_url(&plain.grpc_url))).await;
+    assert!(
+        text.ends_with("(if the coordinator does not serve TLS, use http://)"),
+        "{text}"
+    );
+    assert_eq!(error.tls_failure(), Some(TlsFailure::NotTls));
+    assert!(!error.is_transient(), "{text}");
+}
+
+/// workq-worker exits 1 at once, as for a wrong token, on a TLS mistake that no wait
+/// mends: a CA it does not trust, a certificate for another name, https:// to a
+/// plain port. An expired certificate is waited for, within --connect-timeout.
+#[test]
+fn a_worker_stops_at_once_on_a_certificate_no_wait_mends() {
+    let pki = Pki::new();
+    let trusted = pki.coordinator();
+    let expired = pki.coordinator_with("expired.pem");
+    let elsewhere = pki.coordinator_with("elsewhere.pem");
+    let plain = Coordinator::start_with(&["--in-memory"]);
+    let worker = |url: &str, ca: &str, connect_timeout: &str| {
+        let log = pki.path("worker.log");
+        let out = std::fs::File::create(&log).unwrap();
+        let mut worker = Process::spawn(
+            Command::new(bin_path("workq-worker"))
+                .args(["--server", url, "--queue", "q"])
+                .args(["--connect-timeout", connect_timeout])
+                .env("WORKQ_CA_CERT", pki.path(ca))
+                .env_remove("WORKQ_TOKEN")
+                .args(["exec", "--", "cat"])
+                .stdin(Stdio::null())
+                .stdout(out.try_clone().unwrap())
+                .stderr(out),
+        );
+        // Far less than --connect-timeout: it must not wait the outage out.
+        let code = worker.wait_exit(Duration::from_secs(60));
+        (code, std::fs::read_to_string(&log).unwrap())
+    };
+    for (url, ca, says) in [
+        (&trusted.grpc_url, "other-ca.pem", "UnknownIssuer"),
+        (&elsewhere.grpc_url, "ca.pem", "not valid for name"),
+        (&plain.grpc_url, "ca.pem", "use http://"),
+    ] {
+        let (code, log) = worker(&https_url(url), ca, "10m");
+        assert_eq!(code, Some(1), "{log}");
+        assert!(log.contains(says), "{log}");
+        assert!(!log.contains("retrying"), "{log}");
+    }
+    let (code, log) = worker(&https_url(&expired.grpc_url), "ca.pem", "1s");
+    assert_eq!(code, Some(1), "{log}");
+    assert!(log.contains("certificate expired"), "{log}");
+    assert!(
+        log.contains("retrying") && log.contains("gave up after"),
+        "{log}"
+    );
+}
+
+/// A CA file whose CERTIFICATE block does not parse is named as the problem, not the
+/// server's address, before any connection.
+#[test]
+fn a_ca_file_that_does_not_parse_is_named() {
+    let pki = Pki::new();
+    let coordinator = pki.coordinator();
+    let url = https_url(&coordinator.grpc_url);
+    let cert = std::fs::read_to_string(pki.path("ca.pem")).unwrap();
+    for (name, text, says) in [
+        (
+            "bad-base64.pem",
+            "-----BEGIN CERTIFICATE-----\nAAAAnotbase64!!!\n-----END CERTIFICATE-----\n"
+                .to_string(),
+            "not valid base64",
+        ),
+        (
+            "cut-short.pem",
+            cert[..cert.len() / 2].to_string(),
+            "the CERTIFICATE block has no END line",
+        ),
+        (
+            "no-certificate.pem",
+            "-----BEGIN CERTIFICATE-----\naGVsbG8=\n-----END CERTIFICATE-----\n".to_string(),
+            "CERTIFICATE block 1 is not a certificate",
+        ),
+    ] {
+        std::fs::write(pki.path(name), text).unwrap();
+        let out = queue_cli(&pki, &url, Some(name), &["list"]);
+        assert_eq!(out.status.code(), Some(1), "{name}: {out:?}");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        let named = format!("error: invalid --ca-cert: {}: ", pki.arg(name));
+        assert!(stderr.starts_with(&named), "{name}: {stderr}");
+        assert!(stderr.contains(says), "{name}: {stderr}");
+    }
+}
+
+/// `bench --mode wire` against https:// is refused before the bench makes (or
+/// preloads) its queue: the wire protocol has no TLS.
+#[test]
+fn a_wire_bench_against_tls_is_refused_before_it_starts() {
+    let pki = Pki::new();
+    let coordinator = pki.coordinator();
+    let url = https_url(&coordinator.grpc_url);
+    let args = ["bench", "--mode", "wire", "--workload", "drain"];
+    let out = queue_cli(
+        &pki,
+        &url,
+        Some("ca.pem"),
+        &[&args[..], &["--queue", "wq", "--items", "10"]].concat(),
+    );
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("use --mode stream"), "{stderr}");
+    assert!(!stderr.contains("invalid"), "{stderr}");
+    let list = queue_cli(&pki, &url, Some("ca.pem"), &["list", "-o", "json"]);
+    let list: serde_json::Value = serde_json::from_slice(&list.stdout).unwrap();
+    assert_eq!(list["queues"], serde_json::json!([]), "{list}");
 }
 
 /// A renewed certificate (the files rewritten in place, as cert-manager does) serves
@@ -415,6 +635,16 @@ fn queue_cli_and_a_worker_drain_a_queue_over_tls() {
 #[test]
 fn unusable_tls_flags_stop_the_start() {
     let pki = Pki::new();
+    // A file half written, and a key as `openssl pkcs8 -topk8` encrypts it (only its
+    // label matters here).
+    let cert = std::fs::read_to_string(pki.path("cert.pem")).unwrap();
+    std::fs::write(pki.path("cut-short.pem"), &cert[..cert.len() / 2]).unwrap();
+    let key = std::fs::read_to_string(pki.path("key.pem")).unwrap();
+    std::fs::write(
+        pki.path("encrypted-key.pem"),
+        key.replace("PRIVATE KEY", "ENCRYPTED PRIVATE KEY"),
+    )
+    .unwrap();
     let start = |args: &[String]| {
         let dir = tempfile::tempdir().unwrap();
         let mut coordinator = Process::spawn(
@@ -443,6 +673,24 @@ fn unusable_tls_flags_stop_the_start() {
         ("key.pem", Some("key.pem"), 1, "no CERTIFICATE"),
         ("missing.pem", Some("key.pem"), 1, "cannot read --tls-cert"),
         ("cert.pem", None, 2, "--tls-key"),
+        (
+            "cut-short.pem",
+            Some("key.pem"),
+            1,
+            "its CERTIFICATE block has no END line (is the file cut short?)",
+        ),
+        (
+            "cert.pem",
+            Some("encrypted-key.pem"),
+            1,
+            "the key is encrypted: workq needs an unencrypted key",
+        ),
+        (
+            "chain-reversed.pem",
+            Some("key.pem"),
+            1,
+            "the server's own certificate must come first in --tls-cert",
+        ),
     ] {
         let mut args = vec!["--tls-cert".to_string(), pki.arg(cert)];
         if let Some(key) = key {
@@ -531,5 +779,11 @@ async fn a_handshake_that_never_comes_fails_the_connect_within_its_timeout() {
     };
     assert!(error.is_transient(), "{error}");
     assert!(error.to_string().contains(&url), "{error}");
+    assert!(
+        error.to_string().contains(
+            "the port accepted the connection but gave no TLS handshake within the 500ms"
+        ),
+        "{error}"
+    );
     held.abort();
 }

@@ -116,7 +116,10 @@ pub fn backoff(failures: u32) -> Duration {
 }
 
 /// Connects to the coordinator, retrying with backoff until it answers, the outage
-/// outlasts `--connect-timeout`, or shutdown begins (`Ok(None)`).
+/// outlasts `--connect-timeout`, or shutdown begins (`Ok(None)`). A failure that no
+/// wait mends ends it at once ([`ClientError::is_transient`]): a bad address, or a
+/// TLS mistake (a certificate from a CA we do not trust or for another name, plain
+/// text on https://). An expired certificate is waited out: a renewal mends it.
 pub async fn connect(
     options: &ConnectOptions,
     link: &Link,

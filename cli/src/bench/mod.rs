@@ -206,6 +206,13 @@ pub async fn run(global: &Global, args: BenchArgs) -> Result<()> {
     if (args.producers.is_some() || args.consumers.is_some()) && args.workload != Workload::E2e {
         bail!("--producers and --consumers go with --workload e2e; use --concurrency");
     }
+    // Before the bench queue is made (or preloaded): the run could not use it.
+    if args.mode == Mode::Wire && global.server.starts_with("https://") {
+        bail!(
+            "--mode wire speaks the wire protocol, which has no TLS, and this coordinator \
+             serves TLS (https://): use --mode stream, the same streams over gRPC"
+        );
+    }
     payload::now_us(); // start the run clock before anything is stamped
     let mut admin = global.connect().await?;
     let fresh = args.queue.is_none();

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use anyhow::Result;
 use clap::Args;
 use serde_json::json;
-use workq_proto::client::{is_transport_status, was_never_sent};
+use workq_proto::client::{is_transport_status, tls_failure, was_never_sent};
 use workq_proto::{Client, pb};
 
 use super::{ms, opt_ms, parse_duration};
@@ -233,7 +233,9 @@ const POLL_AGAIN_MIN: Duration = Duration::from_millis(100);
 ///
 /// A connection closed without a word before the coordinator ever answered may be
 /// a port serving TLS, which no retry mends: after two such failures in a row the
-/// error goes to the user, with the hint.
+/// error goes to the user, with the hint. A certificate the client does not accept
+/// (a coordinator restarted with another one) is not retried at all, unless it only
+/// expired, which a renewal mends.
 async fn long_poll(
     client: &mut Client,
     mut request: pb::LeaseRequest,
@@ -259,7 +261,11 @@ async fn long_poll(
                 None
             }
             Err(status) => {
-                let retry = if !is_transport_status(&status) {
+                let retry = if tls_failure(&status).is_some_and(|f| !f.is_transient()) {
+                    // A certificate this client does not accept (not one that merely
+                    // expired), or plain text on https://: no retry mends that.
+                    false
+                } else if !is_transport_status(&status) {
                     // Its own UNAVAILABLE: shutting down, or stopping after a
                     // storage failure, to be restarted.
                     unexplained = 0;
