@@ -133,10 +133,10 @@ impl Global {
                 format!("the coordinator at {}: {message}", self.server)
             }
             // The connection failed or broke.
-            tonic::Code::Unavailable | tonic::Code::Unknown | tonic::Code::Cancelled
-                if workq_proto::client::is_transient_status(status) =>
-            {
-                let reason = if message.is_empty() {
+            _ if workq_proto::client::is_transient_status(status) => {
+                let reason = if workq_proto::client::went_away(status) {
+                    "it closed the connection (HTTP/2 GOAWAY)"
+                } else if message.is_empty() {
                     "connection lost"
                 } else {
                     message

@@ -498,10 +498,15 @@ fn an_enqueue_whose_coordinator_died_says_how_far_it_got() {
     feed(&mut stdin, "two\n");
     drop(stdin);
     let stderr = failure(enqueue);
+    // Item 0 is in, but the kill may have come before its answer reached the CLI,
+    // which then cannot know: it says so, and still that the connection was lost
+    // (the coordinator had opened HTTP/2), not that a TLS port was read as plain.
+    let answer_lost = "error: the item with index 0 may or may not be in (without a --key, a \
+                       rerun can add them twice): ";
     assert!(
         stderr.starts_with(
             "error: stopped after 1 items were accepted (1 enqueued, 0 deduplicated): "
-        ),
+        ) || stderr.starts_with(answer_lost),
         "{stderr}"
     );
     assert!(

@@ -16,6 +16,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioIo;
 use tokio_rustls::rustls::RootCertStore;
 use tokio_rustls::rustls::pki_types::CertificateDer;
 use tokio_rustls::rustls::pki_types::pem::{self, PemObject};
@@ -189,7 +190,24 @@ pub fn is_transient_status(status: &tonic::Status) -> bool {
     matches!(
         status.code(),
         tonic::Code::Unavailable | tonic::Code::Unknown | tonic::Code::Cancelled
-    )
+    ) || went_away(status)
+}
+
+/// True when the call failed because the coordinator closed the connection with an
+/// HTTP/2 GOAWAY, as one does when it stops: tonic reports the calls the GOAWAY cut
+/// off as INTERNAL ("h2 protocol error"), though all they need is another
+/// connection. (A call the GOAWAY names as not taken was never processed; one cut
+/// when the connection closed after it may have been, so this says nothing about
+/// whether the call took effect.)
+pub fn went_away(status: &tonic::Status) -> bool {
+    let mut source = std::error::Error::source(status);
+    while let Some(cause) = source {
+        if let Some(h2) = cause.downcast_ref::<h2::Error>() {
+            return h2.is_go_away() && h2.is_remote();
+        }
+        source = cause.source();
+    }
+    false
 }
 
 /// Why a TLS handshake with the coordinator failed, as far as a client can fix it.
@@ -343,6 +361,11 @@ pub fn describe_status(status: &tonic::Status) -> String {
         _ if pings_unanswered(status) => PINGS_UNANSWERED.into(),
         _ if message.is_empty() => format!("coordinator answered {:?}", status.code()),
         // What a plain http:// client reads from a port that serves TLS.
+        _ if went_away(status) => {
+            "the coordinator closed the connection (HTTP/2 GOAWAY): it is stopping or \
+             restarting"
+                .into()
+        }
         _ if message.contains("h2 protocol error") => {
             format!("{message} (if the coordinator serves TLS, use https://)")
         }
@@ -388,27 +411,30 @@ pub fn with_tls_hint(url: &str, reason: String) -> String {
 /// of holding it for ever. tonic's own connector times the TCP connect alone.
 ///
 /// It notes whether a TCP connection was made, so that an attempt that timed out
-/// can say which half of it did.
+/// can say which half of it did, and, on a plain `http://` connection, whether the
+/// server opened with an HTTP/2 SETTINGS frame (see [`Watched`]).
 #[derive(Clone, Debug)]
 struct TcpConnector {
     tcp: HttpConnector,
     connected: Arc<AtomicBool>,
+    answered: Answered,
 }
 
 impl TcpConnector {
-    fn new() -> TcpConnector {
+    fn new(answered: Answered) -> TcpConnector {
         let mut tcp = HttpConnector::new();
         tcp.enforce_http(false);
         tcp.set_nodelay(true);
         TcpConnector {
             tcp,
             connected: Arc::default(),
+            answered,
         }
     }
 }
 
 impl Service<http::Uri> for TcpConnector {
-    type Response = <HttpConnector as Service<http::Uri>>::Response;
+    type Response = TokioIo<Watched>;
     type Error = <HttpConnector as Service<http::Uri>>::Error;
     type Future = BoxFuture<Self::Response, Self::Error>;
 
@@ -417,13 +443,108 @@ impl Service<http::Uri> for TcpConnector {
     }
 
     fn call(&mut self, uri: http::Uri) -> Self::Future {
+        // Under TLS the first bytes are a TLS record, and a finished handshake
+        // already says the port was no plain one.
+        let plain = uri.scheme_str() == Some("http");
         let connecting = self.tcp.call(uri);
         let connected = self.connected.clone();
+        let answered = plain.then(|| self.answered.0.clone());
         Box::pin(async move {
-            let stream = connecting.await?;
+            let stream = connecting.await?.into_inner();
             connected.store(true, Ordering::Relaxed);
-            Ok(stream)
+            Ok(TokioIo::new(Watched {
+                stream,
+                header: [0; 9],
+                seen: 0,
+                answered,
+            }))
         })
+    }
+}
+
+/// A plain TCP connection that sets [`Answered`] when the server's first nine bytes
+/// are the header of an HTTP/2 SETTINGS frame on stream 0, which an HTTP/2 server
+/// sends first on every connection. A port that serves TLS sends a TLS alert
+/// instead, so a connection that breaks after this was lost (the coordinator
+/// stopped), not refused for speaking plain text, even when no call had been
+/// answered yet.
+#[derive(Debug)]
+struct Watched {
+    stream: tokio::net::TcpStream,
+    header: [u8; 9],
+    seen: usize,
+    /// Until the header has been read.
+    answered: Option<Arc<AtomicBool>>,
+}
+
+impl Watched {
+    fn note(&mut self, read: &[u8]) {
+        let Some(answered) = &self.answered else {
+            return;
+        };
+        let n = read.len().min(self.header.len() - self.seen);
+        self.header[self.seen..self.seen + n].copy_from_slice(&read[..n]);
+        self.seen += n;
+        if self.seen == self.header.len() {
+            let settings = self.header[3] == 0x4;
+            let stream_zero = self.header[5..9].iter().all(|b| b & 0x7f == 0);
+            if settings && stream_zero {
+                answered.store(true, Ordering::Relaxed);
+            }
+            self.answered = None;
+        }
+    }
+}
+
+impl tokio::io::AsyncRead for Watched {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let polled = std::pin::Pin::new(&mut self.stream).poll_read(cx, buf);
+        if self.answered.is_some() {
+            let read = buf.filled()[before..].to_vec();
+            self.note(&read);
+        }
+        polled
+    }
+}
+
+impl tokio::io::AsyncWrite for Watched {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.stream).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.stream).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.stream.is_write_vectored()
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.stream).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.stream).poll_shutdown(cx)
     }
 }
 
@@ -505,7 +626,8 @@ impl Interceptor for Auth {
 }
 
 /// Whether the coordinator has answered a client: set at the first HTTP/2 response
-/// (headers, or trailers alone) on any of the client's calls, and never cleared.
+/// (headers, or trailers alone) on any of the client's calls, or, on a plain
+/// connection, once the server has opened HTTP/2 (see [`Watched`]); never cleared.
 ///
 /// A connection that breaks after that was not a TLS port read as plain text, nor a
 /// coordinator that could not be reached: it was lost, and a call cut then may or
@@ -566,7 +688,8 @@ impl Client {
     /// Connects once; fails fast with [`ClientError::Unreachable`] when nothing listens.
     pub async fn connect(options: ConnectOptions) -> Result<Client, ClientError> {
         let endpoint = Self::endpoint(&options)?;
-        let connector = TcpConnector::new();
+        let answered = Answered::default();
+        let connector = TcpConnector::new(answered.clone());
         let tcp_connected = connector.connected.clone();
         let channel = endpoint
             .connect_with_connector(connector)
@@ -579,13 +702,15 @@ impl Client {
                     with_tls_hint(&options.url, error_chain(&e))
                 },
             })?;
-        Self::with_channel(channel, &options)
+        Self::with_channel(channel, answered, &options)
     }
 
     /// A client that connects on first use and reconnects by itself afterwards.
     pub fn connect_lazy(options: ConnectOptions) -> Result<Client, ClientError> {
-        let channel = Self::endpoint(&options)?.connect_with_connector_lazy(TcpConnector::new());
-        Self::with_channel(channel, &options)
+        let answered = Answered::default();
+        let channel = Self::endpoint(&options)?
+            .connect_with_connector_lazy(TcpConnector::new(answered.clone()));
+        Self::with_channel(channel, answered, &options)
     }
 
     fn endpoint(options: &ConnectOptions) -> Result<Endpoint, ClientError> {
@@ -631,7 +756,11 @@ impl Client {
         Ok(endpoint)
     }
 
-    fn with_channel(channel: Channel, options: &ConnectOptions) -> Result<Client, ClientError> {
+    fn with_channel(
+        channel: Channel,
+        answered: Answered,
+        options: &ConnectOptions,
+    ) -> Result<Client, ClientError> {
         let header = match &options.token {
             Some(token) => Some(
                 format!("Bearer {token}")
@@ -640,7 +769,6 @@ impl Client {
             ),
             None => None,
         };
-        let answered = Answered::default();
         let channel = NoteAnswers {
             channel,
             answered: answered.clone(),
@@ -798,6 +926,75 @@ mod tests {
         assert!(!was_never_sent(&tonic::Status::unavailable(
             "connection refused"
         )));
+    }
+
+    /// Serves one connection on a fresh port: writes `opening`, reads what the client
+    /// sends for a moment, and closes.
+    async fn one_connection_opening_with(opening: &'static [u8]) -> String {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let url = format!("http://{}", listener.local_addr().expect("addr"));
+        tokio::spawn(async move {
+            let (mut socket, _) = listener.accept().await.expect("accept");
+            socket.write_all(opening).await.expect("write");
+            let mut buf = [0u8; 1024];
+            let _ = tokio::time::timeout(Duration::from_millis(200), socket.read(&mut buf)).await;
+        });
+        url
+    }
+
+    /// A coordinator that stops sends a GOAWAY: a call it turned away is one to make
+    /// again on a new connection, not an internal error.
+    #[tokio::test]
+    async fn a_call_turned_away_by_a_goaway_is_transient() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let url = format!("http://{}", listener.local_addr().expect("addr"));
+        tokio::spawn(async move {
+            let (socket, _) = listener.accept().await.expect("accept");
+            let mut connection = h2::server::handshake(socket).await.expect("handshake");
+            // Takes no stream: every call the client opens is past the last one taken.
+            connection.abrupt_shutdown(h2::Reason::NO_ERROR);
+            while connection.accept().await.is_some() {}
+        });
+        let mut client = Client::connect_lazy(ConnectOptions::new(url)).expect("lazy client");
+        let status = client
+            .list_queues(pb::ListQueuesRequest {})
+            .await
+            .expect_err("the server took no call");
+        assert!(went_away(&status), "{status:?}");
+        assert!(is_transient_status(&status), "{status:?}");
+        assert!(describe_status(&status).contains("GOAWAY"), "{status:?}");
+        assert!(!went_away(&tonic::Status::internal("h2 protocol error")));
+    }
+
+    #[tokio::test]
+    async fn a_plain_connection_whose_server_opened_http2_counts_as_answered() {
+        // An HTTP/2 server's first frame: an empty SETTINGS frame on stream 0.
+        let url = one_connection_opening_with(&[0, 0, 0, 4, 0, 0, 0, 0, 0]).await;
+        let mut client = Client::connect_lazy(ConnectOptions::new(url)).expect("lazy client");
+        let status = client
+            .list_queues(pb::ListQueuesRequest {})
+            .await
+            .expect_err("the server closed the connection");
+        assert!(is_transport_status(&status), "{status:?}");
+        assert!(client.answered().get(), "{status:?}");
+    }
+
+    #[tokio::test]
+    async fn a_plain_connection_answered_by_a_tls_alert_does_not_count_as_answered() {
+        // What a TLS server writes to a client that opened with plain HTTP/2: a fatal
+        // alert record.
+        let url = one_connection_opening_with(&[0x15, 0x03, 0x03, 0x00, 0x02, 0x02, 0x32]).await;
+        let mut client = Client::connect_lazy(ConnectOptions::new(url)).expect("lazy client");
+        let status = client
+            .list_queues(pb::ListQueuesRequest {})
+            .await
+            .expect_err("the server closed the connection");
+        assert!(!client.answered().get(), "{status:?}");
     }
 
     #[test]

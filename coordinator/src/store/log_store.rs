@@ -822,7 +822,9 @@ impl LogStore {
         {
             commit.wait().await;
         }
-        if !self.healthy() || self.inner.durable.load(Ordering::SeqCst) < ticket.0 {
+        // Only whether its own sync was done counts: a later batch may have failed
+        // since (the log is unhealthy now), and this change is on disk all the same.
+        if self.inner.durable.load(Ordering::SeqCst) < ticket.0 {
             return Err(not_written(&self.inner, ticket.0));
         }
         Ok(())
@@ -1971,6 +1973,53 @@ mod tests {
         let later = store.write(put_queue(50)).unwrap();
         assert!(store.wait_durable(later).await.is_err());
         assert!(!store.is_synced(later));
+    }
+
+    /// A writer whose sync was done, but who looks only after a later batch failed,
+    /// is told its change is durable, which it is (a restart finds it): not that it
+    /// is not on disk, which made a producer enqueue it again.
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_sync_done_before_a_later_failure_is_answered_as_durable() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(LogStore::open(dir.path(), Durability::Strict).unwrap());
+        store.start();
+        let stall = store.stall();
+        let ticket = store.write(put_queue(1)).unwrap();
+        let waiter = tokio::spawn({
+            let store = store.clone();
+            async move { store.wait_durable(ticket).await }
+        });
+        // The waiter joins the sync's commit and sleeps there.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(!waiter.is_finished());
+        // Its sync is done, and the next batch fails, all before the waiter (on this
+        // runtime's only thread) runs again: this thread blocks meanwhile.
+        drop(stall);
+        let syncing = Instant::now();
+        while !store.is_synced(ticket) {
+            assert!(
+                syncing.elapsed() < Duration::from_secs(60),
+                "the sync never came"
+            );
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        let working = store.fail_writes();
+        let lost = store.write(put_queue(2)).unwrap();
+        store.request_flush();
+        let failing = Instant::now();
+        while store.healthy() {
+            assert!(
+                failing.elapsed() < Duration::from_secs(60),
+                "the flush never failed"
+            );
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        waiter.await.unwrap().expect("the change is on disk");
+        assert!(store.wait_durable(lost).await.is_err());
+
+        *lock(&store.inner.segment) = working;
+        drop(store);
+        assert_eq!(logged_values(dir.path()), vec![1]);
     }
 
     /// A disk that fails once and then works again: nothing written after the lost
