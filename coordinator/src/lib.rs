@@ -20,6 +20,7 @@ pub mod store;
 pub mod stream;
 pub mod tls;
 pub mod wire;
+pub mod x509;
 
 pub use engine::Engine;
 pub use error::{Error, Result};

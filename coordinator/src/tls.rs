@@ -22,6 +22,7 @@ use std::task::{Context as TaskContext, Poll};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
+use chrono::{DateTime, Utc};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
@@ -33,6 +34,8 @@ use tokio_rustls::rustls::sign::CertifiedKey;
 use tokio_rustls::rustls::{ServerConfig, crypto::ring};
 use tokio_rustls::server::TlsStream;
 use tonic::transport::server::{Connected, TcpConnectInfo};
+
+use crate::x509;
 
 /// How long a client may take to finish its TLS handshake.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -67,6 +70,11 @@ impl Tls {
                 key.display()
             )
         })?;
+        note_dates(
+            cert,
+            &current,
+            DateTime::<Utc>::from(std::time::SystemTime::now()),
+        );
         let certs = Certs {
             cert: cert.to_path_buf(),
             key: key.to_path_buf(),
@@ -158,6 +166,77 @@ fn certified(cert_pem: &[u8], key_pem: &[u8]) -> anyhow::Result<CertifiedKey> {
     }
 }
 
+/// How long before its end a certificate being loaded is worth a warning. cert-manager
+/// renews a certificate a third of its life before it ends (30 days for 90), so one
+/// this close to its end is one whose renewal is failing.
+pub const EXPIRY_WARNING: chrono::TimeDelta = chrono::TimeDelta::days(7);
+
+/// What the dates of a certificate being loaded call for, at `now`: an error when
+/// clients refuse it (expired, or not valid yet), a warning when it ends within
+/// [`EXPIRY_WARNING`]. The certificate is served all the same: nothing else would let
+/// clients in, and a renewed file is picked up without a restart.
+pub fn dates_note(validity: &x509::Validity, now: DateTime<Utc>) -> (tracing::Level, String) {
+    let day = |at: DateTime<Utc>| at.format("%Y-%m-%d %H:%M:%S UTC");
+    if now > validity.not_after {
+        (
+            tracing::Level::ERROR,
+            format!(
+                "the TLS certificate expired on {}: clients refuse it until it is renewed \
+                 (a renewed file is served without a restart)",
+                day(validity.not_after)
+            ),
+        )
+    } else if now < validity.not_before {
+        (
+            tracing::Level::ERROR,
+            format!(
+                "the TLS certificate is not valid until {}: clients refuse it until then \
+                 (is this machine's clock right?)",
+                day(validity.not_before)
+            ),
+        )
+    } else if validity.not_after - now < EXPIRY_WARNING {
+        let hours = (validity.not_after - now).num_hours();
+        (
+            tracing::Level::WARN,
+            format!(
+                "the TLS certificate expires on {}, in {}: renew it (a renewed file is \
+                 served without a restart)",
+                day(validity.not_after),
+                if hours >= 48 {
+                    format!("{} days", hours / 24)
+                } else {
+                    format!("{hours} hours")
+                }
+            ),
+        )
+    } else {
+        (
+            tracing::Level::INFO,
+            format!(
+                "the TLS certificate is valid until {}",
+                day(validity.not_after)
+            ),
+        )
+    }
+}
+
+/// Logs what [`dates_note`] says of the server's own certificate (the first of
+/// the chain) in `path`.
+fn note_dates(path: &Path, certified: &CertifiedKey, now: DateTime<Utc>) {
+    let Some(validity) = certified.cert.first().and_then(|der| x509::validity(der)) else {
+        tracing::debug!(cert = %path.display(), "cannot read the TLS certificate's dates");
+        return;
+    };
+    let (level, note) = dates_note(&validity, now);
+    let cert = path.display();
+    match level {
+        tracing::Level::ERROR => tracing::error!(%cert, "{note}"),
+        tracing::Level::WARN => tracing::warn!(%cert, "{note}"),
+        _ => tracing::info!(%cert, "{note}"),
+    }
+}
+
 /// True when the key file holds an encrypted key, which rustls cannot read: PKCS#8
 /// ("ENCRYPTED PRIVATE KEY") or OpenSSL's legacy encrypted PEM ("Proc-Type:
 /// 4,ENCRYPTED").
@@ -228,10 +307,15 @@ impl Certs {
         }
         match certified(&contents.0, &contents.1) {
             Ok(fresh) => {
+                tracing::info!(cert = %self.cert.display(), "TLS certificate reloaded");
+                note_dates(
+                    &self.cert,
+                    &fresh,
+                    DateTime::<Utc>::from(std::time::SystemTime::now()),
+                );
                 *self.current.write().unwrap_or_else(PoisonError::into_inner) = Arc::new(fresh);
                 files.served = contents;
                 files.refused = None;
-                tracing::info!(cert = %self.cert.display(), "TLS certificate reloaded");
             }
             Err(e) => {
                 files.refused = Some(contents);
@@ -394,6 +478,46 @@ mod tests {
             error,
             "the certificate file is not PEM: its CERTIFICATE block has no END line (is the \
              file cut short?)"
+        );
+    }
+
+    #[test]
+    fn a_certificate_is_judged_by_its_dates() {
+        let at = |text: &str| {
+            DateTime::parse_from_rfc3339(text)
+                .unwrap()
+                .with_timezone(&Utc)
+        };
+        let validity = x509::Validity {
+            not_before: at("2026-01-01T00:00:00Z"),
+            not_after: at("2026-04-01T00:00:00Z"),
+        };
+        let note = |now: &str| dates_note(&validity, at(now));
+
+        let (level, text) = note("2026-04-02T00:00:00Z");
+        assert_eq!(level, tracing::Level::ERROR);
+        assert!(
+            text.starts_with("the TLS certificate expired on 2026-04-01 00:00:00 UTC"),
+            "{text}"
+        );
+        let (level, text) = note("2025-12-31T00:00:00Z");
+        assert_eq!(level, tracing::Level::ERROR);
+        assert!(text.contains("not valid until 2026-01-01"), "{text}");
+        assert!(text.contains("clock"), "{text}");
+        let (level, text) = note("2026-03-28T00:00:00Z");
+        assert_eq!(level, tracing::Level::WARN);
+        assert!(
+            text.contains("expires on 2026-04-01 00:00:00 UTC, in 4 days"),
+            "{text}"
+        );
+        let (level, text) = note("2026-03-31T12:00:00Z");
+        assert_eq!(level, tracing::Level::WARN);
+        assert!(text.contains("in 12 hours"), "{text}");
+        let (level, text) = note("2026-02-01T00:00:00Z");
+        assert_eq!(level, tracing::Level::INFO);
+        assert_eq!(
+            text,
+            "the TLS certificate is valid until 2026-04-01 00:00:00 UTC"
         );
     }
 

@@ -19,7 +19,8 @@ use tokio_rustls::rustls::{ClientConfig, RootCertStore};
 use workq_proto::client::{TlsFailure, tls_failure};
 use workq_proto::{Client, ConnectOptions};
 use workq_tests::{
-    Coordinator, Process, bin_path, create_queue, lease_one, pb, queue_stats, wait_for_async,
+    Coordinator, Process, bin_path, create_queue, lease_one, pb, queue_stats, wait_for,
+    wait_for_async,
 };
 
 /// A test CA and a certificate it signed for 127.0.0.1 and localhost, as PEM files,
@@ -786,4 +787,33 @@ async fn a_handshake_that_never_comes_fails_the_connect_within_its_timeout() {
         "{error}"
     );
     held.abort();
+}
+
+/// The coordinator reads its own certificate's dates when it loads one, at start and
+/// on a renewal: one that clients will refuse as expired is an error in the log, not
+/// a mystery found on the clients' side.
+#[tokio::test]
+async fn an_expired_certificate_is_said_to_be_so_at_start_and_on_reload() {
+    let pki = Pki::new();
+    let expired = pki.coordinator_with("expired.pem");
+    let said = "the TLS certificate expired on 2020-02-01 00:00:00 UTC";
+    wait_for("the expiry in the log", Duration::from_secs(15), || {
+        expired.log().contains(said)
+    });
+    assert!(expired.log().contains("ERROR"), "{}", expired.log());
+
+    let fresh = pki.coordinator();
+    wait_for("the dates in the log", Duration::from_secs(15), || {
+        fresh.log().contains("the TLS certificate is valid until")
+    });
+    assert!(!fresh.log().contains(said));
+    // Renewed with an expired certificate: it is served (nothing else would be
+    // better), and the log says what clients will make of it.
+    std::fs::copy(pki.path("expired.pem"), pki.path("cert.pem")).unwrap();
+    let url = https_url(&fresh.grpc_url);
+    wait_for_async("the reload", Duration::from_secs(15), || async {
+        let _ = Client::connect(pki.trusting(&url)).await;
+        fresh.log().contains(said)
+    })
+    .await;
 }
