@@ -271,7 +271,9 @@ async fn accept(
             if let Some(tls) = tls {
                 // A wire hello fails the handshake.
                 let opened = async {
-                    let mut stream = tls.handshake(stream).await?;
+                    let Some(mut stream) = tls.accept(stream).await? else {
+                        return Err(std::io::Error::other("plain HTTP on the TLS port"));
+                    };
                     let preface = tokio::time::timeout(
                         crate::wire::HELLO_TIMEOUT,
                         read_http2_preface(&mut stream),

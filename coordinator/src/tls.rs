@@ -105,6 +105,31 @@ impl Tls {
         }
     }
 
+    /// [`Tls::handshake`], unless the client opened with a plain HTTP/1 request
+    /// (`curl http://` to a port serving TLS): that one is answered, in plain text,
+    /// with a 400 that says to use `https://`, and `None` is returned. A plain HTTP/2
+    /// client ("PRI * HTTP/2.0") is left to the handshake, which fails it, and to the
+    /// client's own hint: gRPC clients read no HTTP/1 answer.
+    pub async fn accept(&self, stream: TcpStream) -> io::Result<Option<TlsStream<TcpStream>>> {
+        let mut first = [0u8; 3];
+        let peeked = tokio::time::timeout(HANDSHAKE_TIMEOUT, stream.peek(&mut first)).await;
+        let Ok(peeked) = peeked else {
+            return Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "TLS handshake timed out",
+            ));
+        };
+        let seen = &first[..peeked?];
+        // A TLS record starts with its type (0x16 for a handshake), a request line
+        // with its method in capitals.
+        let http1 = seen.first().is_some_and(u8::is_ascii_uppercase) && seen != b"PRI";
+        if !http1 {
+            return self.handshake(stream).await.map(Some);
+        }
+        answer_plain_http(stream).await;
+        Ok(None)
+    }
+
     /// Serves TLS on `listener` for the HTTP port.
     pub fn listen(&self, listener: TcpListener) -> io::Result<TlsListener> {
         let local = listener.local_addr()?;
@@ -115,10 +140,11 @@ impl Tls {
                 let (stream, peer) = crate::server::next_connection(&listener).await;
                 let (tls, tx) = (tls.clone(), tx.clone());
                 tokio::spawn(async move {
-                    match tls.handshake(stream).await {
-                        Ok(stream) => {
+                    match tls.accept(stream).await {
+                        Ok(Some(stream)) => {
                             let _ = tx.send((stream, peer)).await;
                         }
+                        Ok(None) => tracing::debug!(%peer, "plain HTTP on the TLS port"),
                         Err(e) => tracing::debug!(%peer, "TLS handshake failed: {e}"),
                     }
                 });
@@ -130,6 +156,62 @@ impl Tls {
             accepting: accepting.abort_handle(),
         })
     }
+}
+
+/// Answers a plain HTTP/1 request on a port serving TLS with a 400 that says which
+/// URL to use, as nginx does. The request's head is read first (within a few
+/// seconds, 16 KiB at most), so that closing with it unread does not reset the
+/// connection before the client has the answer.
+async fn answer_plain_http(mut stream: TcpStream) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    const HEAD_LIMIT: usize = 16 << 10;
+    let mut head = Vec::new();
+    let read_head = async {
+        let mut buf = [0u8; 4096];
+        while head.len() < HEAD_LIMIT && !head.windows(4).any(|w| w == b"\r\n\r\n") {
+            match stream.read(&mut buf).await {
+                Ok(0) | Err(_) => return false,
+                Ok(n) => head.extend_from_slice(&buf[..n]),
+            }
+        }
+        true
+    };
+    if !matches!(
+        tokio::time::timeout(Duration::from_secs(5), read_head).await,
+        Ok(true)
+    ) {
+        return;
+    }
+    let body = format!(
+        "this port serves HTTPS: use {}\n",
+        https_url_of(&head).unwrap_or_else(|| "https://".into())
+    );
+    let answer = format!(
+        "HTTP/1.1 400 Bad Request\r\ncontent-type: text/plain; charset=utf-8\r\n\
+         content-length: {}\r\nconnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    let wrote = async {
+        stream.write_all(answer.as_bytes()).await?;
+        stream.shutdown().await
+    };
+    let _ = tokio::time::timeout(Duration::from_secs(5), wrote).await;
+}
+
+/// `https://` and the Host and target of the request whose head is `head`, when both
+/// are there and printable.
+fn https_url_of(head: &[u8]) -> Option<String> {
+    let text = std::str::from_utf8(head).ok()?;
+    let mut lines = text.split("\r\n");
+    let target = lines.next()?.split(' ').nth(1)?;
+    let host = lines.find_map(|line| {
+        let (name, value) = line.split_once(':')?;
+        name.eq_ignore_ascii_case("host").then(|| value.trim())
+    })?;
+    let printable =
+        |s: &str| !s.is_empty() && s.len() <= 1024 && s.bytes().all(|b| b.is_ascii_graphic());
+    (printable(host) && printable(target) && target.starts_with('/'))
+        .then(|| format!("https://{host}{target}"))
 }
 
 /// The certificate and key of a PEM chain and a PEM key that belong together.
@@ -519,6 +601,22 @@ mod tests {
             text,
             "the TLS certificate is valid until 2026-04-01 00:00:00 UTC"
         );
+    }
+
+    #[test]
+    fn a_plain_request_is_pointed_at_its_https_url() {
+        let head = b"GET /memq/server/stats?x=1 HTTP/1.1\r\nhost: coordinator:8080\r\n\r\n";
+        assert_eq!(
+            https_url_of(head).as_deref(),
+            Some("https://coordinator:8080/memq/server/stats?x=1")
+        );
+        // No Host, or one a terminal should not print: no URL.
+        assert_eq!(https_url_of(b"GET / HTTP/1.0\r\n\r\n"), None);
+        assert_eq!(
+            https_url_of(b"GET / HTTP/1.1\r\nHost: a\x1b[2Jb\r\n\r\n"),
+            None
+        );
+        assert_eq!(https_url_of(b"\xff\xfe"), None);
     }
 
     #[test]

@@ -547,20 +547,30 @@ async fn the_http_face_serves_tls_only() {
     let ids: Vec<&str> = workers.iter().map(|w| w.id.as_str()).collect();
     assert_eq!(ids, ["memq:127.0.0.1"]);
 
-    // Plain HTTP: the TLS port answers no HTTP.
-    let mut plain = TcpStream::connect(&addr).unwrap();
-    plain
-        .set_read_timeout(Some(Duration::from_secs(15)))
-        .unwrap();
-    plain
-        .write_all(b"GET /healthz HTTP/1.1\r\nHost: workq\r\nConnection: close\r\n\r\n")
-        .unwrap();
-    let mut bytes = Vec::new();
-    let _ = plain.read_to_end(&mut bytes);
-    assert!(
-        !String::from_utf8_lossy(&bytes).contains("HTTP/1.1 200"),
-        "a plain request was answered"
-    );
+    // Plain HTTP, on either port: no answer but a 400 that says where to go.
+    for port in [&coordinator.http_url, &coordinator.grpc_url] {
+        let mut plain = TcpStream::connect(host_port(port)).unwrap();
+        plain
+            .set_read_timeout(Some(Duration::from_secs(15)))
+            .unwrap();
+        plain
+            .write_all(b"GET /healthz HTTP/1.1\r\nHost: workq:8080\r\nUser-Agent: t\r\n\r\n")
+            .unwrap();
+        let mut bytes = Vec::new();
+        let _ = plain.read_to_end(&mut bytes);
+        let answer = String::from_utf8_lossy(&bytes);
+        assert!(
+            answer.starts_with("HTTP/1.1 400 Bad Request\r\n"),
+            "{answer}"
+        );
+        assert!(
+            answer.ends_with("\r\n\r\nthis port serves HTTPS: use https://workq:8080/healthz\n"),
+            "{answer}"
+        );
+    }
+    // And TLS goes on as before.
+    let answer = https("GET", "/healthz", "").await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
 }
 
 /// Makes `command` see no system CA certificates (rustls-native-certs reads these
