@@ -418,6 +418,9 @@ struct TcpConnector {
     tcp: HttpConnector,
     connected: Arc<AtomicBool>,
     answered: Answered,
+    /// Notified when a server first sends something (or closes) on a plain
+    /// connection.
+    spoke: Arc<tokio::sync::Notify>,
 }
 
 impl TcpConnector {
@@ -429,6 +432,7 @@ impl TcpConnector {
             tcp,
             connected: Arc::default(),
             answered,
+            spoke: Arc::default(),
         }
     }
 }
@@ -448,7 +452,7 @@ impl Service<http::Uri> for TcpConnector {
         let plain = uri.scheme_str() == Some("http");
         let connecting = self.tcp.call(uri);
         let connected = self.connected.clone();
-        let answered = plain.then(|| self.answered.0.clone());
+        let answered = plain.then(|| (self.answered.0.clone(), self.spoke.clone()));
         Box::pin(async move {
             let stream = connecting.await?.into_inner();
             connected.store(true, Ordering::Relaxed);
@@ -457,6 +461,7 @@ impl Service<http::Uri> for TcpConnector {
                 header: [0; 9],
                 seen: 0,
                 answered,
+                spoke: false,
             }))
         })
     }
@@ -473,22 +478,29 @@ struct Watched {
     stream: tokio::net::TcpStream,
     header: [u8; 9],
     seen: usize,
-    /// Until the header has been read.
-    answered: Option<Arc<AtomicBool>>,
+    /// Until the header has been read: what to set, and whom to tell that the
+    /// server sent something.
+    answered: Option<(Arc<AtomicBool>, Arc<tokio::sync::Notify>)>,
+    /// Whether that was told.
+    spoke: bool,
 }
 
 impl Watched {
     fn note(&mut self, read: &[u8]) {
-        let Some(answered) = &self.answered else {
+        let Some((answered, spoke)) = &self.answered else {
             return;
         };
+        if !self.spoke {
+            self.spoke = true;
+            spoke.notify_one();
+        }
         let n = read.len().min(self.header.len() - self.seen);
         self.header[self.seen..self.seen + n].copy_from_slice(&read[..n]);
         self.seen += n;
-        if self.seen == self.header.len() {
+        if self.seen == self.header.len() || read.is_empty() {
             let settings = self.header[3] == 0x4;
             let stream_zero = self.header[5..9].iter().all(|b| b & 0x7f == 0);
-            if settings && stream_zero {
+            if self.seen == self.header.len() && settings && stream_zero {
                 answered.store(true, Ordering::Relaxed);
             }
             self.answered = None;
@@ -504,7 +516,9 @@ impl tokio::io::AsyncRead for Watched {
     ) -> Poll<std::io::Result<()>> {
         let before = buf.filled().len();
         let polled = std::pin::Pin::new(&mut self.stream).poll_read(cx, buf);
-        if self.answered.is_some() {
+        if self.answered.is_some() && polled.is_ready() {
+            // Bytes, the end of the stream (nothing read), or an error: all say the
+            // server is not silent.
             let read = buf.filled()[before..].to_vec();
             self.note(&read);
         }
@@ -688,9 +702,11 @@ impl Client {
     /// Connects once; fails fast with [`ClientError::Unreachable`] when nothing listens.
     pub async fn connect(options: ConnectOptions) -> Result<Client, ClientError> {
         let endpoint = Self::endpoint(&options)?;
+        let started = tokio::time::Instant::now();
         let answered = Answered::default();
         let connector = TcpConnector::new(answered.clone());
         let tcp_connected = connector.connected.clone();
+        let spoke = connector.spoke.clone();
         let channel = endpoint
             .connect_with_connector(connector)
             .await
@@ -702,6 +718,24 @@ impl Client {
                     with_tls_hint(&options.url, error_chain(&e))
                 },
             })?;
+        // On plain HTTP/2 the connection is made once the client has written its
+        // preface, whether or not anything listens behind the port. The server's
+        // first bytes (its SETTINGS, or whatever else it says) are waited for within
+        // the same timeout, so that a port that never answers fails here, as under
+        // TLS, and not after the pings that would find it out half a minute later.
+        // The first call says what was wrong with whatever came.
+        if options.url.starts_with("http://") {
+            let deadline = started + options.connect_timeout;
+            if tokio::time::timeout_at(deadline, spoke.notified())
+                .await
+                .is_err()
+            {
+                return Err(ClientError::Unreachable {
+                    url: options.url.clone(),
+                    reason: no_answer(&options, true),
+                });
+            }
+        }
         Self::with_channel(channel, answered, &options)
     }
 
