@@ -27,13 +27,14 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
 use tokio_rustls::TlsAcceptor;
-use tokio_rustls::rustls::pki_types::pem::{self, PemObject};
+use tokio_rustls::rustls::pki_types::pem::PemObject;
 use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use tokio_rustls::rustls::server::{ClientHello, ResolvesServerCert};
 use tokio_rustls::rustls::sign::CertifiedKey;
 use tokio_rustls::rustls::{ServerConfig, crypto::ring};
 use tokio_rustls::server::TlsStream;
 use tonic::transport::server::{Connected, TcpConnectInfo};
+use workq_proto::client::describe_pem_error;
 
 use crate::x509;
 
@@ -218,7 +219,12 @@ fn https_url_of(head: &[u8]) -> Option<String> {
 fn certified(cert_pem: &[u8], key_pem: &[u8]) -> anyhow::Result<CertifiedKey> {
     let chain = CertificateDer::pem_slice_iter(cert_pem)
         .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| anyhow::anyhow!("the certificate file is not PEM: {}", pem_error(&e)))?;
+        .map_err(|e| {
+            anyhow::anyhow!(
+                "the certificate file is not PEM: {}",
+                describe_pem_error(&e)
+            )
+        })?;
     if chain.is_empty() {
         bail!("the certificate file holds no CERTIFICATE block");
     }
@@ -228,7 +234,10 @@ fn certified(cert_pem: &[u8], key_pem: &[u8]) -> anyhow::Result<CertifiedKey> {
             "the key is encrypted: workq needs an unencrypted key (decrypt it with \
              `openssl pkey -in KEY -out PLAIN`, and keep PLAIN as private as KEY)"
         ),
-        Err(e) => bail!("the key file holds no PEM private key: {}", pem_error(&e)),
+        Err(e) => bail!(
+            "the key file holds no PEM private key: {}",
+            describe_pem_error(&e)
+        ),
     };
     let provider = ring::default_provider();
     match CertifiedKey::from_der(chain.clone(), key.clone_key(), &provider) {
@@ -326,22 +335,6 @@ fn is_encrypted(key_pem: &[u8]) -> bool {
     let text = String::from_utf8_lossy(key_pem);
     text.contains("-----BEGIN ENCRYPTED PRIVATE KEY-----")
         || text.contains("Proc-Type: 4,ENCRYPTED")
-}
-
-/// A PEM parse error in words: the section label as text, not as bytes.
-fn pem_error(error: &pem::Error) -> String {
-    match error {
-        pem::Error::MissingSectionEnd { end_marker } => format!(
-            "its {} block has no END line (is the file cut short?)",
-            String::from_utf8_lossy(end_marker)
-        ),
-        pem::Error::IllegalSectionStart { line } => format!(
-            "malformed BEGIN line: {}",
-            String::from_utf8_lossy(line).trim()
-        ),
-        pem::Error::Base64Decode(e) => format!("a PEM block is not valid base64 ({e})"),
-        e => e.to_string(),
-    }
 }
 
 /// The files, and the certificate every handshake gets.
@@ -558,7 +551,7 @@ mod tests {
         let error = certified(cut, b"").expect_err("refused").to_string();
         assert_eq!(
             error,
-            "the certificate file is not PEM: its CERTIFICATE block has no END line (is the \
+            "the certificate file is not PEM: the CERTIFICATE block has no END line (is the \
              file cut short?)"
         );
     }

@@ -107,8 +107,9 @@ fn check_ca_pem(pem: &[u8]) -> Result<usize, String> {
     Ok(certs.len())
 }
 
-/// A PEM parse error in words: the section label as text, not as bytes.
-fn describe_pem_error(error: &pem::Error) -> String {
+/// A PEM parse error in words: the section label as text, not as bytes. Shared with
+/// the coordinator, which reads its own certificate and key.
+pub fn describe_pem_error(error: &pem::Error) -> String {
     match error {
         pem::Error::MissingSectionEnd { end_marker } => format!(
             "the {} block has no END line (is the file cut short?)",

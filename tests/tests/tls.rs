@@ -688,7 +688,7 @@ fn unusable_tls_flags_stop_the_start() {
             "cut-short.pem",
             Some("key.pem"),
             1,
-            "its CERTIFICATE block has no END line (is the file cut short?)",
+            "the CERTIFICATE block has no END line (is the file cut short?)",
         ),
         (
             "cert.pem",
