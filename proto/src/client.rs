@@ -361,12 +361,12 @@ pub fn describe_status(status: &tonic::Status) -> String {
         }
         _ if pings_unanswered(status) => PINGS_UNANSWERED.into(),
         _ if message.is_empty() => format!("coordinator answered {:?}", status.code()),
-        // What a plain http:// client reads from a port that serves TLS.
         _ if went_away(status) => {
             "the coordinator closed the connection (HTTP/2 GOAWAY): it is stopping or \
              restarting"
                 .into()
         }
+        // What a plain http:// client reads from a port that serves TLS.
         _ if message.contains("h2 protocol error") => {
             format!("{message} (if the coordinator serves TLS, use https://)")
         }
@@ -473,7 +473,8 @@ impl Service<http::Uri> for TcpConnector {
 /// sends first on every connection. A port that serves TLS sends a TLS alert
 /// instead, so a connection that breaks after this was lost (the coordinator
 /// stopped), not refused for speaking plain text, even when no call had been
-/// answered yet.
+/// answered yet. Its first read of anything (bytes, the end, an error) wakes
+/// [`Client::connect`], which waits for the server to say something.
 #[derive(Debug)]
 struct Watched {
     stream: tokio::net::TcpStream,
