@@ -22,6 +22,8 @@
 //! change bumps.
 
 pub mod cron;
+#[cfg(test)]
+mod delete_tests;
 pub mod items;
 pub mod limits;
 pub mod queue;
@@ -431,27 +433,39 @@ impl Engine {
     }
 
     /// Deletes a queue with all its items; returns how many items went with it.
+    ///
+    /// The queue is marked deleted and its deletion written under its lock before it
+    /// leaves the queue map. A snapshot that no longer finds it in the map then waits
+    /// for the deletion to be on disk before it replaces the log that holds the queue:
+    /// were the queue taken out of the map first, a snapshot in between would leave it
+    /// out and drop that log, and a deletion that then failed (its caller told so)
+    /// would come back from a restart with the queue or its older items gone.
     pub async fn delete_queue(&self, name: &str) -> Result<u64> {
-        let slot = {
-            let mut queues = self.queues.write().unwrap_or_else(|e| e.into_inner());
-            queues
-                .remove(name)
-                .ok_or_else(|| Error::QueueNotFound(name.to_string()))?
-        };
+        let slot = self.slot(name)?;
         let (ticket, count) = {
             let mut queue = slot.lock();
-            queue.deleted = true;
+            if queue.deleted {
+                // Another deletion got there first.
+                return Err(Error::QueueNotFound(name.to_string()));
+            }
             let ids = queue.all_ids();
             let count = ids.len() as u64;
-            let _ = queue.take_journal();
             let ticket = self.store.write(|batch| {
                 for id in ids {
                     batch.delete_item(id);
                 }
                 batch.delete_queue(name);
             })?;
+            queue.deleted = true;
+            let _ = queue.take_journal();
             (ticket, count)
         };
+        {
+            let mut queues = self.queues.write().unwrap_or_else(|e| e.into_inner());
+            if queues.get(name).is_some_and(|s| Arc::ptr_eq(s, &slot)) {
+                queues.remove(name);
+            }
+        }
         slot.version.send_modify(|v| *v += 1);
         slot.work.notify_waiters();
         self.store.sync(ticket).await?;
