@@ -97,13 +97,9 @@ impl Tls {
 
     /// The server side of a handshake on `stream`, within [`HANDSHAKE_TIMEOUT`].
     pub async fn handshake(&self, stream: TcpStream) -> io::Result<TlsStream<TcpStream>> {
-        match tokio::time::timeout(HANDSHAKE_TIMEOUT, self.acceptor.accept(stream)).await {
-            Ok(done) => done,
-            Err(_) => Err(io::Error::new(
-                io::ErrorKind::TimedOut,
-                "TLS handshake timed out",
-            )),
-        }
+        tokio::time::timeout(HANDSHAKE_TIMEOUT, self.acceptor.accept(stream))
+            .await
+            .unwrap_or_else(|_| Err(handshake_timed_out()))
     }
 
     /// [`Tls::handshake`], unless the client opened with a plain HTTP/1 request
@@ -115,10 +111,7 @@ impl Tls {
         let mut first = [0u8; 3];
         let peeked = tokio::time::timeout(HANDSHAKE_TIMEOUT, stream.peek(&mut first)).await;
         let Ok(peeked) = peeked else {
-            return Err(io::Error::new(
-                io::ErrorKind::TimedOut,
-                "TLS handshake timed out",
-            ));
+            return Err(handshake_timed_out());
         };
         let seen = &first[..peeked?];
         // A TLS record starts with its type (0x16 for a handshake), a request line
@@ -157,6 +150,10 @@ impl Tls {
             accepting: accepting.abort_handle(),
         })
     }
+}
+
+fn handshake_timed_out() -> io::Error {
+    io::Error::new(io::ErrorKind::TimedOut, "TLS handshake timed out")
 }
 
 /// Answers a plain HTTP/1 request on a port serving TLS with a 400 that says which

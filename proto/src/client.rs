@@ -462,7 +462,6 @@ impl Service<http::Uri> for TcpConnector {
                 header: [0; 9],
                 seen: 0,
                 answered,
-                spoke: false,
             }))
         })
     }
@@ -483,8 +482,6 @@ struct Watched {
     /// Until the header has been read: what to set, and whom to tell that the
     /// server sent something.
     answered: Option<(Arc<AtomicBool>, Arc<tokio::sync::Notify>)>,
-    /// Whether that was told.
-    spoke: bool,
 }
 
 impl Watched {
@@ -492,10 +489,8 @@ impl Watched {
         let Some((answered, spoke)) = &self.answered else {
             return;
         };
-        if !self.spoke {
-            self.spoke = true;
-            spoke.notify_one();
-        }
+        // Once is enough; a Notify keeps at most one wake-up for its waiter.
+        spoke.notify_one();
         let n = read.len().min(self.header.len() - self.seen);
         self.header[self.seen..self.seen + n].copy_from_slice(&read[..n]);
         self.seen += n;
@@ -521,8 +516,7 @@ impl tokio::io::AsyncRead for Watched {
         if self.answered.is_some() && polled.is_ready() {
             // Bytes, the end of the stream (nothing read), or an error: all say the
             // server is not silent.
-            let read = buf.filled()[before..].to_vec();
-            self.note(&read);
+            self.note(&buf.filled()[before..]);
         }
         polled
     }
