@@ -55,6 +55,13 @@ pub trait Replies<T>: Send {
         true
     }
 
+    /// The ticket of the oldest handed-over answer that did not go out: its sync
+    /// failed, or it is still waiting for it. None when every one went out, or none
+    /// was handed over.
+    fn oldest_unsent(&mut self) -> Option<Ticket> {
+        None
+    }
+
     /// Waits until the answers sent or handed over need the session: bytes the socket
     /// did not take (written before this returns), room under [`Replies::has_room`]'s
     /// limit, or a failed sync. False when a sync failed or the client is gone.
@@ -218,7 +225,8 @@ pub async fn enqueue_stream<R: EnqueueReply>(
             synced = async { sync.as_mut().expect("guarded").await }, if sync.is_some() => {
                 sync = None;
                 if let Err(e) = synced {
-                    let _ = out.send(Err(status(e))).await;
+                    let own = unanswered.front().map(|(ticket, _)| *ticket);
+                    end_with_failed_sync(&engine, out, own, e).await;
                     return;
                 }
                 while let Some((ticket, _)) = unanswered.front() {
@@ -262,10 +270,31 @@ async fn handed_out<T>(engine: &Engine, handed: Option<Ticket>, out: &mut impl R
     if let Some(ticket) = handed
         && let Err(e) = engine.sync(ticket).await
     {
-        let _ = out.send(Err(status(e))).await;
+        end_with_failed_sync(engine, out, None, e).await;
         return false;
     }
     true
+}
+
+/// Ends a call whose sync failed with `error`. The error is worded by the oldest
+/// request the client has no answer for: the oldest handed-over answer that did not
+/// go out, or `own` (the oldest the session holds), whichever came first. The client
+/// retries all of them or none, and the oldest is the one most in doubt: when cutting
+/// a failed batch off the log fails too, that batch may be on disk, while every
+/// later one surely is not. Worded by a later ticket, the call would say "not on
+/// disk, retry", and the retry could add the earlier request's items twice.
+async fn end_with_failed_sync<T>(
+    engine: &Engine,
+    out: &mut impl Replies<T>,
+    own: Option<Ticket>,
+    error: crate::Error,
+) {
+    let oldest = out.oldest_unsent().into_iter().chain(own).min();
+    let error = match oldest {
+        Some(ticket) => engine.sync(ticket).await.err().unwrap_or(error),
+        None => error,
+    };
+    let _ = out.send(Err(status(error))).await;
 }
 
 type SyncWait = Pin<Box<dyn Future<Output = crate::Result<()>> + Send>>;
@@ -387,7 +416,7 @@ pub async fn work_session(
                         }
                         Err(reply) => {
                             if let Err(e) = engine.sync(ticket).await {
-                                let _ = out.send(Err(status(e))).await;
+                                end_with_failed_sync(&engine, out, Some(ticket), e).await;
                                 return;
                             }
                             Some(reply)

@@ -293,13 +293,13 @@ struct Writer {
 struct WriteState {
     /// Bytes the socket has not taken yet, written before anything else.
     queued: Vec<u8>,
-    /// Handed-over answers not yet written, in hand-over order: the store makes its
-    /// calls in that order, and each writes the oldest.
-    handed: VecDeque<Handed>,
+    /// Handed-over answers not yet written, with their tickets, in hand-over order:
+    /// the store makes its calls in that order, and each writes the oldest.
+    handed: VecDeque<(Ticket, Handed)>,
     /// The session waits for `handed` to shrink.
     wants_room: bool,
-    /// A handed-over answer's sync failed.
-    failed: bool,
+    /// A handed-over answer's sync failed: the oldest such answer's ticket.
+    failed: Option<Ticket>,
     /// Writing failed: the client is gone.
     broken: bool,
     /// The call's status frame is written or queued: nothing more goes out.
@@ -409,7 +409,7 @@ impl Handed {
 impl OnDurable for Writer {
     fn durable(&self, ok: bool) {
         let mut state = lock(&self.state);
-        let Some(answer) = state.handed.pop_front() else {
+        let Some((ticket, answer)) = state.handed.pop_front() else {
             return;
         };
         let wake = if ok {
@@ -422,7 +422,7 @@ impl OnDurable for Writer {
             }
             left || std::mem::take(&mut state.wants_room)
         } else {
-            state.failed = true;
+            state.failed.get_or_insert(ticket);
             true
         };
         drop(state);
@@ -456,13 +456,16 @@ impl Out {
         ticket: Ticket,
         answer: Handed,
     ) -> Result<(), Handed> {
-        lock(&self.writer.state).handed.push_back(answer);
+        lock(&self.writer.state).handed.push_back((ticket, answer));
         if engine.store().on_durable(ticket, &self.call) {
             return Ok(());
         }
         // Not taken, so no call will write it: it is still the newest one handed.
-        let answer = lock(&self.writer.state).handed.pop_back();
-        Err(answer.expect("the answer just handed over"))
+        let (_, answer) = lock(&self.writer.state)
+            .handed
+            .pop_back()
+            .expect("the answer just handed over");
+        Err(answer)
     }
 
     /// See [`Replies::has_room`]. No room either while bytes are queued that the socket
@@ -477,13 +480,21 @@ impl Out {
         room
     }
 
+    /// See [`Replies::oldest_unsent`].
+    fn oldest_unsent_answer(&self) -> Option<Ticket> {
+        let state = lock(&self.writer.state);
+        state
+            .failed
+            .or_else(|| state.handed.front().map(|(ticket, _)| *ticket))
+    }
+
     /// See [`Replies::attend`].
     async fn attend_writer(&mut self) -> bool {
         let mut woken = false;
         loop {
             let (failed, queued) = {
                 let state = lock(&self.writer.state);
-                (state.failed, !state.queued.is_empty())
+                (state.failed.is_some(), !state.queued.is_empty())
             };
             if failed {
                 return false;
@@ -528,6 +539,10 @@ impl Replies<pb::WorkResponse> for Out {
         self.room_for(free)
     }
 
+    fn oldest_unsent(&mut self) -> Option<Ticket> {
+        self.oldest_unsent_answer()
+    }
+
     async fn attend(&mut self) -> bool {
         self.attend_writer().await
     }
@@ -565,6 +580,10 @@ impl Replies<EnqueueAnswer> for Out {
 
     fn has_room(&mut self, free: usize) -> bool {
         self.room_for(free)
+    }
+
+    fn oldest_unsent(&mut self) -> Option<Ticket> {
+        self.oldest_unsent_answer()
     }
 
     async fn attend(&mut self) -> bool {
@@ -933,6 +952,48 @@ mod tests {
             .await
             .expect_err("a request was answered after the log failed");
         assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
+    }
+
+    /// When a batch's write fails and cutting it off the log fails too, that batch may
+    /// be on disk and every later one surely is not. A stream with answers waiting in
+    /// both ends with the words for the older: "look before retrying", not "retry",
+    /// which would add the first request's item twice if it was on disk.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_stream_ends_with_the_words_for_its_oldest_unanswered_request() {
+        let dir = tempfile::tempdir().unwrap();
+        let (engine, addr) = strict_server(dir.path()).await;
+        let Store::Disk(log) = engine.store() else {
+            unreachable!("a strict server")
+        };
+        let (mut frames, mut write) = open(addr, pb::WireCall::EnqueueStream).await;
+        write.write_all(&request("first")).await.unwrap();
+        next_answer(&mut frames).await.unwrap();
+
+        let until = |what: &str, done: &dyn Fn() -> bool| {
+            let started = Instant::now();
+            while !done() {
+                assert!(started.elapsed() < HANG, "{what} never happened");
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        };
+        let stall = log.stall_then_fail();
+        write.write_all(&request("in-doubt")).await.unwrap();
+        until("a flush taking the second request", &|| {
+            enqueued(&engine) == 2 && log.taken() == log.last_ticket()
+        });
+        write.write_all(&request("not-written")).await.unwrap();
+        until("the third request", &|| enqueued(&engine) == 3);
+        assert!(log.last_ticket() > log.taken(), "one batch per request");
+        drop(stall);
+
+        let status = next_answer(&mut frames)
+            .await
+            .expect_err("a request was answered after the log failed");
+        assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
+        assert!(
+            status.message().contains("may or may not be on disk"),
+            "{status:?}"
+        );
     }
 
     /// While the disk is behind (a stalled volume), an enqueue stream takes in one

@@ -852,6 +852,12 @@ impl LogStore {
         true
     }
 
+    /// The last ticket a flush has taken to write (tests).
+    #[cfg(test)]
+    pub(crate) fn taken(&self) -> Ticket {
+        Ticket(lock(&self.inner.pending).taken)
+    }
+
     /// From now on every log write fails, as on a disk gone bad (tests). Returns the
     /// working log file, for a test whose disk comes back.
     #[cfg(test)]
@@ -864,13 +870,29 @@ impl LogStore {
     /// its write until the returned sender is dropped (tests).
     #[cfg(test)]
     pub(crate) fn stall(&self) -> std::sync::mpsc::Sender<()> {
+        self.stall_then(false)
+    }
+
+    /// A stall ([`Self::stall`]) after which the disk has gone bad
+    /// ([`Self::fail_writes`]): the flush it held fails, and so does cutting that
+    /// flush's batch off the log (tests).
+    #[cfg(test)]
+    pub(crate) fn stall_then_fail(&self) -> std::sync::mpsc::Sender<()> {
+        self.stall_then(true)
+    }
+
+    #[cfg(test)]
+    fn stall_then(&self, fail: bool) -> std::sync::mpsc::Sender<()> {
         let inner = self.inner.clone();
         let (release, released) = std::sync::mpsc::channel::<()>();
         let (held_tx, held) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
-            let _segment = lock(&inner.segment);
+            let mut segment = lock(&inner.segment);
             held_tx.send(()).expect("the test waits for the stall");
             let _ = released.recv();
+            if fail {
+                *segment = Segment::failing(&inner.dir, u64::MAX >> 1).expect("a failing log file");
+            }
         });
         held.recv().expect("the stall holds the log");
         release
