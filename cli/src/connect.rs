@@ -3,6 +3,7 @@
 
 use std::path::PathBuf;
 use std::sync::OnceLock;
+use std::time::Duration;
 
 use clap::parser::ValueSource;
 use clap::{ArgMatches, Args};
@@ -11,6 +12,14 @@ use workq_proto::client::DEFAULT_SERVER;
 use workq_proto::{Client, ClientError, ConnectOptions};
 
 use crate::output::Format;
+
+/// `--connect-timeout`: a duration, and not zero (no attempt could succeed).
+fn positive_duration(text: &str) -> Result<Duration, String> {
+    match workq_proto::duration::parse(text)? {
+        Duration::ZERO => Err("a connection attempt needs more than no time (use e.g. 5s)".into()),
+        timeout => Ok(timeout),
+    }
+}
 
 /// Flags accepted before or after any command.
 #[derive(Args, Debug)]
@@ -30,6 +39,12 @@ pub struct Global {
     /// instead of the system's (like curl's --cacert).
     #[arg(long, global = true, env = "WORKQ_CA_CERT", value_name = "PEM")]
     pub ca_cert: Option<PathBuf>,
+
+    /// How long a connection attempt may take (the TCP connect, then the
+    /// coordinator's first answer or TLS handshake) before the command fails.
+    #[arg(long, global = true, env = "WORKQ_CONNECT_TIMEOUT", value_name = "DURATION")]
+    #[arg(default_value = "5s", value_parser = positive_duration)]
+    pub connect_timeout: Duration,
 
     /// Output format: aligned tables for people, or stable JSON for scripts.
     #[arg(short = 'o', long = "output", global = true, value_enum)]
@@ -81,9 +96,11 @@ impl Global {
                 reason: "--ca-cert is for a coordinator serving TLS: use https://".into(),
             });
         }
-        ConnectOptions::new(self.server.clone())
+        let mut options = ConnectOptions::new(self.server.clone())
             .token(self.token.clone())
-            .ca_cert_file(ca_cert.filter(|_| !plain))
+            .ca_cert_file(ca_cert.filter(|_| !plain))?;
+        options.connect_timeout = self.connect_timeout;
+        Ok(options)
     }
 
     /// True when a non-empty token will be sent.

@@ -126,7 +126,8 @@ fn the_http_port_is_told_from_the_grpc_port() {
 /// A port that accepts the connection and then says nothing (a stopped
 /// coordinator, or one whose accept queue is all it has left) fails the connection
 /// within the connect timeout, as a TLS port does, not half a minute later when the
-/// client's HTTP/2 pings have gone unanswered.
+/// client's HTTP/2 pings have gone unanswered. The timeout is `--connect-timeout`,
+/// or `WORKQ_CONNECT_TIMEOUT`, and never zero.
 #[test]
 fn a_port_that_never_answers_fails_within_the_connect_timeout() {
     let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
@@ -137,17 +138,33 @@ fn a_port_that_never_answers_fails_within_the_connect_timeout() {
             held.push(stream);
         }
     });
+    let no_answer = |limit: &str| {
+        format!(
+            "error: cannot reach coordinator at {url}: the port accepted the connection \
+             but did not answer within the {limit} a connection attempt may take"
+        )
+    };
+    let mut command = Command::new(bin_path("queue-cli"));
+    command
+        .args(["--server", &url, "--connect-timeout", "1500ms", "list"])
+        .timeout(RUN_TIMEOUT);
+    assert_eq!(fails_with(&mut command, 1, &["list"]), no_answer("1.5s"));
+
     let mut command = Command::new(bin_path("queue-cli"));
     command
         .args(["--server", &url, "list"])
+        .env("WORKQ_CONNECT_TIMEOUT", "1s")
         .timeout(RUN_TIMEOUT);
-    let error = fails_with(&mut command, 1, &["list"]);
-    assert_eq!(
-        error,
-        format!(
-            "error: cannot reach coordinator at {url}: the port accepted the connection \
-             but did not answer within the 5.0s a connection attempt may take"
-        )
+    assert_eq!(fails_with(&mut command, 1, &["list"]), no_answer("1.0s"));
+
+    let mut command = Command::new(bin_path("queue-cli"));
+    command
+        .args(["--server", &url, "--connect-timeout", "0s", "list"])
+        .timeout(RUN_TIMEOUT);
+    let error = fails_with(&mut command, 2, &["list"]);
+    assert!(
+        error.contains("invalid value '0s' for '--connect-timeout <DURATION>'"),
+        "{error}"
     );
 }
 
