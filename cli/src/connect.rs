@@ -42,8 +42,8 @@ pub struct Global {
 
     /// How long a connection attempt may take (the TCP connect, then the
     /// coordinator's first answer or TLS handshake) before the command fails.
-    #[arg(long, global = true, env = "WORKQ_CONNECT_TIMEOUT", value_name = "DURATION")]
-    #[arg(default_value = "5s", value_parser = positive_duration)]
+    #[arg(long, global = true, env = "WORKQ_CONNECT_TIMEOUT")]
+    #[arg(value_name = "DURATION", default_value = "5s", value_parser = positive_duration)]
     pub connect_timeout: Duration,
 
     /// Output format: aligned tables for people, or stable JSON for scripts.
