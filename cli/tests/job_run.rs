@@ -384,7 +384,7 @@ fn active_deadline_stops_a_long_job_and_leaves_no_process_behind() {
 fn indexed_mode_runs_each_index_once_and_exports_it() {
     let s = Scratch::new();
     let script = format!(
-        "echo $JOB_COMPLETION_INDEX $HOSTNAME >> {}",
+        "echo $JOB_COMPLETION_INDEX $HOSTNAME >> {}; echo ran",
         s.sh("indexes")
     );
     let run = s.run_job(&[
@@ -410,9 +410,11 @@ fn indexed_mode_runs_each_index_once_and_exports_it() {
     let mut seen: Vec<u32> = Vec::new();
     for line in s.lines("indexes") {
         let (index, host) = line.split_once(' ').expect("index and host");
+        assert_eq!(host, format!("shard-{index}"), "the host is <job>-<index>");
         assert!(
-            host.starts_with(&format!("shard-{index}-")),
-            "pod {host} is named <job>-<index>-<random>"
+            run.stdout.contains(&format!("[shard-{index}-")),
+            "the pod is named <job>-<index>-<random>:\n{}",
+            run.stdout
         );
         seen.push(index.parse().unwrap());
     }

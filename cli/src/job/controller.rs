@@ -458,15 +458,24 @@ impl Controller {
         }
     }
 
-    /// Stop the Job because the runner got `signal` (e.g. "SIGINT").
+    /// Stop the Job because the runner got `signal` (e.g. "SIGINT"). A Job whose
+    /// failure is decided already (a `FailureTarget`) keeps it and its reason, as the
+    /// terminal `Failed` condition does in Kubernetes.
     pub fn interrupt(&mut self, signal: &'static str) {
-        if self.finished.is_none() && !matches!(self.target, Some(Outcome::Interrupted(_))) {
+        let decided = matches!(
+            self.target,
+            Some(Outcome::Interrupted(_) | Outcome::Failed(_))
+        );
+        if self.finished.is_none() && !decided {
             self.target = Some(Outcome::Interrupted(signal));
         }
     }
 
     /// The earliest instant at which a sync could change something without any event.
-    pub fn next_wakeup(&self) -> Option<Instant> {
+    /// The Job back-off counts only while it holds back a pod the Job wants: once it
+    /// has passed, its end stays in the past until the next success, and waking for
+    /// it would only wake again at once.
+    pub fn next_wakeup(&self, now: Instant) -> Option<Instant> {
         if self.finished.is_some() || self.target.is_some() {
             return None;
         }
@@ -475,7 +484,8 @@ impl Controller {
             _ => None,
         });
         let deadline = self.spec.active_deadline.map(|d| self.start + d);
-        restarts.chain(deadline).chain(self.backoff_until()).min()
+        let backoff = self.backoff_remaining(now).map(|left| now + left);
+        restarts.chain(deadline).chain(backoff).min()
     }
 
     /// Time left before the Job back-off lets new pods be created, while it holds back
@@ -654,12 +664,17 @@ mod tests {
         let first = created(&c.sync(t0));
         c.exited(&first[0], 1, t0);
         assert!(c.sync(t0).is_empty(), "the Job back-off holds");
-        assert_eq!(c.next_wakeup(), Some(t0 + BASE));
+        assert_eq!(c.next_wakeup(t0), Some(t0 + BASE));
         let t1 = t0 + BASE;
         let second = created(&c.sync(t1));
         assert_ne!(second, first, "Never: a new pod, new name");
+        assert_eq!(
+            c.next_wakeup(t1 + BASE),
+            None,
+            "a back-off that has passed is not woken for (the runner spun on it)"
+        );
         c.exited(&second[0], 1, t1);
-        assert_eq!(c.next_wakeup(), Some(t1 + 2 * BASE), "10 s · 2^(n−1)");
+        assert_eq!(c.next_wakeup(t1), Some(t1 + 2 * BASE), "10 s · 2^(n−1)");
         let t2 = t1 + 2 * BASE;
         let third = created(&c.sync(t2));
         c.exited(&third[0], 1, t2);
@@ -707,17 +722,17 @@ mod tests {
         let mut c = controller(args, t0);
         let pod = created(&c.sync(t0)).remove(0);
         c.exited(&pod, 1, t0);
-        assert_eq!(c.next_wakeup(), Some(t0 + BASE));
+        assert_eq!(c.next_wakeup(t0), Some(t0 + BASE));
         let t1 = t0 + BASE;
         c.sync(t1);
         c.exited(&pod, 1, t1);
-        assert_eq!(c.next_wakeup(), Some(t1 + 2 * BASE), "10 s, 20 s, …");
+        assert_eq!(c.next_wakeup(t1), Some(t1 + 2 * BASE), "10 s, 20 s, …");
         let t2 = t1 + 2 * BASE;
         c.sync(t2);
         let t3 = t2 + Duration::from_secs(600);
         c.exited(&pod, 1, t3);
         assert_eq!(
-            c.next_wakeup(),
+            c.next_wakeup(t3),
             Some(t3 + BASE),
             "reset after 10 min running"
         );
@@ -761,7 +776,7 @@ mod tests {
         args.active_deadline = Some(Duration::from_secs(5));
         let mut c = controller(args, t0);
         let pods = created(&c.sync(t0));
-        assert_eq!(c.next_wakeup(), Some(t0 + Duration::from_secs(5)));
+        assert_eq!(c.next_wakeup(t0), Some(t0 + Duration::from_secs(5)));
         let t1 = t0 + Duration::from_secs(5);
         assert_eq!(c.sync(t1), vec![Action::StopAll]);
         assert_eq!(c.status(), "FailureTarget");
@@ -841,6 +856,24 @@ mod tests {
         );
         assert_eq!((c.succeeded(), c.failed()), (1, 2));
         assert_eq!(c.completions_column(), "1/3");
+    }
+
+    #[test]
+    fn a_signal_after_the_deadline_keeps_the_deadline_as_the_reason() {
+        let t0 = Instant::now();
+        let mut args = spec(None, None);
+        args.active_deadline = Some(Duration::from_secs(5));
+        let mut c = controller(args, t0);
+        let pod = created(&c.sync(t0)).remove(0);
+        let t1 = t0 + Duration::from_secs(5);
+        assert_eq!(c.sync(t1), vec![Action::StopAll]);
+        c.interrupt("SIGINT");
+        c.exited(&pod, 143, t1);
+        c.sync(t1);
+        assert_eq!(
+            c.finished(),
+            Some(Outcome::Failed(Reason::DeadlineExceeded))
+        );
     }
 
     #[test]

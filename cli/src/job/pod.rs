@@ -166,7 +166,15 @@ pub fn start(launch: Launch<'_>, output: &Output, exits: &UnboundedSender<Exit>)
     command
         .args(&launch.command[1..])
         .env("JOB_NAME", launch.job)
-        .env("HOSTNAME", &pod)
+        // Kubernetes names an Indexed Job's pod's host `<job>-<index>` (the pod itself
+        // is `<job>-<index>-<random>`); any other pod's host is its name.
+        .env(
+            "HOSTNAME",
+            match launch.index {
+                Some(index) => format!("{}-{index}", launch.job),
+                None => pod.clone(),
+            },
+        )
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())

@@ -120,7 +120,10 @@ pub async fn run(args: RunArgs, format: Format) -> ExitCode {
         runner.announce_backoff(now);
         runner.show_status(now);
         let wakeup = [
-            runner.controller.next_wakeup().map(Instant::from_std),
+            runner
+                .controller
+                .next_wakeup(now.into_std())
+                .map(Instant::from_std),
             runner.kill_at,
             runner.output.is_live().then(|| now + STATUS_REFRESH),
         ]
@@ -284,11 +287,12 @@ impl Runner {
         self.kill_at = None;
     }
 
-    /// First signal: stop the pods gracefully. A second one: kill them now.
+    /// First signal: stop the pods gracefully. A signal while pods are being stopped
+    /// (a second one, or one after the Job failed or completed): kill them now.
     fn interrupt(&mut self, signal: &'static str) {
-        if self.kill_at.is_some() && self.controller.status() == "Terminating" {
+        if self.kill_at.is_some() {
             self.output.event(&format!(
-                "job/{}: {signal} again: killing the pods now",
+                "job/{}: {signal} while the pods are stopping: killing them now",
                 self.job()
             ));
             self.kill_all();
