@@ -17,9 +17,15 @@
 //! `--exit-on sealed`) while this worker holds nothing: the coordinator counts every
 //! LEASED item, so a peer's outstanding lease keeps everybody waiting.
 //!
-//! A lease call cut short by a signal is dropped, which cancels the RPC; the
-//! coordinator answers a cancelled call with nothing, so at worst an item it had
-//! already granted waits out its lease timeout.
+//! A lease call in flight when a signal arrives gets [`RELEASE_BUDGET`] more to
+//! answer, and what it brings is released at once, unrun: the coordinator may have
+//! granted those items already, and a dropped call would leave them leased until
+//! their lease ran out, then count the attempt. A long poll that has granted nothing
+//! is dropped after that; the coordinator then grants it nothing.
+//!
+//! Once grace is over ([`Phase::Stopping`]), an ack or fail still riding out an
+//! outage gets at most [`RELEASE_BUDGET`] more, as a release does: the pod is about
+//! to be killed.
 
 use std::future::Future;
 use std::sync::Arc;
@@ -44,6 +50,9 @@ const CALL_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long releasing an item may take once grace is over: the pod is about to be
 /// killed, so do not wait out a whole outage.
 const RELEASE_BUDGET: Duration = Duration::from_secs(3);
+/// How long a slot stays idle after its item was given back unrun (the worker could
+/// not start its handler), so a worker short of processes or memory does not spin.
+const RELEASE_PAUSE: Duration = Duration::from_secs(1);
 /// Pause between lease calls while the queue is drained but we are not exiting
 /// (`--exit-on sealed|never`): the coordinator answers drained queues at once.
 const DRAINED_PAUSE: Duration = Duration::from_secs(1);
@@ -163,10 +172,17 @@ pub async fn run(
             continue;
         }
         let started = Instant::now();
+        let call = lease(&shared, free as u32);
+        tokio::pin!(call);
         let response = tokio::select! {
             biased;
-            _ = shared.shutdown.draining() => continue,
-            response = lease(&shared, free as u32) => response,
+            _ = shared.shutdown.draining() => {
+                if let Ok(Ok(granted)) = tokio::time::timeout(RELEASE_BUDGET, &mut call).await {
+                    give_back(&shared, &granted.leases).await;
+                }
+                continue;
+            }
+            response = &mut call => response,
         };
         let response = match response {
             Ok(response) => {
@@ -262,6 +278,17 @@ pub async fn run(
     }
     info!("every item settled or released: exiting");
     Ok(signalled(&shared.shutdown))
+}
+
+/// Releases items a lease call brought after shutdown began, without running them.
+async fn give_back(shared: &Shared, leases: &[pb::Lease]) {
+    let releases = leases.iter().map(|lease| async move {
+        let settle = Settle { shared, lease };
+        if settle.release(Some(RELEASE_BUDGET)).await {
+            info!(item = lease.id, "released unrun (leased as shutdown began)");
+        }
+    });
+    futures_util::future::join_all(releases).await;
 }
 
 fn signalled(shutdown: &Shutdown) -> End {
@@ -453,6 +480,9 @@ async fn run_item(
         Some(Outcome::Release(reason)) => {
             warn!(item = id, attempt, "giving the item back: {reason}");
             settle.release(None).await;
+            // The worker could not run it (out of processes, memory, descriptors):
+            // its slot stays taken a moment, so it does not lease again at once.
+            pause(&shared.shutdown, RELEASE_PAUSE).await;
         }
         Some(Outcome::Fatal(reason)) => {
             settle.release(Some(RELEASE_BUDGET)).await;
@@ -547,17 +577,26 @@ impl Settle<'_> {
 
     /// Makes `call`, retrying transient failures with backoff until it works, the
     /// lease turns out lost, the outage outlasts `--connect-timeout`, or `budget`
-    /// runs out. Every failure is logged here; callers only log success.
+    /// runs out; once grace is over, [`RELEASE_BUDGET`] from then at most. Every
+    /// failure is logged here; callers only log success.
     async fn call<T, F, Fut>(&self, verb: &str, budget: Option<Duration>, mut call: F) -> Option<T>
     where
         F: FnMut(Client) -> Fut,
         Fut: Future<Output = Result<tonic::Response<T>, tonic::Status>>,
     {
         let (id, attempt) = (self.lease.id, self.lease.attempt);
-        let deadline = budget.map(|b| Instant::now() + b);
+        let mut deadline = budget.map(|b| Instant::now() + b);
         loop {
+            if self.shared.shutdown.phase() == Phase::Stopping {
+                let last = Instant::now() + RELEASE_BUDGET;
+                deadline = Some(deadline.map_or(last, |d| d.min(last)));
+            }
             let client = self.shared.client.clone();
-            let error = match tokio::time::timeout(CALL_TIMEOUT, call(client)).await {
+            let limit = deadline.map_or(CALL_TIMEOUT, |d| {
+                d.saturating_duration_since(Instant::now())
+                    .min(CALL_TIMEOUT)
+            });
+            let error = match tokio::time::timeout(limit, call(client)).await {
                 Ok(Ok(answer)) => {
                     self.shared.link.ok();
                     return Some(answer.into_inner());
@@ -594,7 +633,11 @@ impl Settle<'_> {
                 error!(item = id, attempt, "{verb} failed, out of time: {error}");
                 return None;
             }
-            tokio::time::sleep(delay).await;
+            // Grace running out cuts the wait short, to try once more in the time left.
+            tokio::select! {
+                _ = tokio::time::sleep(delay) => {}
+                _ = self.shared.shutdown.stopping(), if deadline.is_none() => {}
+            }
         }
     }
 }

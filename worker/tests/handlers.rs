@@ -307,3 +307,33 @@ fn kuard_time_to_run_stops_between_keys_and_exits_with_the_exit_code() {
     assert!(log.contains("(ID 0 1/Inf "), "{log}");
     assert!(log.contains("(ID 0) Workload exiting"), "{log}");
 }
+
+/// A command the kernel cannot run (here a script without a `#!` line) fails every
+/// item the same way: the worker gives the item back and exits 1 with the reason,
+/// instead of leasing and releasing it hundreds of times a second.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_command_the_system_cannot_run_stops_the_worker_and_keeps_the_item() {
+    let coordinator = Coordinator::start();
+    let mut client = coordinator.client().await;
+    create_queue(&mut client, "noexec", options(0, 0)).await;
+    let id = enqueue(&mut client, "noexec", &["x"]).await[0];
+    let dir = tempfile::tempdir().unwrap();
+    let script = dir.path().join("no-shebang.sh");
+    std::fs::write(&script, "echo hi\n").unwrap();
+    std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let args = cmd(
+        &["--queue", "noexec"],
+        vec!["exec".into(), "--".into(), script.display().to_string()],
+    );
+    let mut worker = Worker::start(&coordinator.grpc_url, dir.path(), "w", &args);
+    assert_eq!(worker.exit_code(SOON), Some(1), "log:\n{}", worker.log());
+    assert!(
+        worker.log().contains("a script needs a #! line"),
+        "log:\n{}",
+        worker.log()
+    );
+    let item = item(&mut client, "noexec", id).await;
+    assert_eq!((state(&item), item.attempts), (pb::ItemState::Ready, 0));
+    let stats = stats(&mut client, "noexec").await;
+    assert_eq!(stats.total_deliveries, 1, "leased once: {stats:?}");
+}

@@ -500,3 +500,97 @@ async fn concurrency_n_runs_n_items_at_once() {
     let stats = stats(&mut client, "wide").await;
     assert_eq!((stats.total_completed, stats.total_deliveries), (3, 3));
 }
+
+/// SIGTERM while lease calls are in flight, over and over: a call the coordinator had
+/// already granted is not dropped (which left its items leased to a worker that
+/// never ran them, until their lease ran out and counted an attempt); what it brings
+/// is released unrun. After every exit nothing is leased.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_during_a_lease_call_leaves_nothing_leased() {
+    let coordinator = Coordinator::start();
+    let mut client = coordinator.client().await;
+    let dir = tempfile::tempdir().unwrap();
+    let payloads: Vec<String> = (0..2000).map(|i| format!("item-{i}")).collect();
+    let payloads: Vec<&str> = payloads.iter().map(String::as_str).collect();
+    for round in 0..6u64 {
+        let queue = format!("busy{round}");
+        // A lease of an hour: an item left leased would stay so for the whole test.
+        create_queue(&mut client, &queue, options(3_600_000, 0)).await;
+        enqueue(&mut client, &queue, &payloads).await;
+        let args = cmd(
+            &["--queue", &queue, "--concurrency", "4"],
+            vec!["exec".into(), "--".into(), "true".into()],
+        );
+        let mut worker = Worker::start(
+            &coordinator.grpc_url,
+            dir.path(),
+            &format!("w{round}"),
+            &args,
+        );
+        wait_for_async("the worker to ack items", SOON, || {
+            let mut client = client.clone();
+            let queue = queue.clone();
+            async move { stats(&mut client, &queue).await.total_completed > 0 }
+        })
+        .await;
+        tokio::time::sleep(std::time::Duration::from_millis(50 * round)).await;
+        worker.signal(Signal::SIGTERM);
+        assert_eq!(worker.exit_code(SOON), Some(143), "log:\n{}", worker.log());
+        let stats = stats(&mut client, &queue).await;
+        assert_eq!(
+            stats.leased,
+            0,
+            "round {round}: {stats:?}\n{}",
+            worker.log()
+        );
+        assert!(stats.ready > 0, "round {round}: the worker ran them all");
+    }
+}
+
+/// An item that finishes within grace while the coordinator is gone: its ack rides out
+/// the outage until grace is over, and then only a little longer, so the worker exits
+/// 143 before the pod would be killed, not after `--connect-timeout` (5 minutes here).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_ack_during_an_outage_gives_up_soon_after_grace() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = unused_port();
+    let server = format!("http://127.0.0.1:{port}");
+    let mut coordinator = coordinator_on(port, dir.path());
+    let mut client = Client::connect(workq_tests::ConnectOptions::new(server.clone()))
+        .await
+        .unwrap();
+    create_queue(&mut client, "late", options(0, 0)).await;
+    enqueue(&mut client, "late", &["x"]).await;
+
+    let (started, go) = (dir.path().join("started"), dir.path().join("go"));
+    let script = sh(&format!(
+        "touch {}; while [ ! -e {} ]; do sleep 0.05; done; echo done",
+        started.display(),
+        go.display()
+    ));
+    let args = cmd(
+        &[
+            "--queue",
+            "late",
+            "--grace",
+            "2s",
+            "--connect-timeout",
+            "5m",
+        ],
+        script,
+    );
+    let mut worker = Worker::start(&server, dir.path(), "w", &args);
+    wait_for("the item to start", SOON, || started.exists());
+    coordinator.signal(Signal::SIGKILL);
+    coordinator.wait_exit(SOON);
+    worker.signal(Signal::SIGTERM);
+    worker.wait_for_log("SIGTERM received");
+    std::fs::write(&go, b"").unwrap();
+    worker.wait_for_log("ack item");
+    assert_eq!(worker.exit_code(SOON), Some(143), "log:\n{}", worker.log());
+    assert!(
+        worker.log().contains("ack failed, out of time"),
+        "log:\n{}",
+        worker.log()
+    );
+}

@@ -137,6 +137,11 @@ fn spawn_failure(program: &str, error: std::io::Error) -> Outcome {
         std::io::ErrorKind::NotFound | std::io::ErrorKind::PermissionDenied => {
             Outcome::Fatal(format!("cannot run {program}: {error}"))
         }
+        // Not a program this system runs (a script without a `#!` line, another
+        // architecture's binary): the same for every item too.
+        _ if error.raw_os_error() == Some(nix::libc::ENOEXEC) => Outcome::Fatal(format!(
+            "cannot run {program}: {error} (a script needs a #! line, a binary this machine's architecture)"
+        )),
         // Out of processes, memory, file descriptors: this worker's problem, not the item's.
         _ => Outcome::Release(format!("cannot start {program}: {error}")),
     }
