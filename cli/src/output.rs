@@ -70,21 +70,56 @@ impl Table {
     }
 
     pub fn print(&self) {
-        print!("{}", self.render());
+        out!("{}", self.render());
     }
 }
+
+/// Writes to stdout, as `print!` does. A reader that has gone away (`queue-cli … |
+/// head`) ends the command quietly with exit 141, as SIGPIPE ends other Unix tools:
+/// Rust ignores SIGPIPE, and `print!` would panic on the broken pipe. SIGPIPE itself
+/// stays ignored, so that a coordinator closing its socket is an error to report.
+pub fn write_out(args: std::fmt::Arguments<'_>) {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    if let Err(e) = out.write_fmt(args).and_then(|()| out.flush()) {
+        if e.kind() == std::io::ErrorKind::BrokenPipe {
+            std::process::exit(141);
+        }
+        eprintln!("error: cannot write to stdout: {e}");
+        std::process::exit(1);
+    }
+}
+
+/// `print!` to stdout through [`write_out`].
+macro_rules! out {
+    ($($arg:tt)*) => {
+        $crate::output::write_out(format_args!($($arg)*))
+    };
+}
+
+/// `println!` to stdout through [`write_out`].
+macro_rules! outln {
+    () => {
+        $crate::output::write_out(format_args!("\n"))
+    };
+    ($($arg:tt)*) => {
+        $crate::output::write_out(format_args!("{}\n", format_args!($($arg)*)))
+    };
+}
+
+pub(crate) use {out, outln};
 
 /// Key/value lines for one object (`stats`, `item`), like `kubectl describe`.
 pub fn print_fields(fields: &[(&str, String)]) {
     let width = fields.iter().map(|(k, _)| k.len()).max().unwrap_or(0) + 1;
     for (key, value) in fields {
-        println!("{:<width$} {value}", format!("{key}:"), width = width);
+        outln!("{:<width$} {value}", format!("{key}:"), width = width);
     }
 }
 
 /// Pretty JSON on stdout.
 pub fn print_json(value: &Value) {
-    println!(
+    outln!(
         "{}",
         serde_json::to_string_pretty(value).expect("JSON values always serialize")
     );

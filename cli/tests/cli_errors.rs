@@ -542,3 +542,34 @@ fn an_enqueue_whose_coordinator_died_says_how_far_it_got() {
     assert_eq!(items["items"].as_array().map(Vec::len), Some(1), "{items}");
     assert_eq!(items["items"][0]["payload"], "zero", "{items}");
 }
+
+/// A reader that went away (`queue-cli … | head`) ends the command quietly, as SIGPIPE
+/// ends other Unix tools (exit 141), in every output format: no panic on stderr.
+#[test]
+fn a_closed_stdout_ends_the_command_quietly() {
+    let env = Env::start();
+    env.ok(&["create", "q"]);
+    env.ok(&["enqueue", "q", "a", "b"]);
+    for args in [
+        &["list"][..],
+        &["-o", "json", "list"],
+        &["items", "q"],
+        &["-o", "json", "results", "q"],
+        &["stats", "q"],
+    ] {
+        // The read end is gone before the command starts: its first write fails.
+        let (reader, writer) = std::io::pipe().expect("pipe");
+        drop(reader);
+        let output = std::process::Command::new(bin_path("queue-cli"))
+            .args(args)
+            .env("WORKQ_SERVER", env.url())
+            .env_remove("WORKQ_TOKEN")
+            .stdout(writer)
+            .stderr(std::process::Stdio::piped())
+            .output()
+            .expect("run queue-cli");
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(output.status.code(), Some(141), "{args:?}: {stderr}");
+        assert!(stderr.is_empty(), "{args:?}: {stderr}");
+    }
+}

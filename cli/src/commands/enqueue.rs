@@ -20,6 +20,7 @@ use workq_proto::{Client, pb};
 
 use super::{opt_ms, parse_duration};
 use crate::connect::Global;
+use crate::output::outln;
 use crate::output::{Format, print_json};
 
 /// Items per request unless `--batch-size` says otherwise.
@@ -390,7 +391,7 @@ impl Sender {
                 if self.seal {
                     line.push_str("; queue sealed");
                 }
-                println!("{line}");
+                outln!("{line}");
             }
         }
     }

@@ -6,6 +6,7 @@ use serde_json::json;
 use workq_proto::{Client, pb};
 
 use crate::connect::Global;
+use crate::output::outln;
 use crate::output::{
     Format, Table, age, cell_text, insert_bytes, item_json, print_fields, print_json, state_name,
     until,
@@ -242,9 +243,10 @@ pub async fn requeue(global: &Global, args: RequeueArgs) -> Result<()> {
         .into_inner();
     match global.output {
         Format::Json => print_json(&json!({"queue": args.queue, "requeued": response.requeued})),
-        Format::Table => println!(
+        Format::Table => outln!(
             "requeued {} items in queue '{}'",
-            response.requeued, args.queue
+            response.requeued,
+            args.queue
         ),
     }
     Ok(())

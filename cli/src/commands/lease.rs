@@ -12,6 +12,7 @@ use workq_proto::{Client, pb};
 
 use super::{ms, opt_ms, parse_duration};
 use crate::connect::Global;
+use crate::output::outln;
 use crate::output::{Format, Table, cell_text, lease_json, print_json, state_name, until};
 
 /// Lease items: take them for a while, then ack, fail, extend or release each one
@@ -320,7 +321,7 @@ pub async fn ack(global: &Global, args: AckArgs) -> Result<()> {
         .await?;
     match global.output {
         Format::Json => print_json(&json!({"queue": args.queue, "id": args.id, "state": "done"})),
-        Format::Table => println!("item {} done", args.id),
+        Format::Table => outln!("item {} done", args.id),
     }
     Ok(())
 }
@@ -347,13 +348,13 @@ pub async fn fail(global: &Global, args: FailArgs) -> Result<()> {
             "retry_at_ms": response.retry_at_ms,
         })),
         Format::Table => match pb::ItemState::try_from(response.state) {
-            Ok(pb::ItemState::Dead) => println!("item {} is dead", args.id),
-            Ok(pb::ItemState::Delayed) => println!(
+            Ok(pb::ItemState::Dead) => outln!("item {} is dead", args.id),
+            Ok(pb::ItemState::Delayed) => outln!(
                 "item {} will be retried {}",
                 args.id,
                 until(response.retry_at_ms)
             ),
-            _ => println!("item {} is {state}", args.id),
+            _ => outln!("item {} is {state}", args.id),
         },
     }
     Ok(())
@@ -376,7 +377,7 @@ pub async fn extend(global: &Global, args: ExtendArgs) -> Result<()> {
             "id": args.id,
             "deadline_at_ms": response.deadline_at_ms,
         })),
-        Format::Table => println!(
+        Format::Table => outln!(
             "lease on item {} extended: expires {}",
             args.id,
             until(response.deadline_at_ms)
@@ -396,7 +397,7 @@ pub async fn release(global: &Global, args: ReleaseArgs) -> Result<()> {
         .await?;
     match global.output {
         Format::Json => print_json(&json!({"queue": args.queue, "id": args.id, "state": "ready"})),
-        Format::Table => println!("item {} released (attempt not counted)", args.id),
+        Format::Table => outln!("item {} released (attempt not counted)", args.id),
     }
     Ok(())
 }

@@ -10,6 +10,7 @@ use workq_proto::pb;
 
 use super::{opt_ms, parse_duration};
 use crate::connect::Global;
+use crate::output::outln;
 use crate::output::{
     Format, Table, age, millis, print_fields, print_json, queue_json, rate, yes_no,
 };
@@ -215,8 +216,8 @@ pub async fn create(global: &Global, args: CreateArgs) -> Result<()> {
     };
     match global.output {
         Format::Json => print_json(&queue_json(&info)),
-        Format::Table if created => println!("queue '{}' created", info.name),
-        Format::Table => println!("queue '{}' already exists (unchanged)", info.name),
+        Format::Table if created => outln!("queue '{}' created", info.name),
+        Format::Table => outln!("queue '{}' already exists (unchanged)", info.name),
     }
     Ok(())
 }
@@ -233,7 +234,7 @@ pub async fn update(global: &Global, args: UpdateArgs) -> Result<()> {
         .into_inner();
     match global.output {
         Format::Json => print_json(&queue_json(&info)),
-        Format::Table => println!("queue '{}' updated", info.name),
+        Format::Table => outln!("queue '{}' updated", info.name),
     }
     Ok(())
 }
@@ -251,9 +252,10 @@ pub async fn delete(global: &Global, args: DeleteArgs) -> Result<()> {
             "queue": args.queue,
             "items_deleted": response.items_deleted,
         })),
-        Format::Table => println!(
+        Format::Table => outln!(
             "queue '{}' deleted ({} items)",
-            args.queue, response.items_deleted
+            args.queue,
+            response.items_deleted
         ),
     }
     Ok(())
@@ -372,9 +374,10 @@ pub async fn purge(global: &Global, args: PurgeArgs) -> Result<()> {
         .into_inner();
     match global.output {
         Format::Json => print_json(&json!({"queue": args.queue, "purged": response.purged})),
-        Format::Table => println!(
+        Format::Table => outln!(
             "purged {} items from queue '{}'",
-            response.purged, args.queue
+            response.purged,
+            args.queue
         ),
     }
     Ok(())
@@ -403,6 +406,6 @@ pub async fn unseal(global: &Global, args: UnsealArgs) -> Result<()> {
 fn print_sealed(global: &Global, info: &pb::QueueInfo, verb: &str) {
     match global.output {
         Format::Json => print_json(&queue_json(info)),
-        Format::Table => println!("queue '{}' {verb}", info.name),
+        Format::Table => outln!("queue '{}' {verb}", info.name),
     }
 }

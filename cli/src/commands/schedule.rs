@@ -9,6 +9,7 @@ use workq_proto::pb;
 
 use super::{opt_ms, parse_duration};
 use crate::connect::Global;
+use crate::output::outln;
 use crate::output::{
     Format, Table, age, cell_text, insert_bytes, millis, print_fields, print_json, until, yes_no,
 };
@@ -182,9 +183,9 @@ async fn create(global: &Global, args: CreateArgs) -> Result<()> {
     match global.output {
         Format::Json => print_json(&schedule_json(&schedule)),
         Format::Table if schedule.suspended => {
-            println!("schedule '{}' created, suspended", schedule.name)
+            outln!("schedule '{}' created, suspended", schedule.name)
         }
-        Format::Table => println!(
+        Format::Table => outln!(
             "schedule '{}' created; next run {}",
             schedule.name,
             until(schedule.next_run_at_ms)
@@ -265,10 +266,10 @@ fn show(global: &Global, s: &pb::Schedule) -> Result<()> {
         ),
     ]);
     if s.runs.is_empty() {
-        println!("\nno runs yet");
+        outln!("\nno runs yet");
         return Ok(());
     }
-    println!();
+    outln!();
     let mut table = Table::new(&["SCHEDULED", "RAN", "OUTCOME", "ITEMS", "DETAIL"]);
     for run in &s.runs {
         table.row(vec![
@@ -292,7 +293,7 @@ async fn delete(global: &Global, args: NameArgs) -> Result<()> {
         .await?;
     match global.output {
         Format::Json => print_json(&json!({ "schedule": args.name, "deleted": true })),
-        Format::Table => println!("schedule '{}' deleted", args.name),
+        Format::Table => outln!("schedule '{}' deleted", args.name),
     }
     Ok(())
 }
@@ -338,7 +339,7 @@ async fn set_suspended(global: &Global, args: NameArgs, suspend: bool) -> Result
                 }
                 _ => String::new(),
             };
-            println!(
+            outln!(
                 "schedule '{}' resumed{caught_up}; next run {}",
                 schedule.name,
                 until(schedule.next_run_at_ms)
@@ -349,7 +350,7 @@ async fn set_suspended(global: &Global, args: NameArgs, suspend: bool) -> Result
     };
     match global.output {
         Format::Json => print_json(&schedule_json(&schedule)),
-        Format::Table => println!("schedule '{}' suspended", schedule.name),
+        Format::Table => outln!("schedule '{}' suspended", schedule.name),
     }
     Ok(())
 }

@@ -11,6 +11,7 @@ use workq_proto::pb;
 
 use super::parse_duration;
 use crate::connect::Global;
+use crate::output::outln;
 use crate::output::{Format, millis, rate, stats_json};
 
 /// Without a terminal, a plain progress line is printed at most this often.
@@ -121,11 +122,11 @@ pub async fn run(global: &Global, args: WatchArgs) -> Result<()> {
         };
         let reached = args.until.reached(&stats);
         match (global.output, &bar) {
-            (Format::Json, _) => println!("{}", stats_json(&stats)),
+            (Format::Json, _) => outln!("{}", stats_json(&stats)),
             (Format::Table, Some(bar)) => update(bar, &stats, args.until),
             (Format::Table, None) => {
                 if !reached && last_plain.is_none_or(|t| t.elapsed() >= PLAIN_EVERY) {
-                    println!("{}", plain_line(&stats));
+                    outln!("{}", plain_line(&stats));
                     last_plain = Some(Instant::now());
                 }
             }
@@ -135,7 +136,7 @@ pub async fn run(global: &Global, args: WatchArgs) -> Result<()> {
                 bar.finish();
             }
             if global.output == Format::Table {
-                println!(
+                outln!(
                     "queue '{}' {}: {} done, {} dead",
                     args.queue,
                     args.until.describe(),

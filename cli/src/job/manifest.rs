@@ -21,6 +21,7 @@ use clap::{Arg, ArgAction, ArgMatches, Args, FromArgMatches};
 
 use super::spec::{JobArgs, PodFailureRule, Spec, WORKER};
 use crate::output::Format;
+use crate::output::out;
 /// Where the examples' Service publishes the coordinator's gRPC port.
 const DEFAULT_SERVER: &str = "http://workq:7070";
 /// Where `--ca-secret`'s certificate is mounted in the pods.
@@ -120,7 +121,7 @@ pub fn run(args: ManifestArgs, format: Format) -> ExitCode {
         .collect::<Vec<_>>();
     match render(&args, &format!("queue-cli {}", invocation.join(" "))) {
         Ok(yaml) => {
-            print!("{yaml}");
+            out!("{yaml}");
             ExitCode::SUCCESS
         }
         Err(message) => {
