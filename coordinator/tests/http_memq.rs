@@ -321,6 +321,16 @@ async fn methods_and_paths_follow_httprouter() {
     );
     assert!(post.body.is_empty());
     assert_eq!(server.get("/MEMQ/server/stats").await.status, 301);
+    // The target is cleaned, as Go's `http.Redirect` cleans it.
+    let doubled = server.post(&format!("{Q}//enqueue/"), b"x").await;
+    assert_eq!(doubled.status, 307, "{doubled:?}");
+    assert_eq!(
+        doubled.header("location"),
+        Some("/memq/server/queues/enqueue")
+    );
+    let dot = server.send("PUT", &format!("{Q}/./"), &[], b"").await;
+    assert_eq!(dot.status, 307, "{dot:?}");
+    assert_eq!(dot.header("location"), Some("/memq/server/queues"));
 
     // kuard's other mounts of the same broker.
     let stats = server.get("/a/memq/server/stats").await;

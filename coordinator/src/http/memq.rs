@@ -116,6 +116,8 @@ async fn wrong_method(method: Method, allow: &'static str) -> Response {
 /// other methods, only when the fixed path is a route for the same method.
 pub async fn fallback(method: Method, uri: Uri) -> Response {
     if let Some(location) = redirect_target(&method, uri.path()) {
+        // Go's `http.Redirect` cleans a path it is given (keeping a trailing slash).
+        let location = clean_path(&location);
         let location = match uri.query() {
             Some(query) => format!("{location}?{query}"),
             None => location,
