@@ -552,15 +552,11 @@ async fn sigterm_during_a_lease_call_leaves_nothing_leased() {
 /// 143 before the pod would be killed, not after `--connect-timeout` (5 minutes here).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_ack_during_an_outage_gives_up_soon_after_grace() {
-    let dir = tempfile::tempdir().unwrap();
-    let port = unused_port();
-    let server = format!("http://127.0.0.1:{port}");
-    let mut coordinator = coordinator_on(port, dir.path());
-    let mut client = Client::connect(workq_tests::ConnectOptions::new(server.clone()))
-        .await
-        .unwrap();
+    let mut coordinator = Coordinator::start();
+    let mut client = coordinator.client().await;
     create_queue(&mut client, "late", options(0, 0)).await;
     enqueue(&mut client, "late", &["x"]).await;
+    let dir = tempfile::tempdir().unwrap();
 
     let (started, go) = (dir.path().join("started"), dir.path().join("go"));
     let script = sh(&format!(
@@ -579,10 +575,9 @@ async fn an_ack_during_an_outage_gives_up_soon_after_grace() {
         ],
         script,
     );
-    let mut worker = Worker::start(&server, dir.path(), "w", &args);
+    let mut worker = Worker::start(&coordinator.grpc_url, dir.path(), "w", &args);
     wait_for("the item to start", SOON, || started.exists());
-    coordinator.signal(Signal::SIGKILL);
-    coordinator.wait_exit(SOON);
+    coordinator.kill9();
     worker.signal(Signal::SIGTERM);
     worker.wait_for_log("SIGTERM received");
     std::fs::write(&go, b"").unwrap();

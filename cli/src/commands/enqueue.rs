@@ -20,8 +20,7 @@ use workq_proto::{Client, pb};
 
 use super::{opt_ms, parse_duration};
 use crate::connect::Global;
-use crate::output::outln;
-use crate::output::{Format, print_json};
+use crate::output::{Format, outln, print_json};
 
 /// Items per request unless `--batch-size` says otherwise.
 const DEFAULT_BATCH: usize = 1000;

@@ -6,10 +6,9 @@ use serde_json::json;
 use workq_proto::{Client, pb};
 
 use crate::connect::Global;
-use crate::output::outln;
 use crate::output::{
-    Format, Table, age, cell_text, insert_bytes, item_json, print_fields, print_json, state_name,
-    until,
+    Format, Table, age, cell_text, insert_bytes, item_json, outln, print_fields, print_json,
+    state_name, until,
 };
 
 /// Items per ListItems call; the coordinator's maximum.

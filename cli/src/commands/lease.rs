@@ -12,8 +12,7 @@ use workq_proto::{Client, pb};
 
 use super::{ms, opt_ms, parse_duration};
 use crate::connect::Global;
-use crate::output::outln;
-use crate::output::{Format, Table, cell_text, lease_json, print_json, state_name, until};
+use crate::output::{Format, Table, cell_text, lease_json, outln, print_json, state_name, until};
 
 /// Lease items: take them for a while, then ack, fail, extend or release each one
 /// with its id and token.

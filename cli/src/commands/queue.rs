@@ -10,9 +10,8 @@ use workq_proto::pb;
 
 use super::{opt_ms, parse_duration};
 use crate::connect::Global;
-use crate::output::outln;
 use crate::output::{
-    Format, Table, age, millis, print_fields, print_json, queue_json, rate, yes_no,
+    Format, Table, age, millis, outln, print_fields, print_json, queue_json, rate, yes_no,
 };
 
 /// Create a queue, optionally with its options.

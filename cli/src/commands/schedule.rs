@@ -9,9 +9,9 @@ use workq_proto::pb;
 
 use super::{opt_ms, parse_duration};
 use crate::connect::Global;
-use crate::output::outln;
 use crate::output::{
-    Format, Table, age, cell_text, insert_bytes, millis, print_fields, print_json, until, yes_no,
+    Format, Table, age, cell_text, insert_bytes, millis, outln, print_fields, print_json, until,
+    yes_no,
 };
 
 #[derive(Subcommand, Debug)]

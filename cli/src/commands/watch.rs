@@ -11,8 +11,7 @@ use workq_proto::pb;
 
 use super::parse_duration;
 use crate::connect::Global;
-use crate::output::outln;
-use crate::output::{Format, millis, rate, stats_json};
+use crate::output::{Format, millis, outln, rate, stats_json};
 
 /// Without a terminal, a plain progress line is printed at most this often.
 const PLAIN_EVERY: Duration = Duration::from_secs(10);

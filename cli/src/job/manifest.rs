@@ -20,8 +20,8 @@ use clap::parser::ValueSource;
 use clap::{Arg, ArgAction, ArgMatches, Args, FromArgMatches};
 
 use super::spec::{JobArgs, PodFailureRule, Spec, WORKER};
-use crate::output::Format;
-use crate::output::out;
+use crate::output::{Format, out};
+
 /// Where the examples' Service publishes the coordinator's gRPC port.
 const DEFAULT_SERVER: &str = "http://workq:7070";
 /// Where `--ca-secret`'s certificate is mounted in the pods.
