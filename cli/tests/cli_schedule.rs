@@ -72,8 +72,13 @@ fn create_list_suspend_resume_and_delete() {
     assert_eq!(nightly["next_run_at_ms"], 0);
 
     // Refusals: one line, and nothing created.
-    let refusals: [(&[&str], i32, &str); 7] = [
+    let refusals: [(&[&str], i32, &str); 8] = [
         (&["--cron", "every minute"], 1, "is not valid"),
+        (
+            &["--cron", "0 0 L * *"],
+            1,
+            "'L' in the day-of-month field is not in the Kubernetes schedule syntax",
+        ),
         (
             &["--cron", "* * * * *", "--time-zone", "Mars/Base"],
             1,
@@ -190,10 +195,14 @@ fn create_list_suspend_resume_and_delete() {
         out.starts_with("schedule 'every-second' resumed; the tick of "),
         "{out}"
     );
+    // The ticks before it were passed over, and counted as missed.
     assert!(
-        out.contains(" ago, missed while suspended: enqueued 2; next run "),
+        out.contains(" ago, missed while suspended: enqueued 2 (")
+            && out.contains(" earlier tick")
+            && out.contains(" missed); next run "),
         "{out}"
     );
+    assert!(schedule(&env, "every-second")["missed_runs"].as_u64() >= Some(1));
     assert_eq!(enqueued_runs(&env, "every-second"), runs_then + 1);
     // Resuming a running schedule changes nothing and ran nothing.
     let out = env.ok(&["schedule", "resume", "every-second"]);

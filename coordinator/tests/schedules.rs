@@ -321,7 +321,19 @@ async fn resuming_runs_only_the_most_recent_missed_tick_within_the_deadline() {
             .detail
             .contains("past the starting deadline of 30s")
     );
-    assert_eq!(strict.record.missed_runs, 1);
+    // The four ticks before it were passed over: missed too, and said so.
+    assert_eq!(strict.record.missed_runs, 5);
+    assert!(
+        strict.record.runs[0]
+            .detail
+            .contains("4 earlier ticks missed")
+    );
+    assert_eq!(late.record.missed_runs, 4);
+    assert!(
+        late.record.runs[0]
+            .detail
+            .contains("4 earlier ticks missed")
+    );
 
     // Both tick on time from then on.
     pass(MINUTE).await;
@@ -413,13 +425,11 @@ async fn time_zones_deletion_and_the_history_limit() {
 }
 
 /// Stockholm's clocks go back at 01:00 UTC on 2026-10-25 (03:00 CEST becomes 02:00
-/// CET). An hourly schedule runs 02:00 once and a daily one 02:30 once, in their first
-/// pass; the second pass does not run, whether or not another schedule wakes the
-/// scheduler inside it. (croner
-/// alone finds the second pass when asked from exactly the first: the scheduler,
-/// whose clock reads exactly the tick here, would run it.)
+/// CET). A daily schedule at 02:30 runs once, in the first pass, whether or not another
+/// schedule wakes the scheduler inside the second; an hourly one keeps its pace
+/// through both passes, as cron runs a job whose hour is `*`.
 #[tokio::test(start_paused = true)]
-async fn a_repeated_hour_runs_its_tick_once_however_the_scheduler_wakes() {
+async fn a_repeated_hour_runs_a_fixed_time_once_and_an_hourly_job_in_both_passes() {
     // 2026-10-24T23:50:00Z (01:50 CEST).
     let start = 1_792_885_800_000;
     let engine = Engine::open(Store::memory(), Clock::starting_at(start)).unwrap();
@@ -446,10 +456,12 @@ async fn a_repeated_hour_runs_its_tick_once_however_the_scheduler_wakes() {
             .map(|run| workq_coordinator::engine::cron::rfc3339(run.scheduled_ms))
             .collect()
     };
+    // An hourly job keeps its pace through both passes of 02:00.
     assert_eq!(
         ticks(schedule(&engine, "hourly").await),
         [
             "2026-10-25T00:00:00Z", // 02:00 CEST
+            "2026-10-25T01:00:00Z", // 02:00 CET
             "2026-10-25T02:00:00Z", // 03:00 CET
         ]
     );
@@ -608,7 +620,10 @@ async fn schedules_and_their_runs_survive_restarts_and_missed_ticks_follow_the_d
     let d = wait_runs(&engine, "d", 3).await;
     assert_eq!(outcome(&s, 0), Some(Outcome::Enqueued));
     assert_eq!(outcome(&d, 0), Some(Outcome::Missed));
-    assert_eq!(d.record.missed_runs, 1);
+    // 16:02–16:04 and 16:06–16:08 were passed over, 16:09 was too late for "d".
+    assert_eq!(d.record.missed_runs, 3 + 3 + 1);
+    assert_eq!(s.record.missed_runs, 3 + 3);
+    assert!(s.record.runs[0].detail.contains("3 earlier ticks missed"));
     assert_eq!(d.record.enqueued_runs, 2);
     assert_eq!(items(&engine).len(), 10);
     // "d" ran the same ticks as "s" before its miss.

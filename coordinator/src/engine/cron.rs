@@ -6,16 +6,18 @@
 //! and a day-of-month and day-of-week that both restrict matching either (as cron
 //! always has). One extension: a sixth field in front, seconds, for schedules finer
 //! than a minute. `TZ=` inside the expression is refused, as Kubernetes does since
-//! 1.29: the zone is a field of its own.
+//! 1.29: the zone is a field of its own. What croner reads beyond that (`L`, `W`, `#`,
+//! a day-of-week of 7) is refused too, so a schedule means here what it means there.
 //!
 //! Times are Unix milliseconds, as everywhere in the engine. Ticks fall on whole
-//! seconds. Clocks that skip an hour run the ticks inside the gap once, at the end of
-//! the gap (croner's rule); clocks that go back run a tick in the repeated hour once,
-//! in its first pass ([`CronSpec::repeats`]).
+//! seconds. A clock change moves a job at a fixed time (one second, minute and hour),
+//! as cron does: a tick inside a skipped hour runs once, at the end of the gap, and a
+//! tick in a repeated hour runs once, in its first pass. A job that repeats within
+//! the day keeps its pace in real time, through both passes of a repeated hour.
 
 use std::str::FromStr;
 
-use chrono::{DateTime, LocalResult, TimeZone};
+use chrono::{DateTime, TimeZone};
 use chrono_tz::Tz;
 use croner::Cron;
 use croner::parser::{CronParser, Seconds, Year};
@@ -48,6 +50,7 @@ impl CronSpec {
                  or America/New_York)"
             ))
         })?;
+        refuse_extensions(expr)?;
         // Kubernetes' one macro croner lacks.
         let pattern = if expr.eq_ignore_ascii_case("@midnight") {
             "@daily"
@@ -81,49 +84,111 @@ impl CronSpec {
         self.zone.name()
     }
 
+    /// How many ticks fall strictly between `after` and `before`, counting at most
+    /// `limit`.
+    pub fn ticks_between(&self, after: u64, before: u64, limit: u64) -> u64 {
+        let mut count = 0;
+        let mut at = after;
+        while count < limit {
+            match self.next_after(at) {
+                Some(next) if next < before => (count, at) = (count + 1, next),
+                _ => break,
+            }
+        }
+        count
+    }
+
+    /// `ms` in the zone, cut to its whole second. Ticks fall on whole seconds, so
+    /// the cut changes no answer, and croner's searches count in whole seconds: a
+    /// fraction left on would let its one-second slack return a tick just after `ms`.
     fn at(&self, ms: u64) -> Option<DateTime<Tz>> {
-        self.zone
-            .timestamp_millis_opt(i64::try_from(ms).ok()?)
-            .single()
+        let seconds = i64::try_from(ms / 1000).ok()?;
+        self.zone.timestamp_opt(seconds, 0).single()
     }
 
     /// The first tick strictly after `ms`.
     pub fn next_after(&self, ms: u64) -> Option<u64> {
-        let mut from = self.at(ms)?;
-        loop {
-            let next = self.cron.find_next_occurrence(&from, false).ok()?;
-            if !self.repeats(&next) {
-                return u64::try_from(next.timestamp_millis()).ok();
-            }
-            from = next;
-        }
+        let next = self.cron.find_next_occurrence(&self.at(ms)?, false).ok()?;
+        u64::try_from(next.timestamp_millis()).ok()
     }
 
     /// The last tick at or before `ms`.
     pub fn latest_at_or_before(&self, ms: u64) -> Option<u64> {
-        let mut from = self.at(ms)?;
-        let mut inclusive = true;
-        loop {
-            let previous = self.cron.find_previous_occurrence(&from, inclusive).ok()?;
-            if !self.repeats(&previous) {
-                return u64::try_from(previous.timestamp_millis()).ok();
-            }
-            (from, inclusive) = (previous, false);
-        }
+        let previous = self
+            .cron
+            .find_previous_occurrence(&self.at(ms)?, true)
+            .ok()?;
+        u64::try_from(previous.timestamp_millis()).ok()
     }
+}
 
-    /// Whether `at` is the second pass of a wall-clock time (a clock went back and
-    /// showed it before): not a tick. croner's searches disagree there, the forward
-    /// one finding the second pass only when it starts exactly on the first, so a
-    /// tick in a repeated hour would run once or twice by when the scheduler looked.
-    /// Counting the first pass only makes it once, as cron does for a job at a fixed
-    /// time; an hourly job then has a two-hour gap on that night.
-    fn repeats(&self, at: &DateTime<Tz>) -> bool {
-        match self.zone.from_local_datetime(&at.naive_local()) {
-            LocalResult::Ambiguous(first, _) => first < *at,
-            _ => false,
+/// Refuses what croner reads but Kubernetes does not: `L`, `W`, `#` and a day-of-week
+/// of 7. Each field is a list of `*`, `?`, numbers or names, each maybe a range, each
+/// maybe with a step. A count of fields other than five or six is left to croner's
+/// message.
+fn refuse_extensions(expr: &str) -> Result<()> {
+    const MONTHS: [&str; 12] = [
+        "jan", "feb", "mar", "apr", "may", "jun", "jul", "aug", "sep", "oct", "nov", "dec",
+    ];
+    const DAYS: [&str; 7] = ["sun", "mon", "tue", "wed", "thu", "fri", "sat"];
+    let fields: Vec<&str> = expr.split_whitespace().collect();
+    let names: &[&str] = match fields.len() {
+        5 => &["minute", "hour", "day-of-month", "month", "day-of-week"],
+        6 => &[
+            "second",
+            "minute",
+            "hour",
+            "day-of-month",
+            "month",
+            "day-of-week",
+        ],
+        _ => return Ok(()),
+    };
+    if expr.starts_with('@') {
+        return Ok(());
+    }
+    for (field, name) in fields.iter().zip(names) {
+        let words: &[&str] = match *name {
+            "month" => &MONTHS,
+            "day-of-week" => &DAYS,
+            _ => &[],
+        };
+        let atom_ok = |atom: &str| {
+            if atom.chars().all(|c| c.is_ascii_digit()) {
+                !atom.is_empty()
+                    && (*name != "day-of-week" || atom.parse::<u8>().is_ok_and(|d| d < 7))
+            } else {
+                words.iter().any(|w| w.eq_ignore_ascii_case(atom))
+            }
+        };
+        for piece in field.split(',') {
+            let (range, step) = match piece.split_once('/') {
+                Some((range, step)) => (range, Some(step)),
+                None => (piece, None),
+            };
+            let range_ok = range == "*"
+                || range == "?"
+                || match range.split_once('-') {
+                    Some((from, to)) => atom_ok(from) && atom_ok(to),
+                    None => atom_ok(range),
+                };
+            let step_ok =
+                step.is_none_or(|n| !n.is_empty() && n.chars().all(|c| c.is_ascii_digit()));
+            if !(range_ok && step_ok) {
+                let seven = if *name == "day-of-week" && piece.contains('7') {
+                    "; day-of-week runs 0-6, so Sunday is 0"
+                } else {
+                    ""
+                };
+                return Err(Error::invalid(format!(
+                    "cron '{expr}': '{piece}' in the {name} field is not in the Kubernetes \
+                     schedule syntax (numbers, names such as mon or jan, * or ?, ranges a-b, \
+                     lists a,b and steps /n{seven})"
+                )));
+            }
         }
     }
+    Ok(())
 }
 
 /// `ms` as RFC 3339 in UTC, to the second (what `{tick}` in a payload becomes).
@@ -181,6 +246,13 @@ mod tests {
                 t = next_a.unwrap();
             }
         }
+        // Lists, ranges, steps and names in any case, in one expression.
+        let mixed = utc("0,30 9-17/2 1,15 JAN-jun/2 Sun,6");
+        assert_eq!(
+            rfc3339(mixed.next_after(BEFORE_DST).unwrap()),
+            "2026-03-29T09:00:00Z",
+            "Sunday the 29th of March"
+        );
         // Seconds first, as the one extension.
         let every_second = utc("* * * * * *");
         assert_eq!(
@@ -229,6 +301,62 @@ mod tests {
                 "2026-03-29T01:00:00Z",
                 "2026-03-30T00:30:00Z"
             ]
+        );
+    }
+
+    /// 2026-10-25 in Europe/Stockholm: at 01:00 UTC the clock goes from 03:00 back to
+    /// 02:00, so 02:00–02:59 local happens twice. A job at a fixed time runs once, in
+    /// the first pass; a job that repeats keeps its pace through both, as cron's
+    /// wildcard jobs do, so nothing stops for an hour.
+    #[test]
+    fn a_repeated_hour_runs_a_fixed_time_once_and_an_interval_through_both_passes() {
+        const FALL_BACK: u64 = 1_792_890_000_000; // 2026-10-25T01:00:00Z
+        let ticks = |expr: &str, from: u64, to: u64| -> Vec<u64> {
+            let spec = CronSpec::parse(expr, "Europe/Stockholm").unwrap();
+            std::iter::successors(spec.next_after(from), |t| spec.next_after(*t))
+                .take_while(|t| *t < to)
+                .collect()
+        };
+        let (night, morning) = (FALL_BACK - 3 * HOUR, FALL_BACK + 3 * HOUR);
+
+        let fixed = ticks("30 2 * * *", night, morning);
+        assert_eq!(
+            fixed.iter().copied().map(rfc3339).collect::<Vec<_>>(),
+            ["2026-10-25T00:30:00Z"]
+        );
+
+        let every_minute = ticks("* * * * *", night, morning);
+        let spec = CronSpec::parse("* * * * *", "Europe/Stockholm").unwrap();
+        assert_eq!(spec.ticks_between(night, morning, 10_000), 6 * 60 - 1);
+        assert_eq!(
+            spec.ticks_between(night, morning, 100),
+            100,
+            "counted up to the limit"
+        );
+        assert_eq!(
+            spec.ticks_between(night, night + MINUTE, 100),
+            0,
+            "none strictly between"
+        );
+        assert_eq!(every_minute.len(), 6 * 60 - 1, "one tick a real minute");
+        assert!(every_minute.windows(2).all(|w| w[1] - w[0] == MINUTE));
+
+        let hourly = ticks("0 * * * *", night, morning);
+        assert_eq!(
+            hourly.len(),
+            5,
+            "one tick a real hour: {:?}",
+            hourly.iter().map(|t| rfc3339(*t)).collect::<Vec<_>>()
+        );
+        assert!(hourly.windows(2).all(|w| w[1] - w[0] == HOUR));
+
+        // From inside the second pass, the next tick and the latest one are both in it.
+        let spec = CronSpec::parse("*/10 * * * *", "Europe/Stockholm").unwrap();
+        let second_pass = FALL_BACK + 25 * MINUTE; // 02:25 local, the second time
+        assert_eq!(spec.next_after(second_pass), Some(FALL_BACK + 30 * MINUTE));
+        assert_eq!(
+            spec.latest_at_or_before(second_pass),
+            Some(FALL_BACK + 20 * MINUTE)
         );
     }
 
@@ -290,11 +418,25 @@ mod tests {
             ("", "", "not valid"),
             ("61 * * * *", "", "not valid"),
             ("* * *", "", "five fields"),
-            ("0 0 1 1 * 2030", "", "not valid"),
+            (
+                "0 0 1 1 * 2030",
+                "",
+                "not in the Kubernetes schedule syntax",
+            ),
             ("0 0 1 1 * * 2030", "", "not valid"),
             ("TZ=UTC 0 * * * *", "", "--time-zone"),
             ("CRON_TZ=UTC 0 * * * *", "", "--time-zone"),
             ("0 0 30 2 *", "", "never matches"),
+            ("0 0 L * *", "", "'L' in the day-of-month field"),
+            ("0 0 15W * *", "", "'15W' in the day-of-month field"),
+            ("0 0 * * 5L", "", "'5L' in the day-of-week field"),
+            ("0 0 * * mon#2", "", "'mon#2' in the day-of-week field"),
+            ("0 0 * * 7", "", "Sunday is 0"),
+            ("0 0 * * 5-7", "", "'5-7' in the day-of-week field"),
+            ("0 0 * 13 *", "", "not valid"),
+            ("0 0 * * * L", "", "'L' in the day-of-week field"),
+            ("*/ * * * *", "", "'*/' in the minute field"),
+            ("0 0 * * +mon", "", "'+mon' in the day-of-week field"),
             (
                 "0 * * * *",
                 "Mars/Olympus",

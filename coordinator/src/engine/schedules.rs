@@ -13,7 +13,9 @@
 //!   deadline late is recorded as missed instead. So after a restart the most recent
 //!   tick missed while the coordinator was down runs once, if it is within the
 //!   deadline; ticks while suspended count as missed, and resuming runs the most
-//!   recent one under the same rule.
+//!   recent one under the same rule. Every tick passed over counts as missed (up to
+//!   10,000 at one look), and more than 100 at once draw a warning, as Kubernetes'
+//!   `TooManyMissedTimes` does.
 //! - **A tick's items once.** A tick that enqueues writes its items and its
 //!   schedule's record saying it ran in one atomic batch, so a crash leaves both or
 //!   neither: the items never come back without the record that Forbid and Replace
@@ -41,6 +43,14 @@ use crate::store::{RunRecord, ScheduleRecord, Ticket};
 
 /// Runs kept per schedule (`schedule list` shows them, most recent first).
 pub const RUNS_KEPT: usize = 10;
+
+/// More ticks passed over than this at one look draw a warning, as Kubernetes warns
+/// `TooManyMissedTimes` past 100.
+const TOO_MANY_MISSED: u64 = 100;
+
+/// Passed-over ticks counted at one look, at most: a per-second schedule suspended
+/// for a month is not walked tick by tick under the schedules' lock.
+const MISSED_COUNTED: u64 = 10_000;
 
 /// What a tick does while the previous tick's items are unfinished.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -310,7 +320,7 @@ impl Engine {
                     .spec
                     .latest_at_or_before(now)
                     .filter(|&tick| tick > entry.record.last_tick_ms)
-                    .map(|tick| self.run_tick(&entry.record, tick, now));
+                    .map(|tick| self.run_tick(entry, tick, now));
             }
         }
         // Resumed: the most recent tick missed while suspended is handled before the
@@ -345,7 +355,7 @@ impl Engine {
                 .latest_at_or_before(now)
                 .filter(|&tick| tick > entry.record.last_tick_ms)
             {
-                ran.push(self.run_tick(&entry.record, tick, now));
+                ran.push(self.run_tick(entry, tick, now));
             }
         }
         if !ran.is_empty() {
@@ -408,13 +418,46 @@ impl Engine {
     }
 
     /// Runs (or records as missed) the tick at `tick`. Waits for nothing.
-    fn run_tick(&self, record: &ScheduleRecord, tick: u64, now: u64) -> Ran {
+    /// The ticks it passes over (after the last one handled, before `tick`) are
+    /// not back-filled: they count as missed, and the run's detail says how many.
+    fn run_tick(&self, entry: &Entry, tick: u64, now: u64) -> Ran {
+        let passed_over = entry
+            .spec
+            .ticks_between(entry.record.last_tick_ms, tick, MISSED_COUNTED);
+        let counted;
+        let record = if passed_over == 0 {
+            &entry.record
+        } else {
+            let mut record = entry.record.clone();
+            record.missed_runs += passed_over;
+            counted = record;
+            &counted
+        };
+        if passed_over > TOO_MANY_MISSED {
+            tracing::warn!(
+                schedule = %record.name,
+                missed = passed_over,
+                "too many missed ticks (more than {TOO_MANY_MISSED}) since the last one \
+                 handled; only the most recent runs. Is the coordinator's clock right, or \
+                 was the schedule suspended?"
+            );
+        }
+        let passed_note = match passed_over {
+            0 => String::new(),
+            MISSED_COUNTED => format!("{MISSED_COUNTED} or more earlier ticks missed"),
+            1 => "1 earlier tick missed".to_string(),
+            n => format!("{n} earlier ticks missed"),
+        };
         let late = now.saturating_sub(tick);
         let run = |outcome: Outcome, detail: String| RunRecord {
             scheduled_ms: tick,
             ran_ms: now,
             outcome: outcome as u32,
-            detail,
+            detail: [detail, passed_note.clone()]
+                .into_iter()
+                .filter(|part| !part.is_empty())
+                .collect::<Vec<_>>()
+                .join("; "),
             ..RunRecord::default()
         };
         let unlogged = |record: ScheduleRecord| Ran {
