@@ -13,14 +13,6 @@ use workq_proto::{Client, ClientError, ConnectOptions};
 
 use crate::output::Format;
 
-/// `--connect-timeout`: a duration, and not zero (no attempt could succeed).
-fn positive_duration(text: &str) -> Result<Duration, String> {
-    match workq_proto::duration::parse(text)? {
-        Duration::ZERO => Err("a connection attempt needs more than no time (use e.g. 5s)".into()),
-        timeout => Ok(timeout),
-    }
-}
-
 /// Flags accepted before or after any command.
 #[derive(Args, Debug)]
 #[command(next_help_heading = "Global options")]
@@ -43,7 +35,7 @@ pub struct Global {
     /// How long a connection attempt may take (the TCP connect, then the
     /// coordinator's first answer or TLS handshake) before the command fails.
     #[arg(long, global = true, env = "WORKQ_CONNECT_TIMEOUT")]
-    #[arg(value_name = "DURATION", default_value = "5s", value_parser = positive_duration)]
+    #[arg(value_name = "DURATION", default_value = "5s", value_parser = crate::commands::parse_positive)]
     pub connect_timeout: Duration,
 
     /// Output format: aligned tables for people, or stable JSON for scripts.

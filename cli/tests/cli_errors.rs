@@ -573,3 +573,43 @@ fn a_closed_stdout_ends_the_command_quietly() {
         assert!(stderr.is_empty(), "{args:?}: {stderr}");
     }
 }
+
+/// The API reads a duration of 0 as "the default", so `--retention 0s` would quietly
+/// keep DONE items for an hour and `fail --delay 0s` would wait the backoff. Zero is
+/// refused at parse time instead (exit 2), and nothing changes.
+#[test]
+fn a_zero_duration_is_refused_where_zero_would_mean_the_default() {
+    let env = Env::start();
+    env.ok(&["create", "q", "--retention", "2h"]);
+    env.ok(&["enqueue", "q", "x"]);
+    let options = env.stats("q")["options"].clone();
+    let lease = env.lease_one("q");
+    let (id, token) = (lease["id"].to_string(), lease["token"].to_string());
+    let token = token.trim_matches('"');
+    for (args, flag) in [
+        (
+            &["create", "fresh", "--lease-timeout", "0s"][..],
+            "--lease-timeout",
+        ),
+        (&["update", "q", "--retention", "0s"], "--retention"),
+        (&["update", "q", "--backoff-base", "0"], "--backoff-base"),
+        (&["update", "q", "--backoff-cap", "0ms"], "--backoff-cap"),
+        (&["lease", "q", "--lease-timeout", "0m"], "--lease-timeout"),
+        (&["fail", "q", &id, token, "--delay", "0s"], "--delay"),
+        (
+            &["extend", "q", &id, token, "--lease-timeout", "0s"],
+            "--lease-timeout",
+        ),
+    ] {
+        let error = env.fails(args, 2);
+        assert!(
+            error.contains(&format!("for '{flag} <DURATION>'")) && error.contains("is no time"),
+            "{args:?}: {error}"
+        );
+    }
+    assert!(!env.ok(&["list"]).contains("fresh"), "nothing created");
+    let after = env.stats("q");
+    assert_eq!(after["options"], options, "nothing updated");
+    assert_eq!(after["leased"], 1, "the lease was neither failed nor moved");
+    env.ok(&["ack", "q", &id, token]);
+}

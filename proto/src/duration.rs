@@ -52,6 +52,18 @@ pub fn parse(text: &str) -> Result<Duration, String> {
     Ok(total)
 }
 
+/// As [`parse`], refusing zero: for a setting where the API reads 0 as "the
+/// default", so `0s` would silently mean something else.
+pub fn parse_positive(text: &str) -> Result<Duration, String> {
+    match parse(text)? {
+        Duration::ZERO => Err(format!(
+            "'{}' is no time: give at least 1ms, or leave the flag out for the default",
+            text.trim()
+        )),
+        duration => Ok(duration),
+    }
+}
+
 /// Formats a duration compactly: `850ms`, `12s`, `4m05s`, `2h03m`.
 pub fn format(d: Duration) -> String {
     let ms = d.as_millis() as u64;

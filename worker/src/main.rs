@@ -95,7 +95,7 @@ struct Args {
 
     /// Lease length for our leases, instead of the queue's (extended in the
     /// background while an item runs).
-    #[arg(long, value_parser = parse_duration, global = true, help_heading = "Worker options")]
+    #[arg(long, value_parser = workq_proto::duration::parse_positive, global = true, help_heading = "Worker options")]
     lease_timeout: Option<Duration>,
 
     #[command(flatten)]
@@ -136,7 +136,7 @@ enum HandlerArgs {
         permanent_failure_codes: Vec<i32>,
         /// Kill the command (its whole process group) after this long; the item is
         /// retried.
-        #[arg(long, value_parser = parse_duration, value_name = "DURATION")]
+        #[arg(long, value_parser = workq_proto::duration::parse_positive, value_name = "DURATION")]
         item_timeout: Option<Duration>,
         /// The command and its arguments (after `--`).
         #[arg(

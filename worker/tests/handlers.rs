@@ -272,6 +272,9 @@ fn usage_errors_exit_2() {
         &["--keygen-num-to-gen=3"],
         &["--queue", "q", "exec", "--", "workq-no-such-command"],
         &["--concurrency", "0", "--queue", "q", "keygen"],
+        // Zero would read as "the queue's lease timeout" or kill every item at once.
+        &["--lease-timeout", "0s", "--queue", "q", "keygen"],
+        &["--queue", "q", "exec", "--item-timeout", "0s", "--", "true"],
     ] {
         let out = Command::new(bin_path("workq-worker"))
             .args(args)

@@ -10,7 +10,7 @@ use serde_json::json;
 use workq_proto::client::{is_transport_status, tls_failure, was_never_sent};
 use workq_proto::{Client, pb};
 
-use super::{ms, opt_ms, parse_duration};
+use super::{ms, opt_ms, parse_duration, parse_positive};
 use crate::connect::Global;
 use crate::output::{Format, Table, cell_text, lease_json, outln, print_json, state_name, until};
 
@@ -58,7 +58,7 @@ pub struct LeaseArgs {
     pub wait: Duration,
 
     /// Lease length instead of the queue's lease timeout.
-    #[arg(long, value_parser = parse_duration, value_name = "DURATION")]
+    #[arg(long, value_parser = parse_positive, value_name = "DURATION")]
     pub lease_timeout: Option<Duration>,
 
     /// Worker id shown in `workers` [default: the host name, or queue-cli].
@@ -114,8 +114,8 @@ pub struct FailArgs {
     #[arg(long, value_name = "TEXT", default_value = "")]
     pub error: String,
 
-    /// Retry after this long instead of the queue's backoff.
-    #[arg(long, value_parser = parse_duration, value_name = "DURATION")]
+    /// Retry after this long instead of the queue's backoff (1ms retries at once).
+    #[arg(long, value_parser = parse_positive, value_name = "DURATION")]
     pub delay: Option<Duration>,
 }
 
@@ -136,7 +136,7 @@ pub struct ExtendArgs {
     pub token: u64,
 
     /// New lease length from now [default: the lease's own timeout].
-    #[arg(long, value_parser = parse_duration, value_name = "DURATION")]
+    #[arg(long, value_parser = parse_positive, value_name = "DURATION")]
     pub lease_timeout: Option<Duration>,
 }
 

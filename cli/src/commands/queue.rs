@@ -8,7 +8,7 @@ use clap::Args;
 use serde_json::json;
 use workq_proto::pb;
 
-use super::{opt_ms, parse_duration};
+use super::{opt_ms, parse_positive};
 use crate::connect::Global;
 use crate::output::{
     Format, Table, age, millis, outln, print_fields, print_json, queue_json, rate, yes_no,
@@ -42,7 +42,7 @@ pub struct CreateArgs {
 #[derive(Args, Debug)]
 pub struct OptionArgs {
     /// How long a lease lasts before the item goes back to the queue.
-    #[arg(long, value_parser = parse_duration, value_name = "DURATION")]
+    #[arg(long, value_parser = parse_positive, value_name = "DURATION")]
     pub lease_timeout: Option<Duration>,
 
     /// Deliveries before an item goes DEAD.
@@ -50,11 +50,11 @@ pub struct OptionArgs {
     pub max_attempts: Option<u32>,
 
     /// First retry delay after a failure; doubles per attempt.
-    #[arg(long, value_parser = parse_duration, value_name = "DURATION")]
+    #[arg(long, value_parser = parse_positive, value_name = "DURATION")]
     pub backoff_base: Option<Duration>,
 
     /// Longest retry delay.
-    #[arg(long, value_parser = parse_duration, value_name = "DURATION")]
+    #[arg(long, value_parser = parse_positive, value_name = "DURATION")]
     pub backoff_cap: Option<Duration>,
 
     /// Largest payload accepted, in bytes.
@@ -66,7 +66,7 @@ pub struct OptionArgs {
     pub max_depth: Option<u64>,
 
     /// How long DONE items and their results are kept.
-    #[arg(long, value_parser = parse_duration, value_name = "DURATION")]
+    #[arg(long, value_parser = parse_positive, value_name = "DURATION")]
     pub retention: Option<Duration>,
 }
 
