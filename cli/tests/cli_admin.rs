@@ -217,6 +217,36 @@ fn enqueue_sends_large_inputs_in_batches() {
     assert_eq!(stats["sealed"], true);
 }
 
+/// An item refused in a later batch is named by its index in the whole input, not
+/// in its batch, and the batches before it stay in.
+#[test]
+fn a_refused_item_in_a_later_batch_is_named_by_its_input_index() {
+    let env = Env::start();
+    env.ok(&["create", "small", "--max-payload", "16"]);
+    let input: String = (0..1500)
+        .map(|i| match i {
+            1234 => format!("{}\n", "x".repeat(40)),
+            i => format!("line-{i}\n"),
+        })
+        .collect();
+    let output = env
+        .cli()
+        .args(["enqueue", "small", "--stdin", "--batch-size", "500"])
+        .write_stdin(input)
+        .output()
+        .expect("run");
+    assert_eq!(output.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.starts_with(
+            "error: stopped after 1000 items were accepted (1000 enqueued, 0 deduplicated): \
+             the item with index 1234: payload of 40 bytes is over queue 'small''s max payload"
+        ),
+        "{stderr}"
+    );
+    assert_eq!(env.stats("small")["ready"], 1000);
+}
+
 #[test]
 fn enqueue_with_keys_reports_deduplicated_items() {
     let env = Env::start();

@@ -355,7 +355,7 @@ impl Sender {
                 return Err(anyhow::Error::new(status)
                     .context(format!("{which} may or may not be in ({rerun})")));
             }
-            Err(status) => return Err(status.into()),
+            Err(status) => return Err(self.in_input_terms(status, count).into()),
         };
         for result in response.results {
             self.ids.push(result.id);
@@ -367,6 +367,27 @@ impl Sender {
         }
         self.progress.inc(count);
         Ok(())
+    }
+
+    /// The coordinator names an item it refuses by its index in the request ("item
+    /// 3: …", workq.proto's `EnqueueRequest`); the user knows it by its index in the
+    /// whole input, which differs from the second batch on.
+    fn in_input_terms(&self, status: tonic::Status, count: u64) -> tonic::Status {
+        let first = self.read - count;
+        let in_request = status
+            .message()
+            .strip_prefix("item ")
+            .and_then(|rest| rest.split_once(": "))
+            .and_then(|(i, why)| Some((i.parse::<u64>().ok()?, why)));
+        match in_request {
+            Some((i, why)) if status.code() == tonic::Code::InvalidArgument && i < count => {
+                tonic::Status::new(
+                    status.code(),
+                    format!("the item with index {}: {why}", first + i),
+                )
+            }
+            _ => status,
+        }
     }
 
     fn report(&self, global: &Global, queue: &str) {
