@@ -441,6 +441,70 @@ fn watch_without_a_terminal_prints_a_summary() {
     assert!(error.contains("drained and sealed"), "{error}");
 }
 
+/// `watch` follows a queue through coordinator restarts: a SIGTERM, whose shutdown
+/// ends the stream, and a kill -9, which cuts it. It opens the stream again once the
+/// coordinator is back and exits 0 when the queue drains; with a --timeout shorter
+/// than the outage it gives up with the last failure.
+#[test]
+fn watch_waits_out_a_coordinator_restart() {
+    let mut env = Env::start_on_disk();
+    env.ok(&["create", "q"]);
+    env.ok(&["enqueue", "q", "a", "b"]);
+    let mut watch = Process::spawn(
+        Command::new(bin_path("queue-cli"))
+            .args(["-o", "json", "watch", "q", "--timeout", "2m"])
+            .env("WORKQ_SERVER", env.url())
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped()),
+    );
+    let stdout = watch.child.stdout.take().expect("piped stdout");
+    let (lines_tx, lines) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if lines_tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let ready = |line: String| -> u64 {
+        let stats: Value = serde_json::from_str(&line).expect("json line");
+        stats["ready"].as_u64().expect("ready")
+    };
+    assert_eq!(ready(next_line(&lines)), 2);
+
+    assert_eq!(env.coordinator.stop(), Some(0));
+    env.coordinator.restart_on_same_ports();
+    assert_eq!(
+        ready(next_line(&lines)),
+        2,
+        "a fresh stream after the restart"
+    );
+    let lease = env.lease_one("q");
+    env.ok(&["ack", "q", &id(&lease), &token(&lease)]);
+    while ready(next_line(&lines)) != 1 {}
+    env.coordinator.kill9();
+    env.coordinator.restart_on_same_ports();
+    assert_eq!(ready(next_line(&lines)), 1, "a fresh stream after kill -9");
+    assert!(watch.is_running(), "not drained yet");
+
+    let lease = env.lease_one("q");
+    env.ok(&["ack", "q", &id(&lease), &token(&lease)]);
+    assert_eq!(watch.wait_exit(Duration::from_secs(30)), Some(0));
+    let mut stderr = String::new();
+    let mut pipe = watch.child.stderr.take().expect("piped stderr");
+    std::io::Read::read_to_string(&mut pipe, &mut stderr).expect("stderr");
+    assert!(
+        stderr.contains("went away; waiting for it for up to"),
+        "{stderr}"
+    );
+
+    // A coordinator that stays away longer than --timeout: the last failure.
+    env.coordinator.kill9();
+    let error = env.fails(&["watch", "q", "--timeout", "1s"], 1);
+    assert!(error.contains("cannot reach coordinator"), "{error}");
+}
+
 /// A `lease --wait` outlasts coordinator restarts within its wait: a SIGTERM, whose
 /// shutdown ends the long poll early with nothing, and a kill -9, which cuts it.
 /// It polls again once the coordinator is back and gets the item when it is due.

@@ -7,9 +7,9 @@ use std::time::{Duration, Instant};
 use anyhow::Result;
 use clap::Args;
 use serde_json::json;
-use workq_proto::client::{is_transport_status, tls_failure, was_never_sent};
 use workq_proto::{Client, pb};
 
+use super::outage::Outage;
 use super::{ms, opt_ms, parse_duration, parse_positive};
 use crate::connect::Global;
 use crate::output::{Format, Table, cell_text, lease_json, outln, print_json, state_name, until};
@@ -227,15 +227,9 @@ pub async fn lease(global: &Global, args: LeaseArgs) -> Result<()> {
 const POLL_AGAIN_MIN: Duration = Duration::from_millis(100);
 
 /// The lease call, waiting out a coordinator restart within `wait`: a long poll
-/// the coordinator ended early with nothing (it was stopping), a connection that
-/// broke or was refused, and the coordinator's own UNAVAILABLE are polled again
-/// after a backoff while the wait lasts. What is left is the last failure.
-///
-/// A connection closed without a word before the coordinator ever answered may be
-/// a port serving TLS, which no retry mends: after two such failures in a row the
-/// error goes to the user, with the hint. A certificate the client does not accept
-/// (a coordinator restarted with another one) is not retried at all, unless it only
-/// expired, which a renewal mends.
+/// the coordinator ended early with nothing (it was stopping), and every failure
+/// [`Outage::may_mend`] would retry, are polled again after a pause while the wait
+/// lasts. What is left is the last failure.
 async fn long_poll(
     client: &mut Client,
     mut request: pb::LeaseRequest,
@@ -243,10 +237,8 @@ async fn long_poll(
 ) -> Result<pb::LeaseResponse> {
     let deadline = Instant::now() + wait;
     let left = || deadline.saturating_duration_since(Instant::now());
-    let answered = client.answered();
+    let mut outage = Outage::new(client);
     let mut last_answer = None;
-    let mut failures = 0u32;
-    let mut unexplained = 0;
     loop {
         request.wait_ms = ms(left());
         let failure = match client.lease(request.clone()).await {
@@ -256,35 +248,14 @@ async fn long_poll(
                     return Ok(response);
                 }
                 // Ended early with nothing: the coordinator is stopping.
-                unexplained = 0;
+                outage.answered();
                 last_answer = Some(response);
                 None
             }
-            Err(status) => {
-                let retry = if tls_failure(&status).is_some_and(|f| !f.is_transient()) {
-                    // A certificate this client does not accept (not one that merely
-                    // expired), or plain text on https://: no retry mends that.
-                    false
-                } else if !is_transport_status(&status) {
-                    // Its own UNAVAILABLE: shutting down, or stopping after a
-                    // storage failure, to be restarted.
-                    unexplained = 0;
-                    status.code() == tonic::Code::Unavailable
-                } else if was_never_sent(&status) || answered.get() {
-                    unexplained = 0;
-                    true
-                } else {
-                    unexplained += 1;
-                    unexplained < 2
-                };
-                if !retry {
-                    return Err(status.into());
-                }
-                Some(status)
-            }
+            Err(status) if outage.may_mend(&status) => Some(status),
+            Err(status) => return Err(status.into()),
         };
-        failures += 1;
-        let pause = backoff(failures);
+        let pause = outage.pause();
         if pause >= left() {
             return match failure {
                 Some(status) => Err(status.into()),
@@ -292,7 +263,7 @@ async fn long_poll(
                 None => Ok(last_answer.unwrap_or_default()),
             };
         }
-        if failures == 1 {
+        if outage.failures() == 1 {
             eprintln!(
                 "the coordinator at {} went away during the wait; waiting for it for up to {}",
                 client.url(),
@@ -301,11 +272,6 @@ async fn long_poll(
         }
         tokio::time::sleep(pause).await;
     }
-}
-
-/// 100 ms doubling to 2 s.
-fn backoff(failures: u32) -> Duration {
-    Duration::from_millis(100 << failures.saturating_sub(1).min(4)).min(Duration::from_secs(2))
 }
 
 pub async fn ack(global: &Global, args: AckArgs) -> Result<()> {

@@ -5,6 +5,7 @@
 pub mod enqueue;
 pub mod items;
 pub mod lease;
+mod outage;
 pub mod queue;
 pub mod schedule;
 pub mod watch;

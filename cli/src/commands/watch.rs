@@ -4,11 +4,12 @@
 use std::io::IsTerminal;
 use std::time::{Duration, Instant};
 
-use anyhow::{Result, anyhow, bail};
+use anyhow::{Result, anyhow};
 use clap::{Args, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
 use workq_proto::pb;
 
+use super::outage::Outage;
 use super::parse_duration;
 use crate::connect::Global;
 use crate::output::{Format, millis, outln, rate, stats_json};
@@ -16,13 +17,18 @@ use crate::output::{Format, millis, outln, rate, stats_json};
 /// Without a terminal, a plain progress line is printed at most this often.
 const PLAIN_EVERY: Duration = Duration::from_secs(10);
 
+/// Without --timeout, how long the coordinator may stay away (a restart, a pod
+/// rescheduled) before `watch` gives up.
+const OUTAGE_LIMIT: Duration = Duration::from_secs(5 * 60);
+
 /// Follow a queue live until it is drained: a progress bar of finished/total items
 /// with the completion rate, ETA and dead count.
 ///
 /// Exits 0 once no READY, DELAYED or LEASED items remain (dead items do not keep a
 /// queue from draining); with `--until sealed`, once the queue is also sealed, so a
 /// producer that is still enqueueing is waited for. Uses the coordinator's watch
-/// stream, so updates arrive as they happen.
+/// stream, so updates arrive as they happen. A coordinator that stops or restarts is
+/// waited for, within --timeout or else 5 minutes (a note goes to stderr).
 #[derive(Args, Debug)]
 #[command(after_help = "\
 Examples:
@@ -72,13 +78,6 @@ impl Until {
 
 pub async fn run(global: &Global, args: WatchArgs) -> Result<()> {
     let mut client = global.connect().await?;
-    let mut stream = client
-        .watch(pb::WatchRequest {
-            queue: args.queue.clone(),
-            min_interval_ms: 200,
-        })
-        .await?
-        .into_inner();
     let deadline = args.timeout.map(|t| tokio::time::Instant::now() + t);
     let bar =
         if global.output == Format::Table && !args.no_progress && std::io::stdout().is_terminal() {
@@ -86,39 +85,94 @@ pub async fn run(global: &Global, args: WatchArgs) -> Result<()> {
         } else {
             None
         };
+    let give_up = |error: anyhow::Error| {
+        if let Some(bar) = &bar {
+            bar.abandon();
+        }
+        error
+    };
+    let timed_out = || {
+        give_up(anyhow!(
+            "timed out after {} waiting for queue '{}' to be {}",
+            workq_proto::duration::format(args.timeout.unwrap_or_default()),
+            args.queue,
+            args.until.describe()
+        ))
+    };
+    let mut outage = Outage::new(&client);
+    let mut down_since = None;
+    let mut stream = None;
     let mut last_plain: Option<Instant> = None;
 
     loop {
-        let next = match deadline {
-            Some(deadline) => tokio::time::timeout_at(deadline, stream.message())
-                .await
-                .map_err(|_| {
-                    if let Some(bar) = &bar {
-                        bar.abandon();
+        let next = match &mut stream {
+            None => {
+                let request = pb::WatchRequest {
+                    queue: args.queue.clone(),
+                    min_interval_ms: 200,
+                };
+                match within(deadline, client.watch(request))
+                    .await
+                    .ok_or_else(timed_out)?
+                {
+                    Ok(opened) => {
+                        stream = Some(opened.into_inner());
+                        continue;
                     }
-                    anyhow!(
-                        "timed out after {} waiting for queue '{}' to be {}",
-                        workq_proto::duration::format(args.timeout.unwrap_or_default()),
-                        args.queue,
-                        args.until.describe()
-                    )
-                })?,
-            None => stream.message().await,
+                    Err(status) => Err(status),
+                }
+            }
+            Some(open) => match within(deadline, open.message())
+                .await
+                .ok_or_else(timed_out)?
+            {
+                Ok(Some(stats)) => Ok(stats),
+                // A coordinator that stops ends its streams.
+                Ok(None) => Err(tonic::Status::unavailable(
+                    "the coordinator closed the watch stream",
+                )),
+                Err(status) => Err(status),
+            },
         };
         let stats = match next {
-            Ok(Some(stats)) => stats,
-            Ok(None) => bail!(
-                "the coordinator closed the watch stream before queue '{}' was {}",
-                args.queue,
-                args.until.describe()
-            ),
+            Ok(stats) => stats,
             Err(status) => {
-                if let Some(bar) = &bar {
-                    bar.abandon();
+                // Another stream, after a pause, while a try may mend it.
+                stream = None;
+                if !outage.may_mend(&status) {
+                    return Err(give_up(status.into()));
                 }
-                return Err(status.into());
+                let pause = outage.pause();
+                let since = *down_since.get_or_insert_with(Instant::now);
+                let left = match deadline {
+                    Some(deadline) => deadline
+                        .into_std()
+                        .saturating_duration_since(Instant::now()),
+                    None => OUTAGE_LIMIT.saturating_sub(since.elapsed()),
+                };
+                if pause >= left {
+                    return Err(give_up(anyhow::Error::new(status).context(format!(
+                        "the coordinator stayed away for {}",
+                        workq_proto::duration::format(since.elapsed())
+                    ))));
+                }
+                if outage.failures() == 1 {
+                    let note = format!(
+                        "the coordinator at {} went away; waiting for it for up to {}",
+                        client.url(),
+                        workq_proto::duration::format(left)
+                    );
+                    match &bar {
+                        Some(bar) => bar.suspend(|| eprintln!("{note}")),
+                        None => eprintln!("{note}"),
+                    }
+                }
+                tokio::time::sleep(pause).await;
+                continue;
             }
         };
+        outage.over();
+        down_since = None;
         let reached = args.until.reached(&stats);
         match (global.output, &bar) {
             (Format::Json, _) => outln!("{}", stats_json(&stats)),
@@ -145,6 +199,14 @@ pub async fn run(global: &Global, args: WatchArgs) -> Result<()> {
             }
             return Ok(());
         }
+    }
+}
+
+/// `call`, unless `deadline` (--timeout) comes first: then `None`.
+async fn within<F: Future>(deadline: Option<tokio::time::Instant>, call: F) -> Option<F::Output> {
+    match deadline {
+        Some(deadline) => tokio::time::timeout_at(deadline, call).await.ok(),
+        None => Some(call.await),
     }
 }
 
