@@ -175,6 +175,14 @@ pub fn rate(per_sec: f64) -> String {
     }
 }
 
+/// `n` and the noun, plural unless `n` is 1: "1 item", "3 items".
+pub fn count(n: u64, noun: &str) -> String {
+    match n {
+        1 => format!("1 {noun}"),
+        n => format!("{n} {noun}s"),
+    }
+}
+
 pub fn yes_no(flag: bool) -> String {
     if flag { "yes" } else { "no" }.into()
 }

@@ -120,6 +120,13 @@ fn enqueue_from_arguments_template_file_and_stdin() {
 
     let out = env.ok(&["enqueue", "q", "alpha", "beta", "gamma"]);
     assert_eq!(out.trim(), "enqueued 3 items to queue 'q', 0 deduplicated");
+    let out = env.ok(&["purge", "q"]);
+    assert_eq!(out.trim(), "purged 3 items from queue 'q'");
+    let out = env.ok(&["enqueue", "q", "alpha"]);
+    assert!(out.starts_with("enqueued 1 item to queue 'q'"), "{out}");
+    let out = env.ok(&["purge", "q"]);
+    assert_eq!(out.trim(), "purged 1 item from queue 'q'");
+    env.ok(&["enqueue", "q", "alpha", "beta", "gamma"]);
 
     let template = env.json(&["enqueue", "q", "--count", "4", "--payload", "work-item-{i}"]);
     assert_eq!(template["enqueued"], 4);
@@ -127,7 +134,8 @@ fn enqueue_from_arguments_template_file_and_stdin() {
 
     let dir = tempfile::tempdir().expect("temp dir");
     let file = dir.path().join("items.txt");
-    std::fs::write(&file, "from-file-1\r\n\nfrom-file-2\nfrom-file-3").expect("write");
+    // CRLF endings, a blank line, and a last line without its LF but with its CR.
+    std::fs::write(&file, "from-file-1\r\n\nfrom-file-2\nfrom-file-3\r").expect("write");
     let from_file = env.json(&["enqueue", "q", "--file", file.to_str().expect("path")]);
     assert_eq!(
         from_file["enqueued"], 3,

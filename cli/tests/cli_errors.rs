@@ -480,7 +480,7 @@ fn an_enqueue_whose_answer_was_lost_says_which_items_may_be_in() {
     drop(stdin);
     let stderr = failure(enqueue);
     assert!(
-        stderr.starts_with("error: stopped after 1 items were accepted"),
+        stderr.starts_with("error: stopped after 1 item was accepted"),
         "{stderr}"
     );
     assert!(
@@ -523,7 +523,7 @@ fn an_enqueue_whose_coordinator_died_says_how_far_it_got() {
                        rerun can add them twice): ";
     assert!(
         stderr.starts_with(
-            "error: stopped after 1 items were accepted (1 enqueued, 0 deduplicated): "
+            "error: stopped after 1 item was accepted (1 enqueued, 0 deduplicated): "
         ) || stderr.starts_with(answer_lost),
         "{stderr}"
     );

@@ -60,6 +60,20 @@ fn lease_json_carries_id_token_attempt_and_payload_then_ack_keeps_the_result() {
     assert_eq!(rows[1][2], "work-item-0");
     assert_eq!(rows[1][3], "SHA256:abc");
 
+    // A result need not be UTF-8: an argument's bytes are kept as they are.
+    env.ok(&["enqueue", "q", "binary"]);
+    let lease = env.lease_one("q");
+    let output = env
+        .cli()
+        .args(["ack", "q", &id(&lease), &token(&lease), "--result"])
+        .arg(<std::ffi::OsStr as std::os::unix::ffi::OsStrExt>::from_bytes(b"\xff\xfeok"))
+        .output()
+        .expect("run");
+    assert!(output.status.success(), "{output:?}");
+    let item = env.json(&["item", "q", &id(&lease)]);
+    assert_eq!(item["result"], Value::Null);
+    assert_eq!(item["result_base64"], "//5vaw==");
+
     // Drained: lease returns at once and says so.
     let empty = env.json(&["lease", "q", "--wait", "30s"]);
     assert_eq!(empty["drained"], true);
@@ -142,7 +156,7 @@ fn fail_retries_then_goes_dead_and_requeue_brings_it_back() {
 
     assert_eq!(
         env.ok(&["requeue", "q", "--dead"]).trim(),
-        "requeued 1 items in queue 'q'"
+        "requeued 1 item in queue 'q'"
     );
     let again = env.lease_one("q");
     assert_eq!(again["id"], first["id"]);

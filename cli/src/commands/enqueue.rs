@@ -20,7 +20,7 @@ use workq_proto::{Client, pb};
 
 use super::{opt_ms, parse_duration};
 use crate::connect::Global;
-use crate::output::{Format, outln, print_json};
+use crate::output::{Format, count, outln, print_json};
 
 /// Items per request unless `--batch-size` says otherwise.
 const DEFAULT_BATCH: usize = 1000;
@@ -296,9 +296,10 @@ impl Sender {
             }
             if line.last() == Some(&b'\n') {
                 line.pop();
-                if line.last() == Some(&b'\r') {
-                    line.pop();
-                }
+            }
+            // A `\r\n` ending, or a `\r` left on a last line without its `\n`.
+            if line.last() == Some(&b'\r') {
+                line.pop();
             }
             if line.len() > MAX_ITEM_BYTES {
                 anyhow::bail!(
@@ -400,10 +401,10 @@ impl Sender {
                 "ids": self.ids,
             })),
             Format::Table => {
-                let noun = if self.enqueued == 1 { "item" } else { "items" };
                 let mut line = format!(
-                    "enqueued {} {noun} to queue '{queue}', {} deduplicated",
-                    self.enqueued, self.deduplicated
+                    "enqueued {} to queue '{queue}', {} deduplicated",
+                    count(self.enqueued, "item"),
+                    self.deduplicated
                 );
                 if let [id] = self.ids.as_slice() {
                     line.push_str(&format!(" (id {id})"));
@@ -431,8 +432,13 @@ impl<T> ContextAfter<T> for Result<T> {
                 error
             } else {
                 error.context(format!(
-                    "stopped after {accepted} items were accepted ({} enqueued, {} deduplicated)",
-                    sender.enqueued, sender.deduplicated
+                    "stopped after {} accepted ({} enqueued, {} deduplicated)",
+                    match accepted {
+                        1 => "1 item was".to_string(),
+                        n => format!("{n} items were"),
+                    },
+                    sender.enqueued,
+                    sender.deduplicated
                 ))
             }
         })

@@ -7,7 +7,7 @@ use workq_proto::{Client, pb};
 
 use crate::connect::Global;
 use crate::output::{
-    Format, Table, age, cell_text, insert_bytes, item_json, outln, print_fields, print_json,
+    Format, Table, age, cell_text, count, insert_bytes, item_json, outln, print_fields, print_json,
     state_name, until,
 };
 
@@ -243,8 +243,8 @@ pub async fn requeue(global: &Global, args: RequeueArgs) -> Result<()> {
     match global.output {
         Format::Json => print_json(&json!({"queue": args.queue, "requeued": response.requeued})),
         Format::Table => outln!(
-            "requeued {} items in queue '{}'",
-            response.requeued,
+            "requeued {} in queue '{}'",
+            count(response.requeued, "item"),
             args.queue
         ),
     }

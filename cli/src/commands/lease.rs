@@ -2,6 +2,7 @@
 //! shell-script workers and debugging. Every call after `lease` must show the lease
 //! token; a stale one is refused with "lease lost: …" and changes nothing.
 
+use std::os::unix::ffi::OsStringExt;
 use std::time::{Duration, Instant};
 
 use anyhow::Result;
@@ -84,7 +85,7 @@ pub struct AckArgs {
 
     /// Result text kept with the item (see `results`).
     #[arg(long, value_name = "TEXT")]
-    pub result: Option<String>,
+    pub result: Option<std::ffi::OsString>,
 }
 
 /// Report that a leased item failed: retried after a backoff, or DEAD with
@@ -281,7 +282,7 @@ pub async fn ack(global: &Global, args: AckArgs) -> Result<()> {
             queue: args.queue.clone(),
             id: args.id,
             token: args.token,
-            result: args.result.unwrap_or_default().into_bytes(),
+            result: args.result.map(OsStringExt::into_vec).unwrap_or_default(),
         })
         .await?;
     match global.output {

@@ -11,7 +11,7 @@ use workq_proto::pb;
 use super::{opt_ms, parse_positive};
 use crate::connect::Global;
 use crate::output::{
-    Format, Table, age, millis, outln, print_fields, print_json, queue_json, rate, yes_no,
+    Format, Table, age, count, millis, outln, print_fields, print_json, queue_json, rate, yes_no,
 };
 
 /// Create a queue, optionally with its options.
@@ -252,9 +252,9 @@ pub async fn delete(global: &Global, args: DeleteArgs) -> Result<()> {
             "items_deleted": response.items_deleted,
         })),
         Format::Table => outln!(
-            "queue '{}' deleted ({} items)",
+            "queue '{}' deleted ({})",
             args.queue,
-            response.items_deleted
+            count(response.items_deleted, "item")
         ),
     }
     Ok(())
@@ -374,8 +374,8 @@ pub async fn purge(global: &Global, args: PurgeArgs) -> Result<()> {
     match global.output {
         Format::Json => print_json(&json!({"queue": args.queue, "purged": response.purged})),
         Format::Table => outln!(
-            "purged {} items from queue '{}'",
-            response.purged,
+            "purged {} from queue '{}'",
+            count(response.purged, "item"),
             args.queue
         ),
     }
