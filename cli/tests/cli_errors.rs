@@ -522,9 +522,9 @@ fn an_enqueue_whose_coordinator_died_says_how_far_it_got() {
     let answer_lost = "error: the item with index 0 may or may not be in (without a --key, a \
                        rerun can add them twice): ";
     assert!(
-        stderr.starts_with(
-            "error: stopped after 1 item was accepted (1 enqueued, 0 deduplicated): "
-        ) || stderr.starts_with(answer_lost),
+        stderr
+            .starts_with("error: stopped after 1 item was accepted (1 enqueued, 0 deduplicated): ")
+            || stderr.starts_with(answer_lost),
         "{stderr}"
     );
     assert!(

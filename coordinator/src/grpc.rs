@@ -335,7 +335,7 @@ impl pb::work_q_server::WorkQ for Service {
     ) -> Reply<pb::ListSchedulesResponse> {
         let r = request.into_inner();
         let queue = (!r.queue.is_empty()).then_some(r.queue.as_str());
-        let schedules = self.engine.list_schedules(queue).await;
+        let schedules = self.engine.list_schedules(queue).await.map_err(status)?;
         Ok(Response::new(pb::ListSchedulesResponse {
             schedules: schedules.into_iter().map(schedule_pb).collect(),
         }))

@@ -210,8 +210,32 @@ async fn api_errors_are_json_with_the_right_status() {
         .create_queue("q", &OptionsPatch::default(), false)
         .await
         .unwrap();
-    let cases: [(&str, &str, &[u8], u16, &str); 7] = [
+    let cases: [(&str, &str, &[u8], u16, &str); 12] = [
         ("GET", "/api/v1/queues/missing", b"", 404, "not found"),
+        // What the router itself refuses is JSON too.
+        ("GET", "/api/v1/queues/%FF", b"", 400, "UTF-8"),
+        ("GET", "/api/v1/queues/%FF/items", b"", 400, "UTF-8"),
+        (
+            "GET",
+            "/api/v1/nothing-here",
+            b"",
+            404,
+            "no API route /api/v1/nothing-here",
+        ),
+        (
+            "DELETE",
+            "/api/v1/queues",
+            b"",
+            405,
+            "DELETE is not allowed on /api/v1/queues",
+        ),
+        (
+            "GET",
+            "/api/v1/schedules?queue=bad%20name",
+            b"",
+            400,
+            "invalid queue name",
+        ),
         (
             "GET",
             "/api/v1/queues/bad%20name",
@@ -260,6 +284,11 @@ async fn api_errors_are_json_with_the_right_status() {
             .send(method, path, &[("Content-Type", "application/json")], body)
             .await;
         assert_eq!(reply.status, status, "{method} {path}: {reply:?}");
+        assert_eq!(
+            reply.header("content-type"),
+            Some("application/json"),
+            "{method} {path}"
+        );
         let error = reply.json()["error"].as_str().unwrap().to_string();
         assert!(error.contains(needle), "{method} {path}: {error}");
     }
@@ -280,6 +309,14 @@ async fn api_errors_are_json_with_the_right_status() {
     assert!(error.contains("at most 10000 ids"), "{error}");
     let wrong = server.send("DELETE", "/api/v1/queues", &[], b"").await;
     assert_eq!(wrong.status, 405);
+    assert!(
+        wrong
+            .header("allow")
+            .is_some_and(|allow| allow.contains("GET"))
+    );
+    // An empty filter lists every schedule, as gRPC's does.
+    let all = server.get("/api/v1/schedules?queue=").await;
+    assert_eq!(all.status, 200, "{all:?}");
     server.stop().await;
 }
 

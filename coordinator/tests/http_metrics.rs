@@ -344,7 +344,7 @@ async fn schedules_count_their_runs_by_outcome() {
     // The first tick enqueues; the next ones find its item unfinished. Suspended
     // after the first skip, the counts hold still for the scrape.
     let view = loop {
-        let views = engine.list_schedules(None).await;
+        let views = engine.all_schedules().await;
         if views[0].record.skipped_runs > 0 {
             break engine
                 .set_schedule_suspended("every-second", true)
@@ -379,7 +379,7 @@ async fn schedules_count_their_runs_by_outcome() {
     assert_eq!(next("every-second"), 0.0, "suspended");
     // In whole seconds, as the engine has it.
     let new_year = engine
-        .list_schedules(None)
+        .all_schedules()
         .await
         .into_iter()
         .find(|s| s.record.name == "yearly")

@@ -43,7 +43,7 @@ fn every_minute(name: &str) -> NewSchedule {
 }
 
 async fn schedule(engine: &Engine, name: &str) -> ScheduleView {
-    let all = engine.list_schedules(None).await;
+    let all = engine.all_schedules().await;
     all.into_iter()
         .find(|s| s.record.name == name)
         .unwrap_or_else(|| panic!("schedule {name} is listed"))
@@ -413,8 +413,8 @@ async fn time_zones_deletion_and_the_history_limit() {
         12,
         "no ticks after deletion; its items stay"
     );
-    assert_eq!(engine.list_schedules(None).await.len(), 1);
-    assert_eq!(engine.list_schedules(Some("other")).await.len(), 0);
+    assert_eq!(engine.all_schedules().await.len(), 1);
+    assert_eq!(engine.list_schedules(Some("other")).await.unwrap().len(), 0);
     let err = engine.delete_schedule("fast").await.unwrap_err();
     assert!(matches!(err, Error::ScheduleNotFound(_)), "{err:?}");
     let err = engine
@@ -539,7 +539,7 @@ async fn bad_schedules_are_refused_with_the_reason_and_change_nothing() {
         assert!(err.to_string().contains(says), "{name}: {err}");
     }
     let names: Vec<String> = engine
-        .list_schedules(None)
+        .all_schedules()
         .await
         .into_iter()
         .map(|s| s.record.name)
@@ -651,7 +651,7 @@ async fn many_schedules_each_run_every_tick_once() {
         engine.create_schedule(every_second).await.unwrap();
     }
     pass(10_000).await;
-    for view in engine.list_schedules(None).await {
+    for view in engine.all_schedules().await {
         let runs: Vec<u64> = view.record.runs.iter().map(|r| r.scheduled_ms).collect();
         let expected: Vec<u64> = (1..=10).rev().map(|s| T0 - 500 + s * 1000).collect();
         assert_eq!(runs, expected, "{}", view.record.name);
@@ -691,7 +691,7 @@ async fn ticks_due_together_share_their_syncs() {
     // Every schedule has run `n` ticks, the same ones.
     async fn ran(engine: &Engine, n: usize) -> u64 {
         for _ in 0..2000 {
-            let views = engine.list_schedules(None).await;
+            let views = engine.all_schedules().await;
             if views.iter().all(|v| v.record.runs.len() >= n) {
                 let latest: Vec<u64> = views
                     .iter()
@@ -782,7 +782,7 @@ async fn wherever_a_crash_cuts_a_tick_its_items_come_back_only_with_its_record()
         // are unfinished.
         let engine = open_at(copy.path(), tick + MINUTE + 20_000).await;
         if !engine
-            .list_schedules(None)
+            .all_schedules()
             .await
             .iter()
             .any(|s| s.record.name == "s")

@@ -271,8 +271,22 @@ impl Engine {
         Ok(view)
     }
 
-    /// Every schedule (only `queue`'s, when given), by name.
-    pub async fn list_schedules(&self, queue: Option<&str>) -> Vec<ScheduleView> {
+    /// Every schedule, by name.
+    pub async fn all_schedules(&self) -> Vec<ScheduleView> {
+        self.schedules_of(None).await
+    }
+
+    /// Every schedule (only those enqueueing into `queue`, when given), by name. A
+    /// name no queue could have is refused; one no queue has now may still have
+    /// schedules (their queue was deleted), so it is not.
+    pub async fn list_schedules(&self, queue: Option<&str>) -> Result<Vec<ScheduleView>> {
+        if let Some(queue) = queue {
+            limits::check_queue_name(queue)?;
+        }
+        Ok(self.schedules_of(queue).await)
+    }
+
+    async fn schedules_of(&self, queue: Option<&str>) -> Vec<ScheduleView> {
         let now = self.clock.now_ms();
         let entries = self.schedules.entries.lock().await;
         entries

@@ -225,7 +225,8 @@ async fn list_schedules(
 ) -> ApiResult<ScheduleList> {
     use crate::engine::schedules::{Outcome, Policy};
     let Query(query) = query.map_err(|e| ApiError(StatusCode::BAD_REQUEST, e.body_text()))?;
-    let views = state.engine.list_schedules(query.queue.as_deref()).await;
+    let queue = query.queue.as_deref().filter(|q| !q.is_empty());
+    let views = state.engine.list_schedules(queue).await?;
     let schedules = views
         .into_iter()
         .map(|view| {

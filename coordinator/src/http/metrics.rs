@@ -260,7 +260,7 @@ pub async fn exposition(state: &AppState) -> String {
         }
     }
 
-    schedules(&mut out, &engine.list_schedules(None).await);
+    schedules(&mut out, &engine.all_schedules().await);
 
     LEASE.render(
         &mut out,

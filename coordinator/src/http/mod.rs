@@ -81,7 +81,51 @@ pub fn router(engine: Arc<Engine>, auth: Auth) -> Router {
         .merge(dashboard::routes())
         .merge(data)
         .fallback(memq::fallback)
+        .layer(middleware::from_fn(api_errors_as_json))
         .with_state(state)
+}
+
+/// Under `/api/`, every error is JSON, `{"error": …}`, as the API's module promises.
+/// Its handlers write theirs so; this rewrites the rest (a path segment the router
+/// could not decode, an unknown route, a method a route does not take, a missing
+/// token), keeping each one's status and headers (`Allow`, `WWW-Authenticate`).
+async fn api_errors_as_json(request: Request, next: Next) -> Response {
+    if !request.uri().path().starts_with("/api/") {
+        return next.run(request).await;
+    }
+    let (method, path) = (request.method().clone(), request.uri().path().to_string());
+    let response = next.run(request).await;
+    let status = response.status();
+    let is_json = response
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/json"));
+    if !(status.is_client_error() || status.is_server_error()) || is_json {
+        return response;
+    }
+    let (mut parts, body) = response.into_parts();
+    // Such bodies are a line or two: axum's rejections, the token check's reason.
+    let text = axum::body::to_bytes(body, 64 * 1024)
+        .await
+        .map(|bytes| String::from_utf8_lossy(&bytes).trim().to_string())
+        .unwrap_or_default();
+    let message = match status {
+        StatusCode::NOT_FOUND => format!("no API route {path}"),
+        // axum adds the `Allow` header past this layer.
+        StatusCode::METHOD_NOT_ALLOWED => {
+            format!("{method} is not allowed on {path} (its Allow header says what is)")
+        }
+        _ if text.is_empty() => status.canonical_reason().unwrap_or("error").to_string(),
+        _ => text,
+    };
+    let body = serde_json::json!({ "error": message }).to_string();
+    parts.headers.remove(header::CONTENT_LENGTH);
+    parts.headers.remove(header::X_CONTENT_TYPE_OPTIONS);
+    parts.headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    Response::from_parts(parts, axum::body::Body::from(body))
 }
 
 /// The one mapping from domain errors to HTTP statuses (the memq face then rewrites
