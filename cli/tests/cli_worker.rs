@@ -359,14 +359,16 @@ fn a_shell_worker_loop_drains_the_queue() {
     assert_eq!(seen, expected, "every item completed exactly once");
 }
 
-/// Spawns `queue-cli ARGS` with stdout piped; its lines arrive on the channel.
+/// Spawns `queue-cli ARGS` with stdout and stderr piped; stdout's lines arrive on
+/// the channel, stderr is read once it exits.
 fn spawn_cli(env: &Env, args: &[&str]) -> (Process, mpsc::Receiver<String>) {
     let mut process = Process::spawn(
         Command::new(bin_path("queue-cli"))
             .args(args)
             .env("WORKQ_SERVER", env.url())
             .stdin(Stdio::null())
-            .stdout(Stdio::piped()),
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped()),
     );
     let stdout = process.child.stdout.take().expect("piped stdout");
     let (lines_tx, lines) = mpsc::channel();
@@ -464,23 +466,7 @@ fn watch_waits_out_a_coordinator_restart() {
     let mut env = Env::start_on_disk();
     env.ok(&["create", "q"]);
     env.ok(&["enqueue", "q", "a", "b"]);
-    let mut watch = Process::spawn(
-        Command::new(bin_path("queue-cli"))
-            .args(["-o", "json", "watch", "q", "--timeout", "2m"])
-            .env("WORKQ_SERVER", env.url())
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped()),
-    );
-    let stdout = watch.child.stdout.take().expect("piped stdout");
-    let (lines_tx, lines) = mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            if lines_tx.send(line).is_err() {
-                break;
-            }
-        }
-    });
+    let (mut watch, lines) = spawn_cli(&env, &["-o", "json", "watch", "q", "--timeout", "2m"]);
     let ready = |line: String| -> u64 {
         let stats: Value = serde_json::from_str(&line).expect("json line");
         stats["ready"].as_u64().expect("ready")
